@@ -1,0 +1,174 @@
+//! Model files and the import of the reference's PyTorch checkpoints.
+//!
+//! A model file is one `.safetensors` file whose tensor names are the reference's `state_dict`
+//! keys for the model's configuration, and whose header metadata holds `"lat.config"`: the JSON
+//! object of the Python keyword arguments. Files are written atomically (a temporary file,
+//! synced, then renamed): a crash leaves the previous file intact.
+//!
+//! Loading accepts the spellings the reference's versions and wrappers produce: reversible
+//! (`layers.blocks.j.f.net.…`) and sequential (`layers.layers.j.0.…`) pair names, both axial
+//! embedding spellings (`weights.0` / `weights_0`), and the `net.net.` prefix of
+//! `AutoregressiveWrapper`.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::model::LinearAttentionTransformerLM;
+
+/// Metadata key of the configuration in model files.
+pub const CONFIG_KEY: &str = "lat.config";
+
+/// Renames `tensors` from any accepted spelling to the one `config` uses.
+pub fn canonical_names(config: &Config, tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    let wrapped = !tensors.is_empty() && tensors.keys().all(|k| k.starts_with("net.net."));
+    tensors
+        .into_iter()
+        .map(|(k, v)| {
+            let k = if wrapped { k["net.net.".len()..].to_string() } else { k };
+            (respell(&k, config.reversible), v)
+        })
+        .collect()
+}
+
+/// One key in the spelling of a reversible (`blocks.j.f.net`) or sequential (`layers.j.0`) stack.
+fn respell(key: &str, reversible: bool) -> String {
+    let key = key.replace("pos_emb.weights_0", "pos_emb.weights.0").replace("pos_emb.weights_1", "pos_emb.weights.1");
+    let t: Vec<&str> = key.split('.').collect();
+    let Some(i) = (0..t.len().saturating_sub(3)).find(|&i| t[i] == "layers" && t[i + 2].parse::<usize>().is_ok()) else {
+        return key;
+    };
+    let head = &t[..i + 1];
+    let j = t[i + 2];
+    let (half, rest) = match (t[i + 1], t[i + 3]) {
+        ("layers", "0") => ("f", &t[i + 4..]),
+        ("layers", "1") => ("g", &t[i + 4..]),
+        ("blocks", h @ ("f" | "g")) if t.get(i + 4) == Some(&"net") => (h, &t[i + 5..]),
+        _ => return key,
+    };
+    let middle = match (reversible, half) {
+        (true, h) => vec!["blocks", j, h, "net"],
+        (false, "f") => vec!["layers", j, "0"],
+        (false, _) => vec!["layers", j, "1"],
+    };
+    head.iter().chain(middle.iter()).chain(rest.iter()).copied().collect::<Vec<_>>().join(".")
+}
+
+/// Reads every tensor of a `torch.save(state_dict)` file.
+pub fn read_torch(path: impl AsRef<Path>) -> Result<HashMap<String, Tensor>> {
+    let path = path.as_ref();
+    if !path.is_file() {
+        return Err(Error::file(path, "no such file"));
+    }
+    let entries = candle_core::pickle::read_all(path).map_err(|e| Error::file(path, format!("not a readable PyTorch state_dict: {e}")))?;
+    if entries.is_empty() {
+        return Err(Error::file(path, "holds no tensors"));
+    }
+    Ok(entries.into_iter().collect())
+}
+
+/// Builds a model from a reference `state_dict` file and its keyword arguments: `lat import`.
+pub fn import_torch(state_dict: impl AsRef<Path>, config: &Config, device: &Device, trainable: bool) -> Result<LinearAttentionTransformerLM> {
+    let path = state_dict.as_ref();
+    let tensors = canonical_names(config, read_torch(path)?);
+    LinearAttentionTransformerLM::from_tensors(config, tensors, device, DType::F32, trainable).map_err(|e| match e {
+        Error::Input(m) => Error::file(path, m),
+        e => e,
+    })
+}
+
+/// The tensors and configuration of a model file.
+pub struct ModelFile {
+    pub config: Config,
+    pub tensors: HashMap<String, Tensor>,
+    /// Every other metadata entry (training state, checksums).
+    pub metadata: HashMap<String, String>,
+}
+
+/// Reads a model file (or any safetensors file carrying `lat.config`).
+pub fn read(path: impl AsRef<Path>) -> Result<ModelFile> {
+    let path = path.as_ref();
+    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |m: String| Error::file(path, m);
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let mut metadata = header.metadata().clone().unwrap_or_default();
+    let config_json = metadata.remove(CONFIG_KEY).ok_or_else(|| bad(format!("no \"{CONFIG_KEY}\" in the header: not a model file")))?;
+    let config = Config::from_json_str(&config_json).map_err(|e| bad(format!("its configuration is invalid: {e}")))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| bad(format!("unreadable tensors: {e}")))?;
+    Ok(ModelFile { config, tensors, metadata })
+}
+
+/// Loads a model file onto `device`.
+pub fn load(path: impl AsRef<Path>, device: &Device, trainable: bool) -> Result<LinearAttentionTransformerLM> {
+    let path = path.as_ref();
+    let file = read(path)?;
+    let tensors = canonical_names(&file.config, file.tensors);
+    LinearAttentionTransformerLM::from_tensors(&file.config, tensors, device, DType::F32, trainable).map_err(|e| match e {
+        Error::Input(m) => Error::file(path, m),
+        e => e,
+    })
+}
+
+/// Writes `model` as a model file, with extra `metadata` entries, atomically.
+pub fn save(model: &LinearAttentionTransformerLM, path: impl AsRef<Path>, metadata: &HashMap<String, String>) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> = model.params().iter().map(|p| (p.name.clone(), p.tensor.clone())).collect();
+    let mut meta = metadata.clone();
+    meta.insert(CONFIG_KEY.to_string(), model.config().to_json());
+    write_safetensors(path.as_ref(), &tensors, &meta)
+}
+
+/// Serialises named tensors (as f32, or their own integer types) with metadata, atomically.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: &HashMap<String, String>) -> Result<()> {
+    let mut data = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = if t.dtype().is_float() { t.to_dtype(DType::F32)? } else { t.clone() };
+        data.push((name.clone(), t.to_device(&Device::Cpu)?));
+    }
+    let views: Vec<(String, &Tensor)> = data.iter().map(|(n, t)| (n.clone(), t)).collect();
+    let bytes = safetensors::tensor::serialize(views, Some(metadata.clone())).map_err(|e| Error::file(path, format!("cannot serialise: {e}")))?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` through a synced temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().ok_or_else(|| Error::file(path, "not a file path"))?.to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        // The rename itself must reach the disk.
+        if let Ok(d) = fs::File::open(&dir) {
+            d.sync_all().ok();
+        }
+        Ok(())
+    })();
+    result.map_err(|e| {
+        fs::remove_file(&tmp).ok();
+        Error::io(path, e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn respells_pairs_both_ways() {
+        assert_eq!(respell("transformer.layers.layers.3.0.fn.to_q.weight", true), "transformer.layers.blocks.3.f.net.fn.to_q.weight");
+        assert_eq!(respell("transformer.fn.layers.blocks.0.g.net.norm.bias", false), "transformer.fn.layers.layers.0.1.norm.bias");
+        assert_eq!(respell("layers.blocks.1.f.net.fn.to_out.bias", true), "layers.blocks.1.f.net.fn.to_out.bias");
+        assert_eq!(respell("pos_emb.weights_1", false), "pos_emb.weights.1");
+        assert_eq!(respell("token_emb.weight", true), "token_emb.weight");
+    }
+}

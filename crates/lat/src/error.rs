@@ -1,0 +1,54 @@
+//! One error type for the whole library. Every variant carries a message that says what is
+//! wrong and, where there is one, what to change.
+
+use std::path::PathBuf;
+
+/// Errors returned by every fallible function of the library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value or combination of values that the model cannot be built with.
+    #[error("invalid configuration: {field}: {message}")]
+    Config { field: &'static str, message: String },
+
+    /// Input that does not fit the model: token ids, shapes, masks, lengths.
+    #[error("invalid input: {0}")]
+    Input(String),
+
+    /// A model, checkpoint or PyTorch file that is unreadable, incomplete or does not match
+    /// its configuration.
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+
+    /// An operating-system error while reading or writing `path`.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A tensor operation failed. This points at a bug in the library unless the input was
+    /// already rejected elsewhere.
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn config(field: &'static str, message: impl Into<String>) -> Self {
+        Error::Config { field, message: message.into() }
+    }
+
+    pub(crate) fn input(message: impl Into<String>) -> Self {
+        Error::Input(message.into())
+    }
+
+    pub(crate) fn file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::File { path: path.into(), message: message.into() }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}

@@ -1,0 +1,562 @@
+//! Causal linear attention (Katharopoulos et al. with the reference's feature maps and
+//! blind-spot buckets), in chunked form.
+//!
+//! For query `i` with `q̂ = softmax(q_i) / sqrt(e)` and `k̂_j = exp(k_j)`:
+//!
+//! ```text
+//! out_i = Σ_{j ∈ V(i)} (q̂_i · k̂_j) v_j / max(Σ_{j ∈ V(i)} q̂_i · k̂_j, 1e-3)
+//! V(i)  = { j ≤ i }                         bucket = 1
+//!       = { j : j / bucket < i / bucket }   bucket > 1 (whole earlier buckets only)
+//! ```
+//!
+//! The fused kernel walks the sequence in chunks of at most 64 positions (a multiple of the
+//! bucket), carrying `S = Σ k̂ vᵀ` and `z = Σ k̂` across chunks: O(n·e²) time, O(n·e) memory, and
+//! only two numbers per position (the query's scale and its denominator) kept for the backward
+//! pass, which recomputes the states. Every exponential is taken relative to a running maximum
+//! of the keys (never below 0), and each query works at the scale of the largest key it sees,
+//! with the clamp rescaled to match: the result is the same as the reference's wherever that is
+//! finite, and stays finite and accurate where the reference overflows.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::{gemm, read, slice, softmax_rows, softmax_rows_backward, with_float, Elem, Heads, Mat, SharedOut};
+
+/// The reference's clamp on the denominator (0.19.1).
+pub const EPS: f64 = 1e-3;
+
+/// Causal linear attention. `q`, `k`: [batch, n, heads, e]; `v`: [batch, n, heads, ev];
+/// `mask`: [batch, n], nonzero = keep. `n` must be a multiple of `bucket`.
+pub fn causal_linear_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, bucket: usize) -> Result<Tensor> {
+    let (b, n, h, ev) = v.dims4()?;
+    if bucket == 0 || n % bucket != 0 {
+        candle_core::bail!("causal linear attention: length {n} is not a multiple of the bucket size {bucket}");
+    }
+    if super::use_fused(q.device()) {
+        let keep = mask.map(|m| m.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()).transpose()?;
+        let op = CausalLinear { bucket, keep };
+        let flat = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+        flat.narrow(0, 0, b * n * h * ev)?.reshape((b, n, h, ev))
+    } else {
+        reference(q, k, v, mask, bucket)
+    }
+}
+
+/// Whether query `i` sees key `j` (positions relative to a bucket-aligned origin).
+#[inline]
+fn visible(i: usize, j: usize, bucket: usize) -> bool {
+    if bucket == 1 { j <= i } else { j / bucket < i / bucket }
+}
+
+/// Plain version: the quadratic form above with an explicit visibility matrix.
+pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, bucket: usize) -> Result<Tensor> {
+    let (b, n, _, e) = q.dims4()?;
+    let q = q.transpose(1, 2)?.contiguous()?;
+    let qh = (candle_nn::ops::softmax(&q, D::Minus1)? * (e as f64).powf(-0.5))?;
+    let mut kh = k.transpose(1, 2)?.exp()?;
+    let mut v = v.transpose(1, 2)?;
+    if let Some(m) = mask {
+        let keep = m.to_dtype(q.dtype())?.reshape((b, 1, n, 1))?;
+        kh = kh.broadcast_mul(&keep)?;
+        v = v.broadcast_mul(&keep)?;
+    }
+    let vis: Vec<f32> = (0..n * n).map(|x| visible(x / n, x % n, bucket) as u8 as f32).collect();
+    let vis = Tensor::from_vec(vis, (n, n), q.device())?.to_dtype(q.dtype())?;
+    let a = qh.matmul(&kh.contiguous()?.t()?)?.broadcast_mul(&vis)?;
+    let num = a.matmul(&v.contiguous()?)?;
+    let den = a.sum_keepdim(D::Minus1)?.maximum(EPS)?;
+    num.broadcast_div(&den)?.transpose(1, 2)
+}
+
+struct CausalLinear {
+    bucket: usize,
+    keep: Option<Vec<u8>>,
+}
+
+/// Chunk length: a multiple of the bucket, about 64 positions.
+fn chunk_len(bucket: usize) -> usize {
+    if bucket >= 64 { bucket } else { bucket * (64 / bucket) }
+}
+
+/// Above this spread of scales inside one chunk, pair weights are exponentiated one by one.
+const SPREAD: f64 = 60.0;
+
+/// One (batch, head) task's inputs as contiguous rows, with the scales that keep every
+/// exponential in range: `p[j]`, the running maximum of the kept keys up to `j` (never below 0),
+/// and `s[i]`, the largest key query `i` sees. Key `j` is stored as `exp(k_j - p[j])`; query `i`
+/// works at scale `exp(-s[i])`; a visible pair is reweighted by `exp(p[j] - s[i]) <= 1`.
+struct Task<'a, T> {
+    qh: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    keep: Option<&'a [u8]>,
+    p: Vec<T>,
+    s: Vec<T>,
+    n: usize,
+    e: usize,
+    ev: usize,
+    bucket: usize,
+}
+
+impl<'a, T: Elem> Task<'a, T> {
+    #[allow(clippy::too_many_arguments)]
+    fn load(q: &[T], k: &[T], v: &[T], qs: Heads, vs: Heads, t: usize, bucket: usize, keep: Option<&'a [u8]>) -> Self {
+        let (n, e, ev) = (qs.n, qs.e, vs.e);
+        let mut qh = vec![T::ZERO; n * e];
+        let mut kk = vec![T::ZERO; n * e];
+        let mut vv = vec![T::ZERO; n * ev];
+        qs.gather(q, t, &mut qh);
+        qs.gather(k, t, &mut kk);
+        vs.gather(v, t, &mut vv);
+        softmax_rows(&mut qh, e, T::of((e as f64).powf(-0.5)));
+        let keep = keep.map(|m| &m[(t / qs.h) * n..(t / qs.h + 1) * n]);
+        let kept = |j: usize| keep.is_none_or(|m| m[j] != 0);
+        let mut p = vec![T::ZERO; n];
+        let mut run = T::ZERO;
+        for j in 0..n {
+            if kept(j) {
+                run = kk[j * e..(j + 1) * e].iter().fold(run, |a, &b| a.maxv(b));
+            } else {
+                vv[j * ev..(j + 1) * ev].fill(T::ZERO);
+            }
+            p[j] = run;
+        }
+        let s = (0..n)
+            .map(|i| match bucket {
+                1 => p[i],
+                _ if i < bucket => T::ZERO,
+                _ => p[i / bucket * bucket - 1],
+            })
+            .collect();
+        Self { qh, k: kk, v: vv, keep, p, s, n, e, ev, bucket }
+    }
+
+    fn kept(&self, j: usize) -> bool {
+        self.keep.is_none_or(|m| m[j] != 0)
+    }
+
+    /// Whether queries see keys of their own chunk (not when a chunk is a single bucket).
+    fn intra(&self) -> bool {
+        self.bucket < chunk_len(self.bucket)
+    }
+
+    /// The clamp of the denominator at query `i`'s scale.
+    fn floor(&self, i: usize) -> T {
+        (T::of(EPS) * (-self.s[i]).exp()).maxv(T::MIN_POSITIVE)
+    }
+
+    /// kt[j] = exp(k_j - p[j]) for rows [s0, s0 + c), zero for masked keys.
+    fn exp_keys(&self, s0: usize, c: usize, kt: &mut [T]) {
+        let e = self.e;
+        for j in 0..c {
+            let dst = &mut kt[j * e..(j + 1) * e];
+            if self.kept(s0 + j) {
+                let pj = self.p[s0 + j];
+                for (d, &x) in dst.iter_mut().zip(&self.k[(s0 + j) * e..(s0 + j + 1) * e]) {
+                    *d = (x - pj).exp();
+                }
+            } else {
+                dst.fill(T::ZERO);
+            }
+        }
+    }
+
+    /// Rescales kt rows from their own scale p[j] to the chunk's final scale m.
+    fn to_scale(&self, s0: usize, c: usize, m: T, kt: &mut [T]) {
+        for j in 0..c {
+            let f = (self.p[s0 + j] - m).exp();
+            kt[j * self.e..(j + 1) * self.e].iter_mut().for_each(|x| *x *= f);
+        }
+    }
+
+    /// w[i][j] = exp(p[j] - s[i]) on visible pairs of the chunk, 0 elsewhere (row stride cmax).
+    fn weights(&self, s0: usize, c: usize, w: &mut [T], cmax: usize) {
+        let lo = self.s[s0];
+        let factored = (self.p[s0 + c - 1] - lo) <= T::of(SPREAD);
+        let u: Vec<T> = (0..c).map(|j| (self.p[s0 + j] - lo).exp()).collect();
+        for i in 0..c {
+            let vi = (lo - self.s[s0 + i]).exp();
+            for j in 0..c {
+                w[i * cmax + j] = match (visible(i, j, self.bucket), factored) {
+                    (false, _) => T::ZERO,
+                    (true, true) => u[j] * vi,
+                    (true, false) => (self.p[s0 + j] - self.s[s0 + i]).exp(),
+                };
+            }
+        }
+    }
+
+    /// a = (q̂ ktᵀ) ∘ w over the chunk (row stride cmax).
+    fn scores(&self, s0: usize, c: usize, kt: &[T], w: &[T], a: &mut [T], cmax: usize) {
+        let e = self.e;
+        gemm(c, c, e, a, cmax, false, Mat::rows(&self.qh[s0 * e..(s0 + c) * e], e), Mat::rows(kt, e).t(), T::ONE);
+        for i in 0..c {
+            for j in 0..c {
+                a[i * cmax + j] *= w[i * cmax + j];
+            }
+        }
+    }
+
+    /// Writes out (n x ev) and stats (n x 2: the query scale s and the unclamped denominator).
+    fn forward(&self, out: &mut [T], stats: &mut [T]) {
+        let (n, e, ev) = (self.n, self.e, self.ev);
+        let cmax = chunk_len(self.bucket);
+        let mut s_state = vec![T::ZERO; e * ev];
+        let mut z = vec![T::ZERO; e];
+        let mut m_prev = T::ZERO;
+        let mut kt = vec![T::ZERO; cmax * e];
+        let mut w = vec![T::ZERO; cmax * cmax];
+        let mut a = vec![T::ZERO; cmax * cmax];
+        let mut den = vec![T::ZERO; cmax];
+        for s0 in (0..n).step_by(cmax) {
+            let c = cmax.min(n - s0);
+            self.exp_keys(s0, c, &mut kt);
+            let qc = &self.qh[s0 * e..(s0 + c) * e];
+            let vc = &self.v[s0 * ev..(s0 + c) * ev];
+            let oc = &mut out[s0 * ev..(s0 + c) * ev];
+            gemm(c, ev, e, oc, ev, false, Mat::rows(qc, e), Mat::rows(&s_state, ev), T::ONE);
+            for i in 0..c {
+                let f = (m_prev - self.s[s0 + i]).exp();
+                den[i] = f * qc[i * e..(i + 1) * e].iter().zip(&z).map(|(&x, &y)| x * y).sum::<T>();
+                oc[i * ev..(i + 1) * ev].iter_mut().for_each(|x| *x *= f);
+            }
+            if self.intra() {
+                self.weights(s0, c, &mut w, cmax);
+                self.scores(s0, c, &kt, &w, &mut a, cmax);
+                for i in 0..c {
+                    den[i] += a[i * cmax..i * cmax + c].iter().copied().sum::<T>();
+                }
+                gemm(c, ev, c, oc, ev, true, Mat { data: &a, rs: cmax, cs: 1 }, Mat::rows(vc, ev), T::ONE);
+            }
+            for i in 0..c {
+                let inv = T::ONE / den[i].maxv(self.floor(s0 + i));
+                oc[i * ev..(i + 1) * ev].iter_mut().for_each(|x| *x *= inv);
+                stats[(s0 + i) * 2] = self.s[s0 + i];
+                stats[(s0 + i) * 2 + 1] = den[i];
+            }
+            let m = self.p[s0 + c - 1];
+            let f = (m_prev - m).exp();
+            s_state.iter_mut().chain(z.iter_mut()).for_each(|x| *x *= f);
+            self.to_scale(s0, c, m, &mut kt);
+            gemm(e, ev, c, &mut s_state, ev, true, Mat::rows(&kt, e).t(), Mat::rows(vc, ev), T::ONE);
+            for j in 0..c {
+                z.iter_mut().zip(&kt[j * e..(j + 1) * e]).for_each(|(a, &b)| *a += b);
+            }
+            m_prev = m;
+        }
+    }
+
+    /// Gradients with respect to q (before the feature map), k and v.
+    fn backward(&self, g: &[T], out: &[T], stats: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let (n, e, ev) = (self.n, self.e, self.ev);
+        let cmax = chunk_len(self.bucket);
+        // Gradients with respect to the numerator (per output row) and the denominator, both at
+        // the query's scale.
+        let mut gn = vec![T::ZERO; n * ev];
+        let mut gd = vec![T::ZERO; n];
+        for i in 0..n {
+            let den = stats[i * 2 + 1];
+            let floor = self.floor(i);
+            let dp = den.maxv(floor);
+            let (gi, oi) = (&g[i * ev..(i + 1) * ev], &out[i * ev..(i + 1) * ev]);
+            gn[i * ev..(i + 1) * ev].iter_mut().zip(gi).for_each(|(x, &y)| *x = y / dp);
+            if den > floor {
+                gd[i] = -gi.iter().zip(oi).map(|(&x, &y)| x * y).sum::<T>() / dp;
+            }
+        }
+        let mut dq = vec![T::ZERO; n * e];
+        let mut dk = vec![T::ZERO; n * e];
+        let mut dv = vec![T::ZERO; n * ev];
+        let mut kt = vec![T::ZERO; cmax * e];
+        let mut w = vec![T::ZERO; cmax * cmax];
+        let mut a = vec![T::ZERO; cmax * cmax];
+        let mut da = vec![T::ZERO; cmax * cmax];
+        let mut dkt = vec![T::ZERO; cmax * e];
+
+        // Forward scan: query gradients, and everything that stays inside one chunk.
+        let mut s_state = vec![T::ZERO; e * ev];
+        let mut z = vec![T::ZERO; e];
+        let mut m_prev = T::ZERO;
+        for s0 in (0..n).step_by(cmax) {
+            let c = cmax.min(n - s0);
+            self.exp_keys(s0, c, &mut kt);
+            let (qc, vc) = (&self.qh[s0 * e..(s0 + c) * e], &self.v[s0 * ev..(s0 + c) * ev]);
+            let (gnc, gdc) = (&gn[s0 * ev..(s0 + c) * ev], &gd[s0..s0 + c]);
+            let dqc = &mut dq[s0 * e..(s0 + c) * e];
+            gemm(c, e, ev, dqc, e, false, Mat::rows(gnc, ev), Mat::rows(&s_state, ev).t(), T::ONE);
+            for i in 0..c {
+                let f = (m_prev - self.s[s0 + i]).exp();
+                dqc[i * e..(i + 1) * e].iter_mut().zip(&z).for_each(|(x, &y)| *x = (*x + gdc[i] * y) * f);
+            }
+            if self.intra() {
+                self.weights(s0, c, &mut w, cmax);
+                self.scores(s0, c, &kt, &w, &mut a, cmax);
+                gemm(c, c, ev, &mut da, cmax, false, Mat::rows(gnc, ev), Mat::rows(vc, ev).t(), T::ONE);
+                for i in 0..c {
+                    for j in 0..c {
+                        da[i * cmax + j] = (da[i * cmax + j] + gdc[i]) * w[i * cmax + j];
+                    }
+                }
+                let (a_m, da_m) = (Mat { data: &a, rs: cmax, cs: 1 }, Mat { data: &da, rs: cmax, cs: 1 });
+                gemm(c, e, c, dqc, e, true, da_m, Mat::rows(&kt, e), T::ONE);
+                gemm(c, ev, c, &mut dv[s0 * ev..(s0 + c) * ev], ev, true, a_m.t(), Mat::rows(gnc, ev), T::ONE);
+                gemm(c, e, c, &mut dkt, e, false, da_m.t(), Mat::rows(qc, e), T::ONE);
+                for (x, (&y, &k)) in dk[s0 * e..(s0 + c) * e].iter_mut().zip(dkt.iter().zip(&kt[..c * e])) {
+                    *x += y * k;
+                }
+            }
+            let m = self.p[s0 + c - 1];
+            let f = (m_prev - m).exp();
+            s_state.iter_mut().chain(z.iter_mut()).for_each(|x| *x *= f);
+            self.to_scale(s0, c, m, &mut kt);
+            gemm(e, ev, c, &mut s_state, ev, true, Mat::rows(&kt, e).t(), Mat::rows(vc, ev), T::ONE);
+            for j in 0..c {
+                z.iter_mut().zip(&kt[j * e..(j + 1) * e]).for_each(|(a, &b)| *a += b);
+            }
+            m_prev = m;
+        }
+
+        // Reverse scan: key and value gradients from the queries of later chunks, carried as
+        // R = Σ exp(m - s_i) q̂_i gn_iᵀ and r = Σ exp(m - s_i) gd_i q̂_i at the scale m of the
+        // chunk being visited.
+        let mut r_state = vec![T::ZERO; e * ev];
+        let mut r = vec![T::ZERO; e];
+        let mut gs = vec![T::ZERO; cmax * ev];
+        let starts: Vec<usize> = (0..n).step_by(cmax).collect();
+        for &s0 in starts.iter().rev() {
+            let c = cmax.min(n - s0);
+            let m = self.p[s0 + c - 1];
+            self.exp_keys(s0, c, &mut kt);
+            self.to_scale(s0, c, m, &mut kt);
+            let (qc, vc) = (&self.qh[s0 * e..(s0 + c) * e], &self.v[s0 * ev..(s0 + c) * ev]);
+            gemm(c, ev, e, &mut dv[s0 * ev..(s0 + c) * ev], ev, true, Mat::rows(&kt, e), Mat::rows(&r_state, ev), T::ONE);
+            gemm(c, e, ev, &mut dkt, e, false, Mat::rows(vc, ev), Mat::rows(&r_state, ev).t(), T::ONE);
+            for j in 0..c {
+                let row = &mut dk[(s0 + j) * e..(s0 + j + 1) * e];
+                for d in 0..e {
+                    row[d] += (dkt[j * e + d] + r[d]) * kt[j * e + d];
+                }
+            }
+            // Move to the scale of the previous chunk, adding this chunk's queries.
+            let m_before = if s0 == 0 { T::ZERO } else { self.p[s0 - 1] };
+            let f = (m_before - m).exp();
+            r_state.iter_mut().chain(r.iter_mut()).for_each(|x| *x *= f);
+            for i in 0..c {
+                let fi = (m_before - self.s[s0 + i]).exp();
+                let gi = &gn[(s0 + i) * ev..(s0 + i + 1) * ev];
+                gs[i * ev..(i + 1) * ev].iter_mut().zip(gi).for_each(|(x, &y)| *x = y * fi);
+                let gdi = gd[s0 + i] * fi;
+                r.iter_mut().zip(&qc[i * e..(i + 1) * e]).for_each(|(x, &y)| *x += gdi * y);
+            }
+            gemm(e, ev, c, &mut r_state, ev, true, Mat::rows(qc, e).t(), Mat::rows(&gs, ev), T::ONE);
+        }
+        // Masked values were zeroed before use: their gradient is zero.
+        if let Some(keep) = self.keep {
+            for (j, &kj) in keep.iter().enumerate() {
+                if kj == 0 {
+                    dv[j * ev..(j + 1) * ev].fill(T::ZERO);
+                }
+            }
+        }
+        softmax_rows_backward(&self.qh, &mut dq, e, T::of((e as f64).powf(-0.5)));
+        (dq, dk, dv)
+    }
+}
+
+impl CausalLinear {
+    fn shapes(&self, ql: &Layout, kl: &Layout, vl: &Layout) -> Result<(Heads, Heads)> {
+        let (qs, ks, vs) = (Heads::of(ql.dims(), "q")?, Heads::of(kl.dims(), "k")?, Heads::of(vl.dims(), "v")?);
+        if ql.dims() != kl.dims() || (vs.b, vs.n, vs.h) != (qs.b, qs.n, qs.h) {
+            candle_core::bail!("causal linear attention: shapes {:?} {:?} {:?} do not agree", ql.dims(), kl.dims(), vl.dims());
+        }
+        if let Some(m) = &self.keep {
+            if m.len() != qs.b * qs.n {
+                candle_core::bail!("causal linear attention: mask has {} entries, expected {}", m.len(), qs.b * qs.n);
+            }
+        }
+        let _ = ks;
+        Ok((qs, vs))
+    }
+}
+
+impl CustomOp3 for CausalLinear {
+    fn name(&self) -> &'static str {
+        "causal-linear-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs_: &CpuStorage,
+        ql: &Layout,
+        ks_: &CpuStorage,
+        kl: &Layout,
+        vs_: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (qs, vs) = self.shapes(ql, kl, vl)?;
+        with_float!(super::dtype_of(qs_), self.name(), T => {
+            let (q, k, v) = (slice::<T>(qs_, ql)?, slice::<T>(ks_, kl)?, slice::<T>(vs_, vl)?);
+            let out_len = vs.b * vs.n * vs.h * vs.e;
+            let mut flat = vec![T::ZERO; out_len + qs.tasks() * qs.n * 2];
+            let (outs, stats) = flat.split_at_mut(out_len);
+            let shared = SharedOut::new(outs);
+            stats.par_chunks_mut(qs.n * 2).enumerate().for_each(|(t, st)| {
+                let task = Task::load(q, k, v, qs, vs, t, self.bucket, self.keep.as_deref());
+                let mut out = vec![T::ZERO; vs.n * vs.e];
+                task.forward(&mut out, st);
+                // SAFETY: task t writes only its own rows.
+                unsafe { vs.scatter(&shared, t, &out) };
+            });
+            let len = flat.len();
+            Ok((super::storage::<T>(flat), Shape::from(len)))
+        })
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (qs, vs) = self.shapes(q.layout(), k.layout(), v.layout())?;
+        let grad = grad.contiguous()?;
+        let out_len = vs.b * vs.n * vs.h * vs.e;
+        with_float!(q.dtype(), self.name(), T => {
+            let mut dq = vec![T::ZERO; q.elem_count()];
+            let mut dk = vec![T::ZERO; k.elem_count()];
+            let mut dv = vec![T::ZERO; v.elem_count()];
+            let (sq, sk, sv) = (SharedOut::new(&mut dq), SharedOut::new(&mut dk), SharedOut::new(&mut dv));
+            read::<T, _>(&[q, k, v, res, &grad], |s| {
+                let (res, grad) = (s[3], s[4]);
+                (0..qs.tasks()).into_par_iter().for_each(|t| {
+                    let task = Task::load(s[0], s[1], s[2], qs, vs, t, self.bucket, self.keep.as_deref());
+                    let mut g = vec![T::ZERO; vs.n * vs.e];
+                    let mut out = vec![T::ZERO; vs.n * vs.e];
+                    vs.gather(&grad[..out_len], t, &mut g);
+                    vs.gather(&res[..out_len], t, &mut out);
+                    let stats = &res[out_len + t * qs.n * 2..out_len + (t + 1) * qs.n * 2];
+                    let (gq, gk, gv) = task.backward(&g, &out, stats);
+                    // SAFETY: task t writes only its own rows.
+                    unsafe {
+                        qs.scatter(&sq, t, &gq);
+                        qs.scatter(&sk, t, &gk);
+                        vs.scatter(&sv, t, &gv);
+                    }
+                });
+            })?;
+            Ok((
+                Some(super::tensor(dq, q.dims())?),
+                Some(super::tensor(dk, k.dims())?),
+                Some(super::tensor(dv, v.dims())?),
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::*;
+    use candle_core::Device;
+
+    fn mask(b: usize, n: usize) -> Tensor {
+        let m: Vec<u8> = (0..b * n).map(|i| (i % 7 != 3 && i % n < n - 2) as u8).collect();
+        Tensor::from_vec(m, (b, n), &Device::Cpu).unwrap()
+    }
+
+    fn compare(bucket: usize, n: usize, masked: bool, dtype: DType, kscale: f64) {
+        let (b, h, e, ev) = (2, 3, 8, 6);
+        let q = randn(&[b, n, h, e], 1.0, dtype, 1);
+        let k = randn(&[b, n, h, e], kscale, dtype, 2);
+        let v = randn(&[b, n, h, ev], 1.0, dtype, 3);
+        let m = masked.then(|| mask(b, n));
+        let fused = causal_linear_attention(&q, &k, &v, m.as_ref(), bucket).unwrap();
+        let plain = reference(&q, &k, &v, m.as_ref(), bucket).unwrap();
+        let tol = if dtype == DType::F32 { 2e-5 } else { 1e-11 };
+        let err = rel_err(&fused, &plain);
+        assert!(err < tol, "bucket {bucket} n {n} masked {masked}: forward error {err}");
+        let gf = probe(&fused, 4).backward().unwrap();
+        let gp = probe(&plain, 4).backward().unwrap();
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let err = rel_err(gf.get(x).unwrap(), gp.get(x).unwrap());
+            assert!(err < tol * 20.0, "bucket {bucket} n {n} masked {masked}: d{name} error {err}");
+        }
+    }
+
+    #[test]
+    fn fused_matches_reference() {
+        for dtype in [DType::F32, DType::F64] {
+            for (bucket, n) in [(1, 5), (1, 130), (4, 136), (8, 64), (64, 192), (96, 192), (3, 129)] {
+                compare(bucket, n, false, dtype, 1.0);
+                compare(bucket, n, true, dtype, 1.0);
+            }
+        }
+    }
+
+    #[test]
+    fn large_keys_rescale_without_changing_results() {
+        // Keys up to about 40 make exp(k) about 1e17: finite in f64, so the plain version is a
+        // fair judge there, while the running maximum rescales several times along the sequence.
+        compare(1, 200, true, DType::F64, 12.0);
+        compare(4, 200, false, DType::F64, 12.0);
+    }
+
+    #[test]
+    fn huge_keys_stay_finite() {
+        let (b, n, h, e) = (1, 256, 2, 8);
+        let q = randn(&[b, n, h, e], 1.0, DType::F32, 1);
+        let k = (randn(&[b, n, h, e], 1.0, DType::F32, 2).as_tensor() * 300.0).unwrap();
+        let v = randn(&[b, n, h, e], 1.0, DType::F32, 3);
+        let out = causal_linear_attention(&q, &k, &v, None, 1).unwrap();
+        assert!(out.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite()));
+        let g = probe(&out, 5).backward().unwrap();
+        for x in [q.as_tensor(), &v] {
+            assert!(g.get(x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite()));
+        }
+    }
+
+    /// The f32 kernel against the f64 plain version, where f64 does not overflow.
+    fn against_f64(k: &Tensor, bucket: usize) {
+        let (b, n, h, e) = k.dims4().unwrap();
+        let q = randn(&[b, n, h, e], 1.0, DType::F64, 1);
+        let v = randn(&[b, n, h, e], 1.0, DType::F64, 3);
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let fused = causal_linear_attention(&f32s(&q), &f32s(k), &f32s(&v), None, bucket).unwrap();
+        let plain = reference(&q, k, &v, None, bucket).unwrap();
+        let err = rel_err(&fused, &plain);
+        assert!(err < 1e-5, "bucket {bucket}: error {err}");
+    }
+
+    #[test]
+    fn keys_beyond_f32_exp_range_give_the_exact_result() {
+        for bucket in [1, 4] {
+            // exp(150) overflows f32 (the reference gives inf/NaN) but not f64.
+            let k = (randn(&[1, 136, 2, 8], 1.0, DType::F64, 2).as_tensor() + 150.0).unwrap();
+            against_f64(&k, bucket);
+            // One huge key in the middle of a chunk must not wash out the queries before it.
+            let mut kv = randn(&[1, 136, 2, 8], 1.0, DType::F64, 2).flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            kv[(10 * 2) * 8 + 3] = 150.0;
+            kv[(70 * 2 + 1) * 8 + 5] = 110.0;
+            against_f64(&Tensor::from_vec(kv, (1, 136, 2, 8), &Device::Cpu).unwrap(), bucket);
+        }
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        for bucket in [1, 4] {
+            let (b, n, h, e) = (1, 12, 2, 4);
+            let q = randn(&[b, n, h, e], 1.0, DType::F64, 11);
+            let k = randn(&[b, n, h, e], 1.0, DType::F64, 12);
+            let v = randn(&[b, n, h, e], 1.0, DType::F64, 13);
+            let m = mask(b, n);
+            let run = || causal_linear_attention(&q, &k, &v, Some(&m), bucket).unwrap();
+            let g = probe(&run(), 14).backward().unwrap();
+            let f = || probe(&run(), 14).to_scalar::<f64>().unwrap();
+            for x in [&q, &k, &v] {
+                check_fd(x, g.get(x).unwrap(), &f, 10, 1e-6);
+            }
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Layer normalisation over the last dimension, with affine weight and bias.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::{read, slice, tensor, with_float, Elem};
+
+/// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension of `x`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if super::use_fused(x.device()) {
+        x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNorm { eps })
+    } else {
+        reference(x, weight, bias, eps)
+    }
+}
+
+/// Plain tensor-op version.
+pub fn reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xhat = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    xhat.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+struct LayerNorm {
+    eps: f64,
+}
+
+/// Rows per parallel task: enough work per task to amortise scheduling.
+fn rows_per_task(d: usize) -> usize {
+    (16384 / d.max(1)).max(1)
+}
+
+fn stats<T: Elem>(row: &[T], eps: f64) -> (T, T) {
+    let d = T::of(row.len() as f64);
+    let mean = row.iter().copied().sum::<T>() / d;
+    let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / d;
+    (mean, T::ONE / (var + T::of(eps)).sqrt())
+}
+
+fn forward<T: Elem>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+    let d = w.len();
+    let mut y = vec![T::ZERO; x.len()];
+    let chunk = rows_per_task(d) * d;
+    y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(yc, xc)| {
+        for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+            let (mean, rstd) = stats(xr, eps);
+            for i in 0..d {
+                yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+            }
+        }
+    });
+    y
+}
+
+/// Returns (dx, dweight, dbias).
+fn backward<T: Elem>(x: &[T], w: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let d = w.len();
+    let mut dx = vec![T::ZERO; x.len()];
+    let chunk = rows_per_task(d) * d;
+    let zeros = || (vec![T::ZERO; d], vec![T::ZERO; d]);
+    let (dw, db) = dx
+        .par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
+        .fold(zeros, |(mut dw, mut db), (dxc, (xc, gc))| {
+            for ((dxr, xr), gr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
+                let (mean, rstd) = stats(xr, eps);
+                let (mut sum_g, mut sum_gx) = (T::ZERO, T::ZERO);
+                for i in 0..d {
+                    let xhat = (xr[i] - mean) * rstd;
+                    let g = gr[i] * w[i];
+                    sum_g += g;
+                    sum_gx += g * xhat;
+                    dw[i] += gr[i] * xhat;
+                    db[i] += gr[i];
+                }
+                let inv_d = T::ONE / T::of(d as f64);
+                for i in 0..d {
+                    let xhat = (xr[i] - mean) * rstd;
+                    dxr[i] = rstd * (gr[i] * w[i] - (sum_g + xhat * sum_gx) * inv_d);
+                }
+            }
+            (dw, db)
+        })
+        .reduce(zeros, |(mut a, mut b), (c, e)| {
+            a.iter_mut().zip(&c).for_each(|(u, &v)| *u += v);
+            b.iter_mut().zip(&e).for_each(|(u, &v)| *u += v);
+            (a, b)
+        });
+    (dx, dw, db)
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = *xl.dims().last().unwrap_or(&0);
+        if wl.dims() != [d] || bl.dims() != [d] {
+            candle_core::bail!("layer-norm: weight and bias must be [{d}], got {:?} and {:?}", wl.dims(), bl.dims());
+        }
+        with_float!(super::dtype_of(xs), self.name(), T => {
+            let y = forward::<T>(slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?, self.eps);
+            Ok((super::storage::<T>(y), xl.shape().clone()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        with_float!(x.dtype(), self.name(), T => {
+            let (dx, dw, db) = read::<T, _>(&[x, w, &dy], |s| backward(s[0], s[1], s[2], self.eps))?;
+            Ok((Some(tensor(dx, x.dims())?), Some(tensor(dw, w.dims())?), Some(tensor(db, w.dims())?)))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::*;
+    use candle_core::DType;
+
+    #[test]
+    fn fused_matches_reference_forward_and_backward() {
+        for dtype in [DType::F32, DType::F64] {
+            let x = randn(&[3, 5, 24], 2.0, dtype, 1);
+            let w = randn(&[24], 1.0, dtype, 2);
+            let b = randn(&[24], 1.0, dtype, 3);
+            let fused = layer_norm(&x, &w, &b, 1e-5).unwrap();
+            let plain = reference(&x, &w, &b, 1e-5).unwrap();
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+            assert!(rel_err(&fused, &plain) < tol);
+            let gf = probe(&fused, 9).backward().unwrap();
+            let gp = probe(&plain, 9).backward().unwrap();
+            for v in [&x, &w, &b] {
+                let e = rel_err(gf.get(v).unwrap(), gp.get(v).unwrap());
+                assert!(e < tol * 10.0, "{dtype:?}: gradient error {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        let x = randn(&[2, 3, 8], 1.5, DType::F64, 4);
+        let w = randn(&[8], 1.0, DType::F64, 5);
+        let b = randn(&[8], 1.0, DType::F64, 6);
+        let f = || probe(&layer_norm(&x, &w, &b, 1e-5).unwrap(), 7).to_scalar::<f64>().unwrap();
+        let g = probe(&layer_norm(&x, &w, &b, 1e-5).unwrap(), 7).backward().unwrap();
+        check_fd(&x, g.get(&x).unwrap(), &f, 12, 1e-5);
+        check_fd(&w, g.get(&w).unwrap(), &f, 8, 1e-5);
+    }
+}

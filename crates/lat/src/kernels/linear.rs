@@ -1,0 +1,259 @@
+//! Non-causal linear attention (Shen et al., "Efficient Attention"):
+//!
+//! ```text
+//! q̂ = softmax(q over features) / sqrt(e)     k̂ = softmax(k over positions)
+//! out = q̂ (k̂ᵀ v)
+//! ```
+//!
+//! Masked keys are filled with the most negative float before the softmax and masked values
+//! with zero, as in the reference. Keys and values may come from a context of another length.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::{gemm, read, slice, softmax_rows, softmax_rows_backward, with_float, Elem, Heads, Mat, SharedOut};
+
+/// `q`: [batch, n, heads, e]; `k`: [batch, m, heads, e]; `v`: [batch, m, heads, ev];
+/// `kv_mask`: [batch, m], nonzero = keep. Returns [batch, n, heads, ev].
+pub fn linear_attention(q: &Tensor, k: &Tensor, v: &Tensor, kv_mask: Option<&Tensor>) -> Result<Tensor> {
+    if super::use_fused(q.device()) {
+        let keep = kv_mask.map(|m| m.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()).transpose()?;
+        q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Linear { keep })
+    } else {
+        reference(q, k, v, kv_mask)
+    }
+}
+
+/// Plain tensor-op version.
+pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor, kv_mask: Option<&Tensor>) -> Result<Tensor> {
+    let e = q.dim(3)?;
+    let q = q.transpose(1, 2)?.contiguous()?;
+    let mut k = k.transpose(1, 2)?.contiguous()?;
+    let mut v = v.transpose(1, 2)?.contiguous()?;
+    if let Some(m) = kv_mask {
+        let (b, len) = m.dims2()?;
+        let keep = m.to_dtype(DType::U8)?.reshape((b, 1, len, 1))?;
+        let fill = Tensor::full(f32::MAX, (), q.device())?.to_dtype(q.dtype())?.neg()?;
+        k = keep.broadcast_as(k.shape())?.where_cond(&k, &fill.broadcast_as(k.shape())?)?;
+        v = v.broadcast_mul(&keep.to_dtype(v.dtype())?)?;
+    }
+    let qh = (candle_nn::ops::softmax(&q, D::Minus1)? * (e as f64).powf(-0.5))?;
+    let kh = candle_nn::ops::softmax(&k, 2)?;
+    let context = kh.t()?.matmul(&v)?;
+    qh.matmul(&context)?.transpose(1, 2)
+}
+
+struct Linear {
+    keep: Option<Vec<u8>>,
+}
+
+struct Task<T> {
+    qh: Vec<T>,
+    kh: Vec<T>,
+    v: Vec<T>,
+    context: Vec<T>,
+}
+
+impl<T: Elem> Task<T> {
+    fn load(q: &[T], k: &[T], v: &[T], qs: Heads, ks: Heads, vs: Heads, t: usize, keep: Option<&[u8]>) -> Self {
+        let (e, ev, m) = (qs.e, vs.e, ks.n);
+        let mut qh = vec![T::ZERO; qs.n * e];
+        let mut kh = vec![T::ZERO; m * e];
+        let mut vv = vec![T::ZERO; m * ev];
+        qs.gather(q, t, &mut qh);
+        ks.gather(k, t, &mut kh);
+        vs.gather(v, t, &mut vv);
+        softmax_rows(&mut qh, e, T::of((e as f64).powf(-0.5)));
+        let keep = keep.map(|mk| &mk[(t / qs.h) * m..(t / qs.h + 1) * m]);
+        if let Some(mk) = keep {
+            for (j, &kj) in mk.iter().enumerate() {
+                if kj == 0 {
+                    kh[j * e..(j + 1) * e].fill(T::MASK);
+                    vv[j * ev..(j + 1) * ev].fill(T::ZERO);
+                }
+            }
+        }
+        // Softmax of each feature column over the positions.
+        let mut mx = vec![T::MASK; e];
+        for row in kh.chunks(e) {
+            mx.iter_mut().zip(row).for_each(|(a, &b)| *a = a.maxv(b));
+        }
+        let mut sum = vec![T::ZERO; e];
+        for row in kh.chunks_mut(e) {
+            for ((x, &mv), s) in row.iter_mut().zip(&mx).zip(sum.iter_mut()) {
+                *x = (*x - mv).exp();
+                *s += *x;
+            }
+        }
+        for row in kh.chunks_mut(e) {
+            row.iter_mut().zip(&sum).for_each(|(x, &s)| *x /= s);
+        }
+        let mut context = vec![T::ZERO; e * ev];
+        gemm(e, ev, m, &mut context, ev, false, Mat::rows(&kh, e).t(), Mat::rows(&vv, ev), T::ONE);
+        Self { qh, kh, v: vv, context }
+    }
+}
+
+impl Linear {
+    fn shapes(&self, ql: &Layout, kl: &Layout, vl: &Layout) -> Result<(Heads, Heads, Heads)> {
+        let (qs, ks, vs) = (Heads::of(ql.dims(), "q")?, Heads::of(kl.dims(), "k")?, Heads::of(vl.dims(), "v")?);
+        if (ks.b, ks.h, ks.e) != (qs.b, qs.h, qs.e) || (vs.b, vs.n, vs.h) != (ks.b, ks.n, ks.h) {
+            candle_core::bail!("linear attention: shapes {:?} {:?} {:?} do not agree", ql.dims(), kl.dims(), vl.dims());
+        }
+        if let Some(m) = &self.keep {
+            if m.len() != ks.b * ks.n {
+                candle_core::bail!("linear attention: mask has {} entries, expected {}", m.len(), ks.b * ks.n);
+            }
+        }
+        Ok((qs, ks, vs))
+    }
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "linear-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs_: &CpuStorage,
+        ql: &Layout,
+        ks_: &CpuStorage,
+        kl: &Layout,
+        vs_: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (qs, ks, vs) = self.shapes(ql, kl, vl)?;
+        let os = Heads { n: qs.n, e: vs.e, ..qs };
+        with_float!(super::dtype_of(qs_), self.name(), T => {
+            let (q, k, v) = (slice::<T>(qs_, ql)?, slice::<T>(ks_, kl)?, slice::<T>(vs_, vl)?);
+            let mut out = vec![T::ZERO; os.b * os.n * os.h * os.e];
+            let shared = SharedOut::new(&mut out);
+            (0..qs.tasks()).into_par_iter().for_each(|t| {
+                let task = Task::load(q, k, v, qs, ks, vs, t, self.keep.as_deref());
+                let mut o = vec![T::ZERO; os.n * os.e];
+                gemm(os.n, os.e, qs.e, &mut o, os.e, false, Mat::rows(&task.qh, qs.e), Mat::rows(&task.context, vs.e), T::ONE);
+                // SAFETY: task t writes only its own rows.
+                unsafe { os.scatter(&shared, t, &o) };
+            });
+            Ok((super::storage::<T>(out), Shape::from((os.b, os.n, os.h, os.e))))
+        })
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (qs, ks, vs) = self.shapes(q.layout(), k.layout(), v.layout())?;
+        let os = Heads { n: qs.n, e: vs.e, ..qs };
+        let grad = grad.contiguous()?;
+        let (e, ev, m) = (qs.e, vs.e, ks.n);
+        with_float!(q.dtype(), self.name(), T => {
+            let mut dq = vec![T::ZERO; q.elem_count()];
+            let mut dk = vec![T::ZERO; k.elem_count()];
+            let mut dv = vec![T::ZERO; v.elem_count()];
+            let (sq, sk, sv) = (SharedOut::new(&mut dq), SharedOut::new(&mut dk), SharedOut::new(&mut dv));
+            read::<T, _>(&[q, k, v, &grad], |s| {
+                (0..qs.tasks()).into_par_iter().for_each(|t| {
+                    let keep = self.keep.as_deref().map(|mk| &mk[(t / qs.h) * m..(t / qs.h + 1) * m]);
+                    let task = Task::load(s[0], s[1], s[2], qs, ks, vs, t, self.keep.as_deref());
+                    let mut g = vec![T::ZERO; os.n * ev];
+                    os.gather(s[3], t, &mut g);
+                    let mut dcontext = vec![T::ZERO; e * ev];
+                    gemm(e, ev, qs.n, &mut dcontext, ev, false, Mat::rows(&task.qh, e).t(), Mat::rows(&g, ev), T::ONE);
+                    let mut gq = vec![T::ZERO; qs.n * e];
+                    gemm(qs.n, e, ev, &mut gq, e, false, Mat::rows(&g, ev), Mat::rows(&task.context, ev).t(), T::ONE);
+                    softmax_rows_backward(&task.qh, &mut gq, e, T::of((e as f64).powf(-0.5)));
+                    let mut gv = vec![T::ZERO; m * ev];
+                    gemm(m, ev, e, &mut gv, ev, false, Mat::rows(&task.kh, e), Mat::rows(&dcontext, ev), T::ONE);
+                    let mut gk = vec![T::ZERO; m * e];
+                    gemm(m, e, ev, &mut gk, e, false, Mat::rows(&task.v, ev), Mat::rows(&dcontext, ev).t(), T::ONE);
+                    // Column-softmax backward over the positions.
+                    let mut dots = vec![T::ZERO; e];
+                    for (kr, gr) in task.kh.chunks(e).zip(gk.chunks(e)) {
+                        dots.iter_mut().zip(kr.iter().zip(gr)).for_each(|(d, (&a, &b))| *d += a * b);
+                    }
+                    for (kr, gr) in task.kh.chunks(e).zip(gk.chunks_mut(e)) {
+                        for ((g, &p), &d) in gr.iter_mut().zip(kr).zip(&dots) {
+                            *g = p * (*g - d);
+                        }
+                    }
+                    if let Some(mk) = keep {
+                        for (j, &kj) in mk.iter().enumerate() {
+                            if kj == 0 {
+                                gk[j * e..(j + 1) * e].fill(T::ZERO);
+                                gv[j * ev..(j + 1) * ev].fill(T::ZERO);
+                            }
+                        }
+                    }
+                    // SAFETY: task t writes only its own rows.
+                    unsafe {
+                        qs.scatter(&sq, t, &gq);
+                        ks.scatter(&sk, t, &gk);
+                        vs.scatter(&sv, t, &gv);
+                    }
+                });
+            })?;
+            Ok((
+                Some(super::tensor(dq, q.dims())?),
+                Some(super::tensor(dk, k.dims())?),
+                Some(super::tensor(dv, v.dims())?),
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::*;
+    use candle_core::Device;
+
+    fn run_case(n: usize, m: usize, mask: Option<Vec<u8>>, dtype: DType) {
+        let (b, h, e, ev) = (2, 3, 8, 5);
+        let q = randn(&[b, n, h, e], 1.0, dtype, 1);
+        let k = randn(&[b, m, h, e], 2.0, dtype, 2);
+        let v = randn(&[b, m, h, ev], 1.0, dtype, 3);
+        let mask = mask.map(|mk| Tensor::from_vec(mk, (b, m), &Device::Cpu).unwrap());
+        let fused = linear_attention(&q, &k, &v, mask.as_ref()).unwrap();
+        let plain = reference(&q, &k, &v, mask.as_ref()).unwrap();
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+        assert!(rel_err(&fused, &plain) < tol, "forward {}", rel_err(&fused, &plain));
+        let gf = probe(&fused, 4).backward().unwrap();
+        let gp = probe(&plain, 4).backward().unwrap();
+        for x in [&q, &k, &v] {
+            let err = rel_err(gf.get(x).unwrap(), gp.get(x).unwrap());
+            assert!(err < tol * 20.0, "gradient {err}");
+        }
+    }
+
+    #[test]
+    fn fused_matches_reference() {
+        for dtype in [DType::F32, DType::F64] {
+            run_case(9, 9, None, dtype);
+            run_case(7, 13, None, dtype);
+            run_case(10, 10, Some((0..20).map(|i| (i % 4 != 1) as u8).collect()), dtype);
+            // One batch row entirely masked: uniform key weights over zeroed values.
+            run_case(6, 6, Some((0..12).map(|i| (i < 6) as u8).collect()), dtype);
+        }
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        let (b, n, h, e) = (1, 6, 2, 4);
+        let q = randn(&[b, n, h, e], 1.0, DType::F64, 21);
+        let k = randn(&[b, n, h, e], 1.0, DType::F64, 22);
+        let v = randn(&[b, n, h, e], 1.0, DType::F64, 23);
+        let mask = Tensor::from_vec(vec![1u8, 1, 0, 1, 1, 0], (1, n), &Device::Cpu).unwrap();
+        let run = || linear_attention(&q, &k, &v, Some(&mask)).unwrap();
+        let g = probe(&run(), 24).backward().unwrap();
+        let f = || probe(&run(), 24).to_scalar::<f64>().unwrap();
+        for x in [&q, &k, &v] {
+            check_fd(x, g.get(x).unwrap(), &f, 10, 1e-6);
+        }
+    }
+}

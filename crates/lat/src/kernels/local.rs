@@ -1,0 +1,449 @@
+//! Local windowed softmax attention, with the semantics of the `local-attention` package as the
+//! reference uses it: the sequence is cut into windows of `W` positions; a query in window `w`
+//! attends to the keys of windows `w-1, w` (causal, and only up to itself) or `w-1, w, w+1`
+//! (non-causal). Window slots outside the sequence hold key = value = -1 and are always masked;
+//! masked keys get the most negative float. A query whose every slot is masked therefore gets
+//! uniform weights over all slots, pad slots included, exactly as the reference computes it.
+//!
+//! The fused kernel works window by window on the contiguous rows of the neighbouring windows
+//! (no padded copies), keeps the log-sum-exp of each row, and recomputes the probabilities in the
+//! backward pass.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::{gemm, read, slice, with_float, Elem, Heads, Mat, SharedOut};
+use crate::rng::uniform_at;
+
+/// Dropout on the attention probabilities: probability `p`, masks drawn from stream `seed`.
+#[derive(Clone, Copy, Debug)]
+pub struct Dropout {
+    pub p: f64,
+    pub seed: u64,
+}
+
+/// Window geometry shared by both implementations.
+#[derive(Clone, Copy, Debug)]
+pub struct Windows {
+    pub size: usize,
+    pub causal: bool,
+}
+
+impl Windows {
+    fn look_forward(&self) -> usize {
+        if self.causal { 0 } else { 1 }
+    }
+
+    /// Key slots per query: look-back window, own window, look-forward window.
+    pub fn slots(&self) -> usize {
+        (2 + self.look_forward()) * self.size
+    }
+
+    /// Position of slot 0 for window `w` (negative in the first window).
+    fn first(&self, w: usize) -> isize {
+        (w as isize - 1) * self.size as isize
+    }
+
+    /// The in-sequence key range [lo, hi) of window `w` for a sequence of `n`.
+    fn keys(&self, w: usize, n: usize) -> (usize, usize) {
+        let lo = self.first(w).max(0) as usize;
+        let hi = ((w + 1 + self.look_forward()) * self.size).min(n);
+        (lo, hi)
+    }
+}
+
+/// `q`, `k`, `v`: [batch, n, heads, e] with `n` a multiple of the window; `mask`: [batch, n].
+pub fn local_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    windows: Windows,
+    dropout: Option<Dropout>,
+) -> Result<Tensor> {
+    let (b, n, h, e) = q.dims4()?;
+    if windows.size == 0 || n % windows.size != 0 {
+        candle_core::bail!("local attention: length {n} is not a multiple of the window {}", windows.size);
+    }
+    if super::use_fused(q.device()) {
+        let keep = mask.map(|m| m.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()).transpose()?;
+        let op = Local { windows, keep, dropout };
+        let flat = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+        flat.narrow(0, 0, b * n * h * e)?.reshape((b, n, h, e))
+    } else {
+        reference(q, k, v, mask, windows, dropout)
+    }
+}
+
+/// Dropout keep-factor for (task, query, slot): 0 or 1 / (1 - p).
+#[inline]
+fn drop_factor<T: Elem>(d: Option<Dropout>, t: usize, n: usize, i: usize, slots: usize, slot: usize) -> T {
+    match d {
+        None => T::ONE,
+        Some(d) => {
+            let index = ((t * n + i) * slots + slot) as u64;
+            if (uniform_at(d.seed, index) as f64) < d.p { T::ZERO } else { T::of(1.0 / (1.0 - d.p)) }
+        }
+    }
+}
+
+/// Plain version: materialises the look-around key/value windows, as the reference does.
+pub fn reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    windows: Windows,
+    dropout: Option<Dropout>,
+) -> Result<Tensor> {
+    let (b, n, h, e) = q.dims4()?;
+    let (w, slots, nw) = (windows.size, windows.slots(), n / windows.size);
+    let dev = q.device();
+    let merge = |t: &Tensor| t.transpose(1, 2)?.contiguous()?.reshape((b * h, n, e));
+    let (q, k, v) = (merge(q)?, merge(k)?, merge(v)?);
+    let pad = |t: &Tensor| -> Result<Tensor> {
+        let fill = Tensor::full(-1f32, (b * h, w, e), dev)?.to_dtype(t.dtype())?;
+        let back = Tensor::full(-1f32, (b * h, windows.look_forward() * w, e), dev)?.to_dtype(t.dtype())?;
+        Tensor::cat(&[&fill, t, &back], 1)
+    };
+    let (kp, vp) = (pad(&k)?, pad(&v)?);
+    let around = |t: &Tensor| -> Result<Tensor> {
+        let ws: Vec<Tensor> = (0..nw).map(|i| t.narrow(1, i * w, slots)).collect::<Result<_>>()?;
+        Tensor::stack(&ws, 1)
+    };
+    let (bk, bv) = (around(&kp)?.contiguous()?, around(&vp)?.contiguous()?);
+    let bq = (q.reshape((b * h, nw, w, e))? * (e as f64).powf(-0.5))?;
+    let sim = bq.matmul(&bk.transpose(2, 3)?.contiguous()?)?;
+    let keep: Option<Vec<u8>> = mask.map(|m| m.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()).transpose()?;
+    let mut visible = vec![0u8; b * h * nw * w * slots];
+    let mut factors = vec![1f64; b * h * nw * w * slots];
+    for t in 0..b * h {
+        for i in 0..n {
+            for s in 0..slots {
+                let j = windows.first(i / w) + s as isize;
+                let real = j >= 0 && (j as usize) < n;
+                let ok = real
+                    && keep.as_ref().is_none_or(|m| m[(t / h) * n + j as usize] != 0)
+                    && (!windows.causal || j as usize <= i);
+                visible[(t * n + i) * slots + s] = ok as u8;
+                factors[(t * n + i) * slots + s] = drop_factor::<f64>(dropout, t, n, i, slots, s);
+            }
+        }
+    }
+    let shape = (b * h, nw, w, slots);
+    let visible = Tensor::from_vec(visible, shape, dev)?;
+    let fill = Tensor::full(f32::MAX, shape, dev)?.to_dtype(sim.dtype())?.neg()?;
+    let sim = visible.where_cond(&sim, &fill)?;
+    let attn = candle_nn::ops::softmax(&sim, D::Minus1)?;
+    let attn = (attn * Tensor::from_vec(factors, shape, dev)?.to_dtype(q.dtype())?)?;
+    let out = attn.matmul(&bv)?.reshape((b, h, n, e))?;
+    out.transpose(1, 2)
+}
+
+struct Local {
+    windows: Windows,
+    keep: Option<Vec<u8>>,
+    dropout: Option<Dropout>,
+}
+
+/// Marks a row whose every slot is masked (uniform weights) in the saved log-sum-exp.
+fn all_masked<T: Elem>(lse: T) -> bool {
+    lse == T::of(f64::NEG_INFINITY)
+}
+
+struct Task<'a, T> {
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    keep: Option<&'a [u8]>,
+    t: usize,
+    n: usize,
+    e: usize,
+    op: &'a Local,
+}
+
+impl<'a, T: Elem> Task<'a, T> {
+    fn load(op: &'a Local, q: &[T], k: &[T], v: &[T], hs: Heads, t: usize) -> Self {
+        let (n, e) = (hs.n, hs.e);
+        let mut qq = vec![T::ZERO; n * e];
+        let mut kk = vec![T::ZERO; n * e];
+        let mut vv = vec![T::ZERO; n * e];
+        hs.gather(q, t, &mut qq);
+        hs.gather(k, t, &mut kk);
+        hs.gather(v, t, &mut vv);
+        let scale = T::of((e as f64).powf(-0.5));
+        qq.iter_mut().for_each(|x| *x *= scale);
+        let keep = op.keep.as_deref().map(|m| &m[(t / hs.h) * n..(t / hs.h + 1) * n]);
+        Self { q: qq, k: kk, v: vv, keep, t, n, e, op }
+    }
+
+    fn visible(&self, i: usize, j: usize) -> bool {
+        self.keep.is_none_or(|m| m[j] != 0) && (!self.op.windows.causal || j <= i)
+    }
+
+    fn factor(&self, i: usize, w: usize, j: isize) -> T {
+        let slot = (j - self.op.windows.first(w)) as usize;
+        drop_factor(self.op.dropout, self.t, self.n, i, self.op.windows.slots(), slot)
+    }
+
+    /// Scores of window `w` into `s` (row stride = key count); returns the key range.
+    fn scores(&self, w: usize, s: &mut [T]) -> (usize, usize) {
+        let (ws, e) = (self.op.windows.size, self.e);
+        let (lo, hi) = self.op.windows.keys(w, self.n);
+        let i0 = w * ws;
+        gemm(ws, hi - lo, e, s, hi - lo, false, Mat::rows(&self.q[i0 * e..(i0 + ws) * e], e), Mat::rows(&self.k[lo * e..hi * e], e).t(), T::ONE);
+        (lo, hi)
+    }
+
+    /// Output of a row whose slots are all masked: the dropout-weighted mean over every slot.
+    fn uniform_row(&self, i: usize, w: usize, out: &mut [T]) {
+        let win = self.op.windows;
+        let (lo, hi) = win.keys(w, self.n);
+        let inv = T::ONE / T::of(win.slots() as f64);
+        out.fill(T::ZERO);
+        for s in 0..win.slots() {
+            let j = win.first(w) + s as isize;
+            let f = self.factor(i, w, j) * inv;
+            if j >= lo as isize && j < hi as isize {
+                let vj = &self.v[j as usize * self.e..(j as usize + 1) * self.e];
+                out.iter_mut().zip(vj).for_each(|(o, &x)| *o += f * x);
+            } else {
+                out.iter_mut().for_each(|o| *o -= f);
+            }
+        }
+    }
+
+    fn forward(&self, out: &mut [T], lse: &mut [T]) {
+        let (ws, e) = (self.op.windows.size, self.e);
+        let mut s = vec![T::ZERO; ws * self.op.windows.slots()];
+        for w in 0..self.n / ws {
+            let (lo, hi) = self.scores(w, &mut s);
+            let r = hi - lo;
+            let mut uniform = vec![];
+            for a in 0..ws {
+                let i = w * ws + a;
+                let row = &mut s[a * r..(a + 1) * r];
+                let mx = (lo..hi).filter(|&j| self.visible(i, j)).map(|j| row[j - lo]).fold(None, |m: Option<T>, x| Some(m.map_or(x, |m| m.maxv(x))));
+                let Some(mx) = mx else {
+                    row.fill(T::ZERO);
+                    lse[i] = T::of(f64::NEG_INFINITY);
+                    uniform.push(i);
+                    continue;
+                };
+                let mut sum = T::ZERO;
+                for j in lo..hi {
+                    let p = if self.visible(i, j) { (row[j - lo] - mx).exp() } else { T::ZERO };
+                    row[j - lo] = p;
+                    sum += p;
+                }
+                lse[i] = mx + sum.ln();
+                let inv = T::ONE / sum;
+                for j in lo..hi {
+                    row[j - lo] = row[j - lo] * inv * self.factor(i, w, j as isize);
+                }
+            }
+            let i0 = w * ws;
+            gemm(ws, e, r, &mut out[i0 * e..(i0 + ws) * e], e, false, Mat { data: &s, rs: r, cs: 1 }, Mat::rows(&self.v[lo * e..hi * e], e), T::ONE);
+            for i in uniform {
+                self.uniform_row(i, w, &mut out[i * e..(i + 1) * e]);
+            }
+        }
+    }
+
+    fn backward(&self, g: &[T], out: &[T], lse: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let (ws, e, n) = (self.op.windows.size, self.e, self.n);
+        let slots = self.op.windows.slots();
+        let mut dq = vec![T::ZERO; n * e];
+        let mut dk = vec![T::ZERO; n * e];
+        let mut dv = vec![T::ZERO; n * e];
+        let mut p = vec![T::ZERO; ws * slots];
+        let mut pd = vec![T::ZERO; ws * slots];
+        let mut ds = vec![T::ZERO; ws * slots];
+        let scale = T::of((e as f64).powf(-0.5));
+        for w in 0..n / ws {
+            let (lo, hi) = self.scores(w, &mut p);
+            let r = hi - lo;
+            let i0 = w * ws;
+            let gw = &g[i0 * e..(i0 + ws) * e];
+            // dP' = G Vᵀ
+            gemm(ws, r, e, &mut ds, r, false, Mat::rows(gw, e), Mat::rows(&self.v[lo * e..hi * e], e).t(), T::ONE);
+            for a in 0..ws {
+                let i = i0 + a;
+                let dot: T = gw[a * e..(a + 1) * e].iter().zip(&out[i * e..(i + 1) * e]).map(|(&x, &y)| x * y).sum();
+                for j in lo..hi {
+                    let x = a * r + j - lo;
+                    let f = self.factor(i, w, j as isize);
+                    if all_masked(lse[i]) {
+                        pd[x] = f / T::of(slots as f64);
+                        p[x] = T::ZERO;
+                        ds[x] = T::ZERO;
+                    } else if self.visible(i, j) {
+                        let prob = (p[x] - lse[i]).exp();
+                        pd[x] = prob * f;
+                        ds[x] = prob * (ds[x] * f - dot);
+                        p[x] = prob;
+                    } else {
+                        pd[x] = T::ZERO;
+                        ds[x] = T::ZERO;
+                    }
+                }
+            }
+            gemm(r, e, ws, &mut dv[lo * e..hi * e], e, true, Mat { data: &pd, rs: r, cs: 1 }.t(), Mat::rows(gw, e), T::ONE);
+            gemm(ws, e, r, &mut dq[i0 * e..(i0 + ws) * e], e, false, Mat { data: &ds, rs: r, cs: 1 }, Mat::rows(&self.k[lo * e..hi * e], e), scale);
+            gemm(r, e, ws, &mut dk[lo * e..hi * e], e, true, Mat { data: &ds, rs: r, cs: 1 }.t(), Mat::rows(&self.q[i0 * e..(i0 + ws) * e], e), T::ONE);
+        }
+        (dq, dk, dv)
+    }
+}
+
+impl Local {
+    fn shapes(&self, ql: &Layout, kl: &Layout, vl: &Layout) -> Result<Heads> {
+        let hs = Heads::of(ql.dims(), "q")?;
+        if kl.dims() != ql.dims() || vl.dims() != ql.dims() {
+            candle_core::bail!("local attention: shapes {:?} {:?} {:?} must be equal", ql.dims(), kl.dims(), vl.dims());
+        }
+        if let Some(m) = &self.keep {
+            if m.len() != hs.b * hs.n {
+                candle_core::bail!("local attention: mask has {} entries, expected {}", m.len(), hs.b * hs.n);
+            }
+        }
+        Ok(hs)
+    }
+}
+
+impl CustomOp3 for Local {
+    fn name(&self) -> &'static str {
+        "local-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs_: &CpuStorage,
+        ql: &Layout,
+        ks_: &CpuStorage,
+        kl: &Layout,
+        vs_: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let hs = self.shapes(ql, kl, vl)?;
+        with_float!(super::dtype_of(qs_), self.name(), T => {
+            let (q, k, v) = (slice::<T>(qs_, ql)?, slice::<T>(ks_, kl)?, slice::<T>(vs_, vl)?);
+            let out_len = hs.b * hs.n * hs.h * hs.e;
+            let mut flat = vec![T::ZERO; out_len + hs.tasks() * hs.n];
+            let (outs, lses) = flat.split_at_mut(out_len);
+            let shared = SharedOut::new(outs);
+            lses.par_chunks_mut(hs.n).enumerate().for_each(|(t, lse)| {
+                let task = Task::load(self, q, k, v, hs, t);
+                let mut out = vec![T::ZERO; hs.n * hs.e];
+                task.forward(&mut out, lse);
+                // SAFETY: task t writes only its own rows.
+                unsafe { hs.scatter(&shared, t, &out) };
+            });
+            let len = flat.len();
+            Ok((super::storage::<T>(flat), Shape::from(len)))
+        })
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let hs = self.shapes(q.layout(), k.layout(), v.layout())?;
+        let grad = grad.contiguous()?;
+        let out_len = hs.b * hs.n * hs.h * hs.e;
+        with_float!(q.dtype(), self.name(), T => {
+            let mut dq = vec![T::ZERO; out_len];
+            let mut dk = vec![T::ZERO; out_len];
+            let mut dv = vec![T::ZERO; out_len];
+            let (sq, sk, sv) = (SharedOut::new(&mut dq), SharedOut::new(&mut dk), SharedOut::new(&mut dv));
+            read::<T, _>(&[q, k, v, res, &grad], |s| {
+                let (res, grad) = (s[3], s[4]);
+                (0..hs.tasks()).into_par_iter().for_each(|t| {
+                    let task = Task::load(self, s[0], s[1], s[2], hs, t);
+                    let mut g = vec![T::ZERO; hs.n * hs.e];
+                    let mut out = vec![T::ZERO; hs.n * hs.e];
+                    hs.gather(&grad[..out_len], t, &mut g);
+                    hs.gather(&res[..out_len], t, &mut out);
+                    let lse = &res[out_len + t * hs.n..out_len + (t + 1) * hs.n];
+                    let (gq, gk, gv) = task.backward(&g, &out, lse);
+                    // SAFETY: task t writes only its own rows.
+                    unsafe {
+                        hs.scatter(&sq, t, &gq);
+                        hs.scatter(&sk, t, &gk);
+                        hs.scatter(&sv, t, &gv);
+                    }
+                });
+            })?;
+            Ok((
+                Some(super::tensor(dq, q.dims())?),
+                Some(super::tensor(dk, k.dims())?),
+                Some(super::tensor(dv, v.dims())?),
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::*;
+    use candle_core::Device;
+
+    fn case(n: usize, size: usize, causal: bool, mask: Option<Vec<u8>>, dropout: Option<Dropout>, dtype: DType) {
+        let (b, h, e) = (2, 2, 8);
+        let q = randn(&[b, n, h, e], 1.0, dtype, 1);
+        let k = randn(&[b, n, h, e], 1.0, dtype, 2);
+        let v = randn(&[b, n, h, e], 1.0, dtype, 3);
+        let mask = mask.map(|m| Tensor::from_vec(m, (b, n), &Device::Cpu).unwrap());
+        let win = Windows { size, causal };
+        let fused = local_attention(&q, &k, &v, mask.as_ref(), win, dropout).unwrap();
+        let plain = reference(&q, &k, &v, mask.as_ref(), win, dropout).unwrap();
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+        let err = rel_err(&fused, &plain);
+        assert!(err < tol, "n {n} W {size} causal {causal}: forward {err}");
+        let gf = probe(&fused, 4).backward().unwrap();
+        let gp = probe(&plain, 4).backward().unwrap();
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let err = rel_err(gf.get(x).unwrap(), gp.get(x).unwrap());
+            assert!(err < tol * 20.0, "n {n} W {size} causal {causal}: d{name} {err}");
+        }
+    }
+
+    #[test]
+    fn fused_matches_reference() {
+        for dtype in [DType::F32, DType::F64] {
+            for causal in [true, false] {
+                case(12, 4, causal, None, None, dtype);
+                case(8, 8, causal, None, None, dtype);
+                let mask: Vec<u8> = (0..24).map(|i| (i % 5 != 2) as u8).collect();
+                case(12, 4, causal, Some(mask), None, dtype);
+                // A fully masked window: those rows get uniform weights over every slot.
+                let mask: Vec<u8> = (0..24).map(|i| (i < 4 || i >= 12) as u8).collect();
+                case(12, 4, causal, Some(mask), None, dtype);
+                case(12, 4, causal, None, Some(Dropout { p: 0.3, seed: 5 }), dtype);
+            }
+        }
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        for causal in [true, false] {
+            let (b, n, h, e) = (1, 8, 1, 4);
+            let q = randn(&[b, n, h, e], 1.0, DType::F64, 31);
+            let k = randn(&[b, n, h, e], 1.0, DType::F64, 32);
+            let v = randn(&[b, n, h, e], 1.0, DType::F64, 33);
+            let mask = Tensor::from_vec(vec![1u8, 1, 0, 1, 1, 1, 0, 1], (1, n), &Device::Cpu).unwrap();
+            let win = Windows { size: 4, causal };
+            let run = || local_attention(&q, &k, &v, Some(&mask), win, None).unwrap();
+            let g = probe(&run(), 34).backward().unwrap();
+            let f = || probe(&run(), 34).to_scalar::<f64>().unwrap();
+            for x in [&q, &k, &v] {
+                check_fd(x, g.get(x).unwrap(), &f, 10, 1e-6);
+            }
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! Fused CPU kernels with explicit backward passes.
+//!
+//! Each kernel module holds the fused operation (a candle custom op, multi-threaded, written
+//! against raw slices) and, beside it, `reference`: the same function written plainly with
+//! candle tensor ops and differentiated by candle's autograd. Tests check that the two agree,
+//! forward and backward, on random inputs. The reference is also what runs on devices without a
+//! fused implementation, and everywhere when `LAT_KERNELS=reference` is set.
+
+pub mod causal_linear;
+pub mod cross_entropy;
+pub mod gelu;
+pub mod layer_norm;
+pub mod linear;
+pub mod local;
+pub mod rotary;
+
+use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
+use std::sync::OnceLock;
+
+use candle_core::{CpuStorage, Device, Layout, Storage, Tensor, WithDType};
+
+/// Float types the CPU kernels are written for: f32 for real work, f64 for gradient checks.
+pub trait Elem:
+    WithDType
+    + Copy
+    + Default
+    + PartialOrd
+    + Send
+    + Sync
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+    + MulAssign
+    + DivAssign
+    + std::iter::Sum
+{
+    const ZERO: Self;
+    const ONE: Self;
+    /// The most negative finite value: the reference's mask fill (`-finfo.max`).
+    const MASK: Self;
+    const MIN_POSITIVE: Self;
+    fn of(v: f64) -> Self;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn erf(self) -> Self;
+    fn maxv(self, o: Self) -> Self;
+}
+
+macro_rules! impl_elem {
+    ($t:ty, $erf:path) => {
+        impl Elem for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const MASK: Self = -<$t>::MAX;
+            const MIN_POSITIVE: Self = <$t>::MIN_POSITIVE;
+            #[inline(always)]
+            fn of(v: f64) -> Self {
+                v as $t
+            }
+            #[inline(always)]
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            #[inline(always)]
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            #[inline(always)]
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            #[inline(always)]
+            fn erf(self) -> Self {
+                $erf(self)
+            }
+            #[inline(always)]
+            fn maxv(self, o: Self) -> Self {
+                <$t>::max(self, o)
+            }
+        }
+    };
+}
+impl_elem!(f32, libm::erff);
+impl_elem!(f64, libm::erf);
+
+/// Runs `$body` with `$T` bound to the Rust type of a float dtype; other dtypes are an error.
+macro_rules! with_float {
+    ($dtype:expr, $name:expr, $T:ident => $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            candle_core::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            dt => candle_core::bail!("{}: unsupported dtype {dt:?} (f32 or f64 on the CPU)", $name),
+        }
+    };
+}
+pub(crate) use with_float;
+
+/// The fused kernels run on the CPU unless `LAT_KERNELS=reference` asks for the plain versions.
+pub fn use_fused(device: &Device) -> bool {
+    static REFERENCE: OnceLock<bool> = OnceLock::new();
+    device.is_cpu() && !*REFERENCE.get_or_init(|| std::env::var("LAT_KERNELS").is_ok_and(|v| v == "reference"))
+}
+
+pub(crate) fn dtype_of(s: &CpuStorage) -> candle_core::DType {
+    candle_core::backend::BackendStorage::dtype(s)
+}
+
+pub(crate) fn storage<T: WithDType>(v: Vec<T>) -> CpuStorage {
+    T::to_cpu_storage_owned(v)
+}
+
+/// The contiguous slice a layout describes.
+pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => candle_core::bail!("kernel input must be contiguous"),
+    }
+}
+
+/// Borrows the data of contiguous CPU tensors for the duration of `f`.
+pub(crate) fn read<T: WithDType, R>(ts: &[&Tensor], f: impl FnOnce(&[&[T]]) -> R) -> candle_core::Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (g, l) in &guards {
+        match &**g {
+            Storage::Cpu(s) => slices.push(slice::<T>(s, l)?),
+            _ => candle_core::bail!("kernel input must be on the CPU"),
+        }
+    }
+    Ok(f(&slices))
+}
+
+/// Wraps a kernel result as a tensor on the CPU.
+pub(crate) fn tensor<T: WithDType>(data: Vec<T>, shape: &[usize]) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(data, shape, &Device::Cpu)
+}
+
+/// A matrix view: element (r, c) is `data[r * rs + c * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a, T> {
+    pub data: &'a [T],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    /// Row-major with `cols` columns.
+    pub fn rows(data: &'a [T], cols: usize) -> Self {
+        Self { data, rs: cols, cs: 1 }
+    }
+    pub fn t(self) -> Self {
+        Self { data: self.data, rs: self.cs, cs: self.rs }
+    }
+}
+
+/// `dst (m x n, row-major, row stride dst_rs) [+]= alpha * a (m x k) * b (k x n)`, single-threaded:
+/// kernels parallelise over batch and heads themselves.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm<T: Elem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat<T>,
+    b: Mat<T>,
+    alpha: T,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(T::ZERO);
+            }
+        }
+        return;
+    }
+    let last = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
+    assert!(last(dst_rs, 1, m, n) < dst.len(), "gemm: destination too small");
+    assert!(last(a.rs, a.cs, m, k) < a.data.len(), "gemm: lhs too small");
+    assert!(last(b.rs, b.cs, k, n) < b.data.len(), "gemm: rhs too small");
+    // SAFETY: the asserts above keep every access inside the three slices, and `dst` is
+    // borrowed mutably, so it cannot alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            T::ONE,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Disjoint writes into one output buffer from parallel tasks whose rows interleave
+/// (heads of a [batch, n, heads, e] tensor).
+pub(crate) struct SharedOut<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+unsafe impl<T: Send> Send for SharedOut<T> {}
+unsafe impl<T: Send> Sync for SharedOut<T> {}
+
+impl<T: Copy> SharedOut<T> {
+    pub fn new(v: &mut [T]) -> Self {
+        Self { ptr: v.as_mut_ptr(), len: v.len() }
+    }
+
+    /// Copies `src` to `offset`.
+    ///
+    /// # Safety
+    /// No two concurrent calls may write overlapping ranges, and the buffer must outlive them.
+    pub unsafe fn write(&self, offset: usize, src: &[T]) {
+        assert!(offset + src.len() <= self.len, "SharedOut: write out of bounds");
+        std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(offset), src.len());
+    }
+}
+
+/// A [batch, n, heads, e] tensor seen one (batch, head) task at a time.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Heads {
+    pub b: usize,
+    pub n: usize,
+    pub h: usize,
+    pub e: usize,
+}
+
+impl Heads {
+    pub fn of(shape: &[usize], what: &str) -> candle_core::Result<Self> {
+        match *shape {
+            [b, n, h, e] => Ok(Self { b, n, h, e }),
+            _ => candle_core::bail!("{what}: expected [batch, n, heads, dim_head], got {shape:?}"),
+        }
+    }
+
+    pub fn tasks(&self) -> usize {
+        self.b * self.h
+    }
+
+    /// Offset of row `i` of task `t` (t = batch * heads + head).
+    #[inline]
+    pub fn row(&self, t: usize, i: usize) -> usize {
+        let (bi, hi) = (t / self.h, t % self.h);
+        ((bi * self.n + i) * self.h + hi) * self.e
+    }
+
+    /// Copies task `t`'s rows into a contiguous [n, e] buffer.
+    pub fn gather<T: Copy>(&self, src: &[T], t: usize, dst: &mut [T]) {
+        for i in 0..self.n {
+            let o = self.row(t, i);
+            dst[i * self.e..(i + 1) * self.e].copy_from_slice(&src[o..o + self.e]);
+        }
+    }
+
+    /// Writes a contiguous [n, e] buffer back as task `t`'s rows.
+    ///
+    /// # Safety
+    /// Each task may be scattered by one thread at a time.
+    pub unsafe fn scatter<T: Copy>(&self, dst: &SharedOut<T>, t: usize, src: &[T]) {
+        for i in 0..self.n {
+            dst.write(self.row(t, i), &src[i * self.e..(i + 1) * self.e]);
+        }
+    }
+}
+
+/// Softmax over each row of `x` (rows of width `e`) in place, then times `scale`.
+pub(crate) fn softmax_rows<T: Elem>(x: &mut [T], e: usize, scale: T) {
+    for row in x.chunks_mut(e) {
+        let mx = row.iter().fold(T::MASK, |a, &b| a.maxv(b));
+        let mut sum = T::ZERO;
+        for v in row.iter_mut() {
+            *v = (*v - mx).exp();
+            sum += *v;
+        }
+        let inv = scale / sum;
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+/// Backward of `y = scale * softmax(x)` per row, given y and dy: writes dx into `dy`.
+pub(crate) fn softmax_rows_backward<T: Elem>(y: &[T], dy: &mut [T], e: usize, scale: T) {
+    for (yr, gr) in y.chunks(e).zip(dy.chunks_mut(e)) {
+        let dot: T = yr.iter().zip(gr.iter()).map(|(&a, &b)| a * b).sum();
+        let inv = T::ONE / scale;
+        for (g, &p) in gr.iter_mut().zip(yr) {
+            // y = s p, dp = s dy, dx = p (dp - p.dp) = y (dy - y.dy / s)
+            *g = p * (*g - dot * inv);
+        }
+    }
+}
+
+/// Test helpers shared by the kernel tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{DType, Device, Tensor, Var};
+
+    use crate::rng::Rng;
+
+    pub fn randn(shape: &[usize], scale: f64, dtype: DType, seed: u64) -> Var {
+        let mut rng = Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.normal() * scale).collect();
+        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap()
+    }
+
+    /// Max |a - b| / (max |b| + tiny).
+    pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+        let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())) + 1e-30;
+        a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    /// A fixed random projection of `y`, so that one backward pass checks every output.
+    pub fn probe(y: &Tensor, seed: u64) -> Tensor {
+        let w = randn(y.dims(), 1.0, y.dtype(), seed);
+        (y * w.as_tensor()).unwrap().sum_all().unwrap()
+    }
+
+    /// Central finite differences of the scalar `f` at a few coordinates of `x`, compared with
+    /// the analytic gradient `g`.
+    pub fn check_fd(x: &Var, g: &Tensor, f: &dyn Fn() -> f64, points: usize, tol: f64) {
+        let n = x.elem_count();
+        let base = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let grads = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let h = 1e-6;
+        for p in 0..points {
+            let i = (p * 7919 + 13) % n;
+            let mut v = base.clone();
+            v[i] = base[i] + h;
+            x.set(&Tensor::from_vec(v.clone(), x.dims(), &Device::Cpu).unwrap()).unwrap();
+            let fp = f();
+            v[i] = base[i] - h;
+            x.set(&Tensor::from_vec(v, x.dims(), &Device::Cpu).unwrap()).unwrap();
+            let fm = f();
+            let fd = (fp - fm) / (2.0 * h);
+            let err = (fd - grads[i]).abs() / (fd.abs().max(grads[i].abs()).max(1e-3));
+            assert!(err < tol, "coordinate {i}: finite difference {fd} vs analytic {}", grads[i]);
+        }
+        x.set(&Tensor::from_vec(base, x.dims(), &Device::Cpu).unwrap()).unwrap();
+    }
+}

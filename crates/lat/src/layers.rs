@@ -1,0 +1,146 @@
+//! The layer pairs of the transformer stack. Every depth contributes a main pair
+//! (attention, feed-forward), then optionally an axial pair and a cross-attention pair; each half
+//! of a pair is a pre-norm [`Block`]. Reversible and sequential stacks run the same blocks.
+
+use candle_core::Tensor;
+
+use crate::attention::{AttentionInputs, AttentionSpec, SelfAttention, SITE_ATTN, SITE_OUT};
+use crate::config::TransformerConfig;
+use crate::error::Result;
+use crate::nn::feed_forward::FeedForward;
+use crate::nn::shift::Shift;
+use crate::nn::LayerNorm;
+use crate::params::Builder;
+use crate::pass::Pass;
+
+/// Dropout site of the feed-forward layer inside a pair.
+const SITE_FF: u64 = 2;
+
+/// Which of the stack's inputs a block reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Main self-attention: the mask and the rotary positions.
+    Main,
+    /// Cross-attention: the context and its mask.
+    Context,
+    /// Feed-forward: nothing (the mask only for token shifting).
+    Channel,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum Body {
+    Attention(SelfAttention),
+    FeedForward(FeedForward),
+}
+
+/// `PreNorm(dim, [PreShiftTokens](body))`.
+#[derive(Clone, Debug)]
+pub(crate) struct Block {
+    pub norm: LayerNorm,
+    pub shift: Option<Shift>,
+    pub body: Body,
+    pub route: Route,
+    /// The trainable tensors of this block, for the reversible backward pass.
+    pub params: Vec<Tensor>,
+}
+
+impl Block {
+    /// `pair` numbers the block's pair (dropout seeds depend on it).
+    pub fn forward(&self, x: &Tensor, inputs: &AttentionInputs, pass: &Pass, pair: usize) -> Result<Tensor> {
+        let mut h = self.norm.forward(x)?;
+        if let Some(shift) = &self.shift {
+            h = shift.forward(&h, inputs.mask.as_ref())?;
+        }
+        match &self.body {
+            Body::Attention(a) => {
+                let routed;
+                let inputs = match self.route {
+                    Route::Main => inputs,
+                    Route::Context => {
+                        routed = AttentionInputs { mask: None, rotary: None, ..inputs.clone() };
+                        &routed
+                    }
+                    Route::Channel => unreachable!("attention blocks are routed as Main or Context"),
+                };
+                a.forward(&h, inputs, (pass.dropout(pair, SITE_ATTN), pass.dropout(pair, SITE_OUT)))
+            }
+            Body::FeedForward(ff) => ff.forward(&h, pass.dropout(pair, SITE_FF)),
+        }
+    }
+}
+
+/// The (f, g) halves of one residual pair.
+#[derive(Clone, Debug)]
+pub(crate) struct Pair {
+    pub f: Block,
+    pub g: Block,
+}
+
+/// Names of the two halves of pair `j` in the reference's state dict.
+fn pair_names(b: &Builder, reversible: bool, j: usize) -> (Builder, Builder) {
+    if reversible {
+        let p = b.pp("layers.blocks").pp(j);
+        (p.pp("f.net"), p.pp("g.net"))
+    } else {
+        let p = b.pp("layers.layers").pp(j);
+        (p.pp(0), p.pp(1))
+    }
+}
+
+fn block(b: &Builder, dim: usize, shift: Option<Shift>, route: Route, body: impl FnOnce(&Builder) -> Result<Body>) -> Result<Block> {
+    let mark = b.mark();
+    let norm = LayerNorm::new(&b.pp("norm"), dim)?;
+    // PreShiftTokens adds one `fn.` level between the norm and the body.
+    let inner = if shift.is_some() { b.pp("fn").pp("fn") } else { b.pp("fn") };
+    let body = body(&inner)?;
+    Ok(Block { norm, shift, body, route, params: b.since(mark) })
+}
+
+/// Builds every pair of the stack, in the reference's order and with its names.
+pub(crate) fn build_pairs(b: &Builder, c: &TransformerConfig) -> Result<Vec<Pair>> {
+    let mut pairs = Vec::new();
+    let ff_chunked = |b: &Builder, glu: bool, dropout: f64| -> Result<Body> {
+        // `Chunk` adds one more `fn.` level.
+        Ok(Body::FeedForward(FeedForward::new(&b.pp("fn"), c.dim, 4, glu, dropout, c.ff_chunks)?))
+    };
+    for layer in 0..c.depth {
+        let shift = c.shift_tokens.then(|| Shift::new(c.causal));
+        let (fb, gb) = pair_names(b, c.reversible, pairs.len());
+        let spec = AttentionSpec {
+            dim: c.dim,
+            heads: c.heads,
+            dim_head: c.dim_head(),
+            local_heads: c.local_heads(layer),
+            causal: c.causal,
+            bucket: c.blindspot_size,
+            window: c.local_attn_window_size,
+            receives_context: false,
+            dropout: c.attn_layer_dropout,
+            attn_dropout: c.attn_dropout,
+        };
+        let f = block(&fb, c.dim, shift.clone(), Route::Main, |b| Ok(Body::Attention(SelfAttention::new(b, spec)?)))?;
+        // Unlike the reference, ff_glu and ff_dropout apply to the main layers too.
+        let g = block(&gb, c.dim, shift, Route::Channel, |b| ff_chunked(b, c.ff_glu, c.ff_dropout))?;
+        pairs.push(Pair { f, g });
+
+        if c.receives_context {
+            let (fb, gb) = pair_names(b, c.reversible, pairs.len());
+            let spec = AttentionSpec {
+                dim: c.dim,
+                heads: c.heads,
+                dim_head: c.dim_head(),
+                local_heads: 0,
+                causal: false,
+                bucket: 1,
+                window: c.local_attn_window_size,
+                receives_context: true,
+                dropout: c.attn_layer_dropout,
+                attn_dropout: c.attn_dropout,
+            };
+            let f = block(&fb, c.dim, None, Route::Context, |b| Ok(Body::Attention(SelfAttention::new(b, spec)?)))?;
+            let g = block(&gb, c.dim, None, Route::Channel, |b| ff_chunked(b, c.ff_glu, c.ff_dropout))?;
+            pairs.push(Pair { f, g });
+        }
+    }
+    Ok(pairs)
+}

@@ -1,0 +1,98 @@
+//! Small layers: linear, layer norm, embedding, dropout; and the feed-forward, positional and
+//! token-shift modules.
+
+pub mod feed_forward;
+pub mod positional;
+pub mod shift;
+
+use candle_core::{DType, Tensor};
+
+use crate::error::Result;
+use crate::kernels;
+use crate::params::{fan_in_bound, Builder, Init};
+use crate::rng::uniform_at;
+
+/// `nn.Linear`: `weight` is [out, in].
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub(crate) fn new(b: &Builder, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
+        let bound = fan_in_bound(d_in);
+        let weight = b.get("weight", &[d_out, d_in], Init::Uniform(bound))?;
+        let bias = if bias { Some(b.get("bias", &[d_out], Init::Uniform(bound))?) } else { None };
+        Ok(Self { weight, bias })
+    }
+
+    /// Applies the layer to the last dimension of `x`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.matmul(x)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// `x Wᵀ` without the bias (for layers that fuse the bias into what follows).
+    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let d_in = *dims.last().expect("linear input has a last dimension");
+        let rows = x.elem_count() / d_in.max(1);
+        let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?;
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("nonempty") = self.weight.dim(0)?;
+        Ok(y.reshape(out)?)
+    }
+}
+
+/// `nn.LayerNorm(dim)` with eps 1e-5.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl LayerNorm {
+    pub(crate) fn new(b: &Builder, dim: usize) -> Result<Self> {
+        Ok(Self { weight: b.get("weight", &[dim], Init::Ones)?, bias: b.get("bias", &[dim], Init::Zeros)? })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(kernels::layer_norm::layer_norm(x, &self.weight, &self.bias, 1e-5)?)
+    }
+}
+
+/// `nn.Embedding`.
+#[derive(Clone, Debug)]
+pub struct Embedding {
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    pub(crate) fn new(b: &Builder, n: usize, dim: usize) -> Result<Self> {
+        Ok(Self { weight: b.get("weight", &[n, dim], Init::Normal(1.0))? })
+    }
+
+    /// Rows of the table for integer `ids` of any shape; the result has one more dimension.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let mut shape = ids.dims().to_vec();
+        shape.push(self.weight.dim(1)?);
+        let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
+        Ok(self.weight.index_select(&flat, 0)?.reshape(shape)?)
+    }
+}
+
+/// Inverted dropout with probability `p`; `seed` None (evaluation) or p = 0 is the identity.
+pub fn dropout(x: &Tensor, p: f64, seed: Option<u64>) -> Result<Tensor> {
+    let Some(seed) = seed.filter(|_| p > 0.0) else {
+        return Ok(x.clone());
+    };
+    let scale = 1.0 / (1.0 - p);
+    let mask: Vec<f32> =
+        (0..x.elem_count() as u64).map(|i| if (uniform_at(seed, i) as f64) < p { 0.0 } else { scale as f32 }).collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * mask)?)
+}

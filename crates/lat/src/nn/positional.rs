@@ -1,0 +1,82 @@
+//! The language model's positional embeddings: axial (default), absolute (learned), or the
+//! fixed sinusoid that comes with rotary embeddings.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::kernels::rotary::RotaryTable;
+use crate::params::{Builder, Init};
+
+#[derive(Clone, Debug)]
+pub enum PositionalEmbedding {
+    /// `pos[i] = weights.0[i / W] + weights.1[i % W]`, covering `ceil(max_seq_len / W) · W`
+    /// positions.
+    Axial { rows: Tensor, cols: Tensor, window: usize },
+    /// `pos[i] = emb.weight[i]`.
+    Absolute { table: Tensor },
+    /// `cat(sin, cos)` of the positions, not trained.
+    Fixed { table: Tensor },
+}
+
+impl PositionalEmbedding {
+    pub(crate) fn new(b: &Builder, c: &Config) -> Result<Self> {
+        let d = c.emb_dim();
+        if c.use_rotary_emb {
+            let t = RotaryTable::new(d, c.max_seq_len);
+            let table = Tensor::from_vec(t.buffer(), (c.max_seq_len, d), &b.device())?;
+            Ok(Self::Fixed { table: b.buffer("emb", table)? })
+        } else if c.use_axial_pos_emb {
+            let w = c.local_attn_window_size;
+            let a = c.max_seq_len.div_ceil(w);
+            let rows = b.get("weights.0", &[1, a, 1, d], Init::Normal(1.0))?;
+            let cols = b.get("weights.1", &[1, 1, w, d], Init::Normal(1.0))?;
+            Ok(Self::Axial { rows, cols, window: w })
+        } else {
+            Ok(Self::Absolute { table: b.pp("emb").get("weight", &[c.max_seq_len, d], Init::Normal(1.0))? })
+        }
+    }
+
+    /// How many positions are covered.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Axial { rows, window, .. } => rows.dims()[1] * window,
+            Self::Absolute { table } | Self::Fixed { table } => table.dims()[0],
+        }
+    }
+
+    /// Embeddings of positions `offset .. offset + n`: [n, emb_dim].
+    pub fn forward(&self, offset: usize, n: usize) -> Result<Tensor> {
+        if offset + n > self.len() {
+            return Err(Error::input(format!(
+                "sequence of {} positions (after padding) exceeds the {} positions of the positional embedding; raise max_seq_len",
+                offset + n,
+                self.len()
+            )));
+        }
+        match self {
+            Self::Axial { rows, cols, window } => {
+                let d = rows.dims()[3];
+                let idx = |f: &dyn Fn(usize) -> usize| {
+                    let v: Vec<u32> = (offset..offset + n).map(|p| f(p) as u32).collect();
+                    Tensor::from_vec(v, n, rows.device())
+                };
+                let r = rows.reshape((rows.dims()[1], d))?.index_select(&idx(&|p| p / window)?, 0)?;
+                let c = cols.reshape((*window, d))?.index_select(&idx(&|p| p % window)?, 0)?;
+                Ok((r + c)?)
+            }
+            Self::Absolute { table } | Self::Fixed { table } => Ok(table.narrow(0, offset, n)?),
+        }
+    }
+}
+
+/// The per-layer rotary tables of a rotary model (`layer_pos_emb`), saved as the buffer
+/// `layer_pos_emb.emb` like the reference does.
+pub(crate) fn rotary_table(b: &Builder, dim_head: usize, len: usize) -> Result<Arc<RotaryTable>> {
+    let t = RotaryTable::new(dim_head, len);
+    let buffer = Tensor::from_vec(t.buffer(), (len, dim_head), &b.device())?.to_dtype(DType::F32)?;
+    b.buffer("emb", buffer)?;
+    Ok(Arc::new(t))
+}

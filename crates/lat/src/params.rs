@@ -1,0 +1,185 @@
+//! Named parameters: layers ask a [`Builder`] for their tensors by the reference's
+//! `state_dict` names, and get either fresh ones, initialised as PyTorch would, or loaded ones,
+//! checked for presence and shape. The model keeps every name in creation order, which is the
+//! order of the reference's `state_dict`.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+/// How a fresh parameter is initialised.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Init {
+    /// U(-bound, bound): PyTorch's default for linear layers is bound = 1 / sqrt(fan_in).
+    Uniform(f64),
+    /// N(0, std²).
+    Normal(f64),
+    Ones,
+    Zeros,
+}
+
+/// A named tensor of a model: a trainable parameter or a persistent buffer.
+#[derive(Clone, Debug)]
+pub struct Param {
+    pub name: String,
+    pub tensor: Tensor,
+    /// Buffers (the rotary tables) are saved with the model but never trained.
+    pub trainable: bool,
+}
+
+enum Source {
+    Init(Rng),
+    Load(HashMap<String, Tensor>),
+}
+
+struct State {
+    source: Source,
+    device: Device,
+    dtype: DType,
+    /// Whether parameters are created as variables that record gradients.
+    trainable: bool,
+    made: Vec<Param>,
+    used: HashSet<String>,
+}
+
+/// Hands out parameters under a name prefix.
+#[derive(Clone)]
+pub(crate) struct Builder {
+    state: Rc<RefCell<State>>,
+    prefix: String,
+}
+
+impl Builder {
+    /// Fresh parameters drawn from `seed`, as trainable variables.
+    pub fn init(seed: u64, device: &Device, dtype: DType) -> Self {
+        Self::new(Source::Init(Rng::new(seed)), device, dtype, true)
+    }
+
+    /// Parameters taken from `tensors` (by full name), converted to `dtype` on `device`.
+    pub fn load(tensors: HashMap<String, Tensor>, device: &Device, dtype: DType, trainable: bool) -> Self {
+        Self::new(Source::Load(tensors), device, dtype, trainable)
+    }
+
+    fn new(source: Source, device: &Device, dtype: DType, trainable: bool) -> Self {
+        let state = State { source, device: device.clone(), dtype, trainable, made: vec![], used: HashSet::new() };
+        Self { state: Rc::new(RefCell::new(state)), prefix: String::new() }
+    }
+
+    /// The builder for a sub-module: names below it start with `prefix.`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        Self { state: self.state.clone(), prefix }
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
+    }
+
+    pub fn device(&self) -> Device {
+        self.state.borrow().device.clone()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.state.borrow().dtype
+    }
+
+    /// The parameter `name` of shape `shape`.
+    pub fn get(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let full = self.full(name);
+        let mut st = self.state.borrow_mut();
+        let (device, dtype, trainable) = (st.device.clone(), st.dtype, st.trainable);
+        let tensor = match &mut st.source {
+            Source::Init(rng) => {
+                let n: usize = shape.iter().product();
+                let values: Vec<f32> = match init {
+                    Init::Uniform(b) => (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * b) as f32).collect(),
+                    Init::Normal(s) => (0..n).map(|_| (rng.normal() * s) as f32).collect(),
+                    Init::Ones => vec![1.0; n],
+                    Init::Zeros => vec![0.0; n],
+                };
+                Tensor::from_vec(values, shape, &device)?.to_dtype(dtype)?
+            }
+            Source::Load(map) => {
+                let t = map.get(&full).ok_or_else(|| Error::input(format!("missing tensor {full} of shape {shape:?}")))?;
+                if t.dims() != shape {
+                    return Err(Error::input(format!("tensor {full} has shape {:?}, the configuration needs {shape:?}", t.dims())));
+                }
+                if !t.dtype().is_float() {
+                    return Err(Error::input(format!("tensor {full} has dtype {:?}, expected a float", t.dtype())));
+                }
+                t.to_device(&device)?.to_dtype(dtype)?
+            }
+        };
+        let tensor = if trainable { Var::from_tensor(&tensor)?.into_inner() } else { tensor };
+        st.used.insert(full.clone());
+        st.made.push(Param { name: full, tensor: tensor.clone(), trainable: true });
+        Ok(tensor)
+    }
+
+    /// A persistent, untrained buffer whose value is computed, not loaded. A loaded file may
+    /// carry it (the reference saves it); its shape is checked and the computed value kept.
+    pub fn buffer(&self, name: &str, value: Tensor) -> Result<Tensor> {
+        let full = self.full(name);
+        let mut st = self.state.borrow_mut();
+        if let Source::Load(map) = &st.source {
+            if let Some(t) = map.get(&full) {
+                if t.dims() != value.dims() {
+                    return Err(Error::input(format!("buffer {full} has shape {:?}, expected {:?}", t.dims(), value.dims())));
+                }
+            }
+        }
+        let value = value.to_device(&st.device)?.to_dtype(st.dtype)?;
+        st.used.insert(full.clone());
+        st.made.push(Param { name: full, tensor: value.clone(), trainable: false });
+        Ok(value)
+    }
+
+    /// The shape of tensor `name` in the loaded tensors, if loading and present.
+    pub fn loaded_shape(&self, name: &str) -> Option<Vec<usize>> {
+        match &self.state.borrow().source {
+            Source::Load(map) => map.get(&self.full(name)).map(|t| t.dims().to_vec()),
+            Source::Init(_) => None,
+        }
+    }
+
+    /// A position in the list of parameters made so far.
+    pub fn mark(&self) -> usize {
+        self.state.borrow().made.len()
+    }
+
+    /// The trainable parameters made since `mark`.
+    pub fn since(&self, mark: usize) -> Vec<Tensor> {
+        self.state.borrow().made[mark..].iter().filter(|p| p.trainable).map(|p| p.tensor.clone()).collect()
+    }
+
+    /// Whether parameters are variables that record gradients.
+    pub fn trainable(&self) -> bool {
+        self.state.borrow().trainable
+    }
+
+    /// Ends construction: every loaded tensor must have been used.
+    pub fn finish(self) -> Result<Vec<Param>> {
+        let mut st = self.state.borrow_mut();
+        if let Source::Load(map) = &st.source {
+            let mut extra: Vec<&String> = map.keys().filter(|k| !st.used.contains(*k)).collect();
+            extra.sort();
+            if let Some(first) = extra.first() {
+                return Err(Error::input(format!(
+                    "unexpected tensor {first}{} for this configuration",
+                    if extra.len() > 1 { format!(" (and {} more)", extra.len() - 1) } else { String::new() }
+                )));
+            }
+        }
+        Ok(std::mem::take(&mut st.made))
+    }
+}
+
+/// Linear-layer initialisation bound, PyTorch's kaiming-uniform with a = sqrt(5).
+pub(crate) fn fan_in_bound(fan_in: usize) -> f64 {
+    1.0 / (fan_in.max(1) as f64).sqrt()
+}
