@@ -103,6 +103,24 @@ pub fn read(path: impl AsRef<Path>) -> Result<ModelFile> {
     Ok(ModelFile { config, tensors, metadata })
 }
 
+/// Reads every tensor of a safetensors file onto the CPU; booleans become u8.
+pub fn read_tensors(path: impl AsRef<Path>) -> Result<HashMap<String, Tensor>> {
+    use candle_core::safetensors::Load;
+    let path = path.as_ref();
+    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let t = if view.dtype() == safetensors::Dtype::BOOL {
+            Tensor::from_vec(view.data().to_vec(), view.shape(), &Device::Cpu)?
+        } else {
+            view.load(&Device::Cpu).map_err(|e| Error::file(path, format!("tensor {name}: {e}")))?
+        };
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
 /// Loads a model file onto `device`.
 pub fn load(path: impl AsRef<Path>, device: &Device, trainable: bool) -> Result<LinearAttentionTransformerLM> {
     let path = path.as_ref();

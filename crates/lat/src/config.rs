@@ -176,8 +176,13 @@ pub struct Config {
     #[serde(default)]
     pub shift_tokens: bool,
     /// One key/value head shared by every query head (the reference's releases before 0.17).
-    #[serde(default)]
+    /// Written only when set, so that the JSON stays valid keyword arguments for 0.19.1.
+    #[serde(default, skip_serializing_if = "is_false")]
     pub one_kv_head: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// The arguments of `LinearAttentionTransformer`, the stack without embeddings and head.
@@ -228,7 +233,7 @@ pub struct TransformerConfig {
     pub context_linformer_settings: Option<LinformerContextSettings>,
     #[serde(default)]
     pub shift_tokens: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub one_kv_head: bool,
 }
 

@@ -1,0 +1,34 @@
+//! `lat logits --model MODEL.safetensors --tokens IN.safetensors --out OUT.safetensors`
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::Device;
+use linear_attention_transformer::{checkpoint, Inputs, Pass};
+
+use super::{usage, Result};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A model file.
+    #[arg(long)]
+    model: PathBuf,
+    /// A safetensors file with `tokens` (integer, [batch, n]) and optionally `mask`
+    /// (u8 or bool, [batch, n], 1 = keep), `context` and `context_mask`.
+    #[arg(long)]
+    tokens: PathBuf,
+    /// Where to write `logits` (f32, [batch, n, num_tokens]; the embeddings with
+    /// return_embeddings).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let model = checkpoint::load(&a.model, &Device::Cpu, false)?;
+    let input = checkpoint::read_tensors(&a.tokens)?;
+    let tokens = input.get("tokens").ok_or_else(|| usage(format!("{}: no tensor named \"tokens\"", a.tokens.display())))?;
+    let inputs = Inputs { input_mask: input.get("mask"), context: input.get("context"), context_mask: input.get("context_mask") };
+    let logits = model.forward(tokens, &inputs, &Pass::eval())?;
+    checkpoint::write_safetensors(&a.out, &[("logits".to_string(), logits)], &HashMap::new())?;
+    Ok(())
+}

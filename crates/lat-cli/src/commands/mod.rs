@@ -1,0 +1,14 @@
+//! One module per `lat` command.
+
+pub mod import;
+pub mod logits;
+
+use linear_attention_transformer::Error;
+
+/// Errors of the command-line layer: library errors, or a message about the arguments.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// An error about the command's arguments.
+pub fn usage(message: impl Into<String>) -> Error {
+    Error::Input(message.into())
+}
