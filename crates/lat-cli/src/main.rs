@@ -6,6 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// Training allocates and frees many large tensors per step; mimalloc keeps that memory mapped
+// instead of returning it to the kernel and faulting it back in.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "lat", version, about = "Linear attention transformer language models: train, evaluate, generate, import, benchmark")]
 struct Cli {
@@ -19,6 +24,14 @@ enum Command {
     Import(commands::import::Args),
     /// Write the logits of a model for the tokens of a safetensors file.
     Logits(commands::logits::Args),
+    /// Train a byte-level language model (by default on the bundled Shakespeare).
+    Train(commands::train::Args),
+    /// Bits per character of a model on a corpus split.
+    Eval(commands::eval::Args),
+    /// Continue a prompt, streaming the new tokens.
+    Generate(commands::generate::Args),
+    /// Time forward, training or generation for one configuration.
+    Bench(commands::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +51,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Import(a) => commands::import::run(a),
         Command::Logits(a) => commands::logits::run(a),
+        Command::Train(a) => commands::train::run(a),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Bench(a) => commands::bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

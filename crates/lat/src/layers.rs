@@ -4,9 +4,10 @@
 
 use candle_core::Tensor;
 
-use crate::attention::{AttentionInputs, AttentionSpec, SelfAttention, SITE_ATTN, SITE_OUT};
+use crate::attention::{AttentionInputs, AttentionSpec, AttentionState, SelfAttention, SITE_ATTN, SITE_OUT};
+use crate::kernels::rotary::RotaryTable;
 use crate::config::TransformerConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::nn::feed_forward::FeedForward;
 use crate::nn::shift::Shift;
 use crate::nn::LayerNorm;
@@ -65,6 +66,73 @@ impl Block {
                 a.forward(&h, inputs, (pass.dropout(pair, SITE_ATTN), pass.dropout(pair, SITE_OUT)))
             }
             Body::FeedForward(ff) => ff.forward(&h, pass.dropout(pair, SITE_FF)),
+        }
+    }
+}
+
+/// The decoding state of one block.
+#[derive(Clone, Debug)]
+pub struct BlockState {
+    /// The previous position's normalised input [batch, 1, dim], for token shifting.
+    shift_prev: Option<Tensor>,
+    attention: Option<AttentionState>,
+}
+
+impl BlockState {
+    /// Stacks the states of single rows into one batch state.
+    pub(crate) fn concat(rows: &[BlockState]) -> Result<Self> {
+        let shift_prev = match rows.first().and_then(|r| r.shift_prev.as_ref()) {
+            Some(_) => Some(Tensor::cat(&rows.iter().map(|r| r.shift_prev.clone().expect("same layout")).collect::<Vec<_>>(), 0)?),
+            None => None,
+        };
+        let attention = match rows.first().and_then(|r| r.attention.as_ref()) {
+            Some(_) => {
+                let parts: Vec<&AttentionState> = rows.iter().map(|r| r.attention.as_ref().expect("same layout")).collect();
+                Some(AttentionState {
+                    local: parts.iter().flat_map(|p| p.local.iter().cloned()).collect(),
+                    global: parts.iter().flat_map(|p| p.global.iter().cloned()).collect(),
+                })
+            }
+            None => None,
+        };
+        Ok(Self { shift_prev, attention })
+    }
+}
+
+impl Block {
+    /// The forward pass over a prompt with `n` real positions, and the state it leaves.
+    pub fn prefill(&self, x: &Tensor, inputs: &AttentionInputs, n: usize) -> Result<(Tensor, BlockState)> {
+        let mut h = self.norm.forward(x)?;
+        let mut shift_prev = None;
+        if let Some(shift) = &self.shift {
+            shift_prev = Some(h.narrow(1, n - 1, 1)?);
+            h = shift.forward(&h, inputs.mask.as_ref())?;
+        }
+        match &self.body {
+            Body::Attention(a) => {
+                if self.route != Route::Main {
+                    return Err(Error::input("generation does not support cross-attention layers"));
+                }
+                let (out, st) = a.prefill(&h, inputs, n)?;
+                Ok((out, BlockState { shift_prev, attention: Some(st) }))
+            }
+            Body::FeedForward(ff) => Ok((ff.forward(&h, None)?, BlockState { shift_prev, attention: None })),
+        }
+    }
+
+    /// One decoding step on `x` [batch, 1, dim].
+    pub fn step(&self, x: &Tensor, state: &mut BlockState, rotary: Option<&RotaryTable>, positions: &[usize]) -> Result<Tensor> {
+        let mut h = self.norm.forward(x)?;
+        if let Some(shift) = &self.shift {
+            let prev = state.shift_prev.replace(h.clone()).ok_or_else(|| Error::input("decoding state lacks the previous position"))?;
+            h = shift.step(&h, &prev)?;
+        }
+        match &self.body {
+            Body::Attention(a) => {
+                let st = state.attention.as_mut().ok_or_else(|| Error::input("decoding state lacks an attention state"))?;
+                a.step(&h, st, rotary, positions)
+            }
+            Body::FeedForward(ff) => ff.forward(&h, None),
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::attention::AttentionInputs;
 use crate::config::{Config, TransformerConfig};
 use crate::error::{Error, Result};
 use crate::kernels::rotary::RotaryTable;
-use crate::layers::{build_pairs, Pair};
+use crate::layers::{build_pairs, BlockState, Pair};
 use crate::nn::positional::{rotary_table, PositionalEmbedding};
 use crate::nn::{Embedding, LayerNorm, Linear};
 use crate::params::{Builder, Param};
@@ -131,6 +131,46 @@ impl LinearAttentionTransformer {
         Ok(AttentionInputs { mask, rotary, context, context_mask })
     }
 
+    /// The stack over a padded prompt whose first `n` positions are real, and the decoding
+    /// state it leaves.
+    pub(crate) fn prefill_padded(&self, x: &Tensor, inputs: &AttentionInputs, n: usize) -> Result<(Tensor, Vec<(BlockState, BlockState)>)> {
+        let mut states = Vec::with_capacity(self.pairs.len());
+        let (mut x1, mut x2) = (x.clone(), x.clone());
+        for pair in self.pairs.iter() {
+            if self.config.reversible {
+                let (fx, fs) = pair.f.prefill(&x2, inputs, n)?;
+                let y1 = (&x1 + fx)?;
+                let (gy, gs) = pair.g.prefill(&y1, inputs, n)?;
+                (x1, x2) = (y1, (&x2 + gy)?);
+                states.push((fs, gs));
+            } else {
+                let (fx, fs) = pair.f.prefill(&x1, inputs, n)?;
+                let h = (&x1 + fx)?;
+                let (gy, gs) = pair.g.prefill(&h, inputs, n)?;
+                x1 = (&h + gy)?;
+                states.push((fs, gs));
+            }
+        }
+        let out = if self.config.reversible { ((x1 + x2)? * 0.5)? } else { x1 };
+        Ok((out, states))
+    }
+
+    /// One decoding step of the stack on `x` [batch, 1, dim].
+    pub(crate) fn step(&self, x: &Tensor, states: &mut [(BlockState, BlockState)], rotary: Option<&RotaryTable>, positions: &[usize]) -> Result<Tensor> {
+        let (mut x1, mut x2) = (x.clone(), x.clone());
+        for (pair, (fs, gs)) in self.pairs.iter().zip(states.iter_mut()) {
+            if self.config.reversible {
+                let y1 = (&x1 + pair.f.step(&x2, fs, rotary, positions)?)?;
+                let y2 = (&x2 + pair.g.step(&y1, gs, rotary, positions)?)?;
+                (x1, x2) = (y1, y2);
+            } else {
+                let h = (&x1 + pair.f.step(&x1, fs, rotary, positions)?)?;
+                x1 = (&h + pair.g.step(&h, gs, rotary, positions)?)?;
+            }
+        }
+        Ok(if self.config.reversible { ((x1 + x2)? * 0.5)? } else { x1 })
+    }
+
     /// The stack on an already padded input.
     pub(crate) fn forward_padded(&self, x: &Tensor, inputs: &AttentionInputs, pass: &Pass) -> Result<Tensor> {
         if self.config.reversible {
@@ -142,6 +182,40 @@ impl LinearAttentionTransformer {
             x = (&x + pair.g.forward(&x, inputs, pass, j)?)?;
         }
         Ok(x)
+    }
+}
+
+/// What a causal language model carries from one decoding step to the next: per layer, the
+/// global heads' running sums, the local heads' key/value windows and the previous position's
+/// features for token shifting; and each row's position. Cloning it snapshots a generation,
+/// which can later continue from there.
+#[derive(Clone, Debug)]
+pub struct DecodeState {
+    pairs: Vec<(BlockState, BlockState)>,
+    positions: Vec<usize>,
+}
+
+impl DecodeState {
+    /// Rows in the batch.
+    pub fn batch(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// The position of each row's next token (its length so far).
+    pub fn positions(&self) -> &[usize] {
+        &self.positions
+    }
+
+    /// One batch state from several (each of any batch size), rows in order.
+    pub fn concat(states: &[DecodeState]) -> Result<Self> {
+        let first = states.first().ok_or_else(|| Error::input("no states to concatenate"))?;
+        let mut pairs = Vec::with_capacity(first.pairs.len());
+        for j in 0..first.pairs.len() {
+            let f: Vec<BlockState> = states.iter().map(|s| s.pairs[j].0.clone()).collect();
+            let g: Vec<BlockState> = states.iter().map(|s| s.pairs[j].1.clone()).collect();
+            pairs.push((BlockState::concat(&f)?, BlockState::concat(&g)?));
+        }
+        Ok(Self { pairs, positions: states.iter().flat_map(|s| s.positions.iter().copied()).collect() })
     }
 }
 
@@ -264,6 +338,79 @@ impl LinearAttentionTransformerLM {
         Ok(Tensor::from_vec(ids.into_iter().map(|t| t as u32).collect::<Vec<_>>(), (b, n), &self.device)?)
     }
 
+    /// How many positions a decoding state can reach: the sequence length the model was
+    /// built for.
+    pub fn decode_limit(&self) -> usize {
+        self.config.max_seq_len.min(self.pos_emb.len())
+    }
+
+    fn check_generation(&self) -> Result<()> {
+        let c = &self.config;
+        if !c.causal || c.return_embeddings || c.receives_context {
+            return Err(Error::input("generation needs a causal language model (causal = true, logits, no context)"));
+        }
+        Ok(())
+    }
+
+    /// Runs the parallel form over `prompt` (one row) and returns the logits of its last
+    /// position [1, num_tokens] and the state to continue from.
+    pub fn prefill(&self, prompt: &[u32]) -> Result<(Tensor, DecodeState)> {
+        self.check_generation()?;
+        let n = prompt.len();
+        if n == 0 {
+            return Err(Error::input("the prompt is empty: give at least one token"));
+        }
+        if n > self.decode_limit() {
+            return Err(Error::input(format!("the prompt has {n} tokens, more than the model's {} positions", self.decode_limit())));
+        }
+        let tokens = self.check_tokens(&Tensor::from_slice(prompt, (1, n), &self.device)?)?;
+        let (tokens, mask) = autopad(&tokens, None, self.config.transformer().pad_to_multiple())?;
+        let padded = tokens.dim(1)?;
+        let mut h = self.token_emb.forward(&tokens)?.broadcast_add(&self.pos_emb.forward(0, padded)?)?;
+        let attn = self.transformer.attention_inputs(mask, &Inputs::default(), 1, self.layer_rotary.clone().map(|t| (t, 0)))?;
+        if let Some(p) = &self.project_in {
+            h = p.forward(&h)?;
+        }
+        let (h, pairs) = self.transformer.prefill_padded(&h, &attn, n)?;
+        let logits = self.head(&h.narrow(1, n - 1, 1)?)?.squeeze(1)?;
+        Ok((logits, DecodeState { pairs, positions: vec![n] }))
+    }
+
+    /// Feeds one token per row at the state's positions and returns the next logits
+    /// [batch, num_tokens].
+    pub fn step(&self, tokens: &[u32], state: &mut DecodeState) -> Result<Tensor> {
+        self.check_generation()?;
+        let b = state.batch();
+        if tokens.len() != b {
+            return Err(Error::input(format!("{} tokens for a batch of {b}", tokens.len())));
+        }
+        if let Some(&p) = state.positions.iter().find(|&&p| p >= self.decode_limit()) {
+            return Err(Error::input(format!("position {p} is beyond the model's {} positions", self.decode_limit())));
+        }
+        let ids = self.check_tokens(&Tensor::from_slice(tokens, (b, 1), &self.device)?)?;
+        let pos = Tensor::cat(&state.positions.iter().map(|&p| self.pos_emb.forward(p, 1)).collect::<Result<Vec<_>>>()?, 0)?;
+        let mut h = self.token_emb.forward(&ids)?.broadcast_add(&pos.unsqueeze(1)?)?;
+        if let Some(p) = &self.project_in {
+            h = p.forward(&h)?;
+        }
+        let h = self.transformer.step(&h, &mut state.pairs, self.layer_rotary.as_deref(), &state.positions)?;
+        state.positions.iter_mut().for_each(|p| *p += 1);
+        Ok(self.head(&h)?.squeeze(1)?)
+    }
+
+    /// project_out, the final norm and the logits layer.
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let mut h = h.clone();
+        if let Some(p) = &self.project_out {
+            h = p.forward(&h)?;
+        }
+        h = self.norm.forward(&h)?;
+        if let Some(out) = &self.out {
+            h = out.forward(&h)?;
+        }
+        Ok(h)
+    }
+
     /// Logits [batch, n, num_tokens] for `tokens` [batch, n] (or embeddings [batch, n, emb_dim]
     /// with `return_embeddings`). Lengths that are not a multiple of the padding unit are padded
     /// and cropped as the reference's `Autopadder` does.
@@ -280,13 +427,6 @@ impl LinearAttentionTransformerLM {
             h = p.forward(&h)?;
         }
         h = self.transformer.forward_padded(&h, &attn, pass)?;
-        if let Some(p) = &self.project_out {
-            h = p.forward(&h)?;
-        }
-        h = self.norm.forward(&h)?;
-        if let Some(out) = &self.out {
-            h = out.forward(&h)?;
-        }
-        Ok(h.narrow(1, 0, n)?)
+        Ok(self.head(&h)?.narrow(1, 0, n)?)
     }
 }

@@ -1,7 +1,13 @@
 //! One module per `lat` command.
 
+pub mod bench;
+pub mod corpus;
+pub mod device;
+pub mod eval;
+pub mod generate;
 pub mod import;
 pub mod logits;
+pub mod train;
 
 use linear_attention_transformer::Error;
 

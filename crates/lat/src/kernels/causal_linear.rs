@@ -455,6 +455,92 @@ impl CustomOp3 for CausalLinear {
     }
 }
 
+/// The recurrent form of causal linear attention for one (batch row, head): the running sums
+/// `S = Σ exp(k - m) vᵀ` and `z = Σ exp(k - m)` over the keys folded so far, at the scale `m`
+/// of their largest value (never below 0), plus the keys of the current incomplete bucket,
+/// which are folded in only once the bucket is complete. Each step costs O(e·ev) whatever the
+/// length of the context, with the same numerics as the chunked kernel.
+#[derive(Clone, Debug)]
+pub struct LinearState {
+    e: usize,
+    ev: usize,
+    bucket: usize,
+    s: Vec<f32>,
+    z: Vec<f32>,
+    m: f32,
+    pending_k: Vec<f32>,
+    pending_v: Vec<f32>,
+}
+
+impl LinearState {
+    pub fn new(e: usize, ev: usize, bucket: usize) -> Self {
+        Self { e, ev, bucket: bucket.max(1), s: vec![0.0; e * ev], z: vec![0.0; e], m: 0.0, pending_k: vec![], pending_v: vec![] }
+    }
+
+    /// The state after the keys `k` (n x e) and values `v` (n x ev) of a prompt: complete
+    /// buckets folded in one pass, the rest pending.
+    pub fn from_prefix(k: &[f32], v: &[f32], e: usize, ev: usize, bucket: usize) -> Self {
+        let mut st = Self::new(e, ev, bucket);
+        let n = k.len() / e.max(1);
+        let full = if st.bucket == 1 { n } else { n / st.bucket * st.bucket };
+        st.m = k[..full * e].iter().fold(0f32, |a, &b| a.max(b));
+        let kt: Vec<f32> = k[..full * e].iter().map(|&x| (x - st.m).exp()).collect();
+        gemm(e, ev, full, &mut st.s, ev, false, Mat::rows(&kt, e).t(), Mat::rows(&v[..full * ev], ev), 1.0);
+        for row in kt.chunks(e.max(1)) {
+            st.z.iter_mut().zip(row).for_each(|(a, &b)| *a += b);
+        }
+        st.pending_k = k[full * e..].to_vec();
+        st.pending_v = v[full * ev..].to_vec();
+        st
+    }
+
+    fn fold(&mut self, k: &[f32], v: &[f32]) {
+        let mk = k.iter().fold(self.m, |a, &b| a.max(b));
+        if mk > self.m {
+            let f = (self.m - mk).exp();
+            self.s.iter_mut().chain(self.z.iter_mut()).for_each(|x| *x *= f);
+            self.m = mk;
+        }
+        for (d, &kd) in k.iter().enumerate() {
+            let w = (kd - self.m).exp();
+            self.z[d] += w;
+            self.s[d * self.ev..(d + 1) * self.ev].iter_mut().zip(v).for_each(|(a, &b)| *a += w * b);
+        }
+    }
+
+    fn query(&self, q: &[f32], out: &mut [f32]) {
+        let mut qh = q.to_vec();
+        softmax_rows(&mut qh, self.e, (self.e as f32).powf(-0.5));
+        out.fill(0.0);
+        let mut den = 0.0;
+        for (d, &qd) in qh.iter().enumerate() {
+            den += qd * self.z[d];
+            out.iter_mut().zip(&self.s[d * self.ev..(d + 1) * self.ev]).for_each(|(o, &x)| *o += qd * x);
+        }
+        let floor = ((EPS as f32) * (-self.m).exp()).max(f32::MIN_POSITIVE);
+        let inv = 1.0 / den.max(floor);
+        out.iter_mut().for_each(|o| *o *= inv);
+    }
+
+    /// Attends from one new position with query `q`, key `k` and value `v`; writes the output.
+    pub fn step(&mut self, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
+        if self.bucket == 1 {
+            self.fold(k, v);
+            self.query(q, out);
+        } else {
+            self.query(q, out);
+            self.pending_k.extend_from_slice(k);
+            self.pending_v.extend_from_slice(v);
+            if self.pending_k.len() == self.bucket * self.e {
+                let (pk, pv) = (std::mem::take(&mut self.pending_k), std::mem::take(&mut self.pending_v));
+                for (kr, vr) in pk.chunks(self.e).zip(pv.chunks(self.ev)) {
+                    self.fold(kr, vr);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,6 +626,30 @@ mod tests {
             kv[(10 * 2) * 8 + 3] = 150.0;
             kv[(70 * 2 + 1) * 8 + 5] = 110.0;
             against_f64(&Tensor::from_vec(kv, (1, 136, 2, 8), &Device::Cpu).unwrap(), bucket);
+        }
+    }
+
+    #[test]
+    fn recurrent_form_matches_the_parallel_form() {
+        for bucket in [1, 3] {
+            let (n, e) = (70, 8);
+            let q = randn(&[1, n, 1, e], 1.0, DType::F32, 41);
+            let k = randn(&[1, n, 1, e], 3.0, DType::F32, 42);
+            let v = randn(&[1, n, 1, e], 1.0, DType::F32, 43);
+            let n_full = n / bucket * bucket;
+            let full = causal_linear_attention(&q.narrow(1, 0, n_full).unwrap(), &k.narrow(1, 0, n_full).unwrap(), &v.narrow(1, 0, n_full).unwrap(), None, bucket).unwrap();
+            let full = full.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let (qv, kv, vv) = [&q, &k, &v].map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).into();
+            // Prefill the first 20 positions, then step.
+            let p = 20;
+            let mut st = LinearState::from_prefix(&kv[..p * e], &vv[..p * e], e, e, bucket);
+            let mut out = vec![0f32; e];
+            for i in p..n_full {
+                st.step(&qv[i * e..(i + 1) * e], &kv[i * e..(i + 1) * e], &vv[i * e..(i + 1) * e], &mut out);
+                for d in 0..e {
+                    assert!((out[d] - full[i * e + d]).abs() < 1e-5, "bucket {bucket} position {i}: {} vs {}", out[d], full[i * e + d]);
+                }
+            }
         }
     }
 

@@ -387,6 +387,56 @@ impl CustomOp3 for Local {
     }
 }
 
+/// The recurrent form of causal local attention for one (batch row, head): the keys and
+/// values of the positions a new query can see, from the start of the previous window on.
+#[derive(Clone, Debug)]
+pub struct LocalCache {
+    e: usize,
+    window: usize,
+    /// Position of the first cached row.
+    start: usize,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
+impl LocalCache {
+    /// The cache after a prompt whose keys and values are `k`, `v` (n x e).
+    pub fn from_prefix(k: &[f32], v: &[f32], e: usize, window: usize) -> Self {
+        let n = k.len() / e.max(1);
+        let mut c = Self { e, window, start: 0, keys: k.to_vec(), values: v.to_vec() };
+        c.evict(n);
+        c
+    }
+
+    /// Drops what position `p` no longer sees: everything before window `p / W - 1`.
+    fn evict(&mut self, p: usize) {
+        let first = (p / self.window).saturating_sub(1) * self.window;
+        if first > self.start {
+            let drop = (first - self.start) * self.e;
+            self.keys.drain(..drop.min(self.keys.len()));
+            self.values.drain(..drop.min(self.values.len()));
+            self.start = first;
+        }
+    }
+
+    /// Attends from the next position with query `q`, key `k` and value `v`.
+    pub fn step(&mut self, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
+        let p = self.start + self.keys.len() / self.e;
+        self.evict(p);
+        self.keys.extend_from_slice(k);
+        self.values.extend_from_slice(v);
+        let scale = (self.e as f32).powf(-0.5);
+        let scores: Vec<f32> = self.keys.chunks(self.e).map(|kr| kr.iter().zip(q).map(|(&a, &b)| a * b * scale).sum()).collect();
+        let mx = scores.iter().fold(f32::MIN, |a, &b| a.max(b));
+        let w: Vec<f32> = scores.iter().map(|&s| (s - mx).exp()).collect();
+        let inv = 1.0 / w.iter().sum::<f32>();
+        out.fill(0.0);
+        for (wj, vr) in w.iter().zip(self.values.chunks(self.e)) {
+            out.iter_mut().zip(vr).for_each(|(o, &x)| *o += wj * inv * x);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,6 +475,27 @@ mod tests {
                 let mask: Vec<u8> = (0..24).map(|i| (i < 4 || i >= 12) as u8).collect();
                 case(12, 4, causal, Some(mask), None, dtype);
                 case(12, 4, causal, None, Some(Dropout { p: 0.3, seed: 5 }), dtype);
+            }
+        }
+    }
+
+    #[test]
+    fn recurrent_form_matches_the_parallel_form() {
+        let (n, e, w) = (40, 8, 8);
+        let q = randn(&[1, n, 1, e], 1.0, DType::F32, 51);
+        let k = randn(&[1, n, 1, e], 1.0, DType::F32, 52);
+        let v = randn(&[1, n, 1, e], 1.0, DType::F32, 53);
+        let win = Windows { size: w, causal: true };
+        let full = local_attention(&q, &k, &v, None, win, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (qv, kv, vv) = [&q, &k, &v].map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).into();
+        for p in [0, 5, 8, 13] {
+            let mut c = LocalCache::from_prefix(&kv[..p * e], &vv[..p * e], e, w);
+            let mut out = vec![0f32; e];
+            for i in p..n {
+                c.step(&qv[i * e..(i + 1) * e], &kv[i * e..(i + 1) * e], &vv[i * e..(i + 1) * e], &mut out);
+                for d in 0..e {
+                    assert!((out[d] - full[i * e + d]).abs() < 1e-5, "prefix {p} position {i}");
+                }
             }
         }
     }

@@ -34,6 +34,19 @@ impl RotaryTable {
         Self { dim, len, sin, cos }
     }
 
+    /// Rotates every head (of width `dim`) of one row `x` for position `p`, in place.
+    pub fn rotate(&self, x: &mut [f32], dim: usize, p: usize) {
+        let half = dim / 2;
+        let (sin, cos) = (&self.sin[p * half..(p + 1) * half], &self.cos[p * half..(p + 1) * half]);
+        for head in x.chunks_mut(dim) {
+            for i in 0..half {
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = a * cos[i] - b * sin[i];
+                head[2 * i + 1] = b * cos[i] + a * sin[i];
+            }
+        }
+    }
+
     /// The reference's buffer `[len, dim] = cat(sin, cos)` (halves, not interleaved).
     pub fn buffer(&self) -> Vec<f32> {
         let half = self.dim / 2;

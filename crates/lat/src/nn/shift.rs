@@ -34,6 +34,28 @@ impl Shift {
     }
 }
 
+impl Shift {
+    /// One decoding step of a causal shift: `x` and `prev` are [batch, 1, dim], the current and
+    /// the previous position.
+    pub fn step(&self, x: &Tensor, prev: &Tensor) -> Result<Tensor> {
+        let d = x.dim(D::Minus1)?;
+        let f = d / self.shifts.len();
+        let mut parts = Vec::with_capacity(self.shifts.len() + 1);
+        for (i, &a) in self.shifts.iter().enumerate() {
+            parts.push(match a {
+                0 => x.narrow(D::Minus1, i * f, f)?,
+                1 => prev.narrow(D::Minus1, i * f, f)?,
+                _ => return Err(crate::Error::input("decoding needs a causal model (token shifts of 0 and 1)")),
+            });
+        }
+        let used = f * self.shifts.len();
+        if used < d {
+            parts.push(x.narrow(D::Minus1, used, d - used)?);
+        }
+        Ok(Tensor::cat(&parts, D::Minus1)?)
+    }
+}
+
 /// out[i] = t[i - a], zeros where that is outside the sequence.
 fn shift(t: &Tensor, a: isize, n: usize, mask: Option<&Tensor>) -> Result<Tensor> {
     let t = match mask {

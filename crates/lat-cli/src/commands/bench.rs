@@ -1,0 +1,207 @@
+//! `lat bench (--preset seed | --config CONFIG.json) --mode forward|train|generate --seq-len N
+//! [--batch B] [--steps K] [--json]`
+//!
+//! Times one configuration in this process: `forward` (inference), `train` (forward,
+//! cross-entropy, backward and an AdamW step, like the reference's training step) or `generate`
+//! (a prompt of `--seq-len` tokens, then `--new-tokens` tokens). Prints the median over
+//! `--steps` timed repetitions after `--warmup` untimed ones, and the process's peak RSS.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use linear_attention_transformer::generate::Sampling;
+use linear_attention_transformer::kernels::cross_entropy::cross_entropy_rows;
+use linear_attention_transformer::rng::Rng;
+use linear_attention_transformer::train::optim::{AdamW, AdamWConfig};
+use linear_attention_transformer::{checkpoint, Config, Inputs, LinearAttentionTransformerLM, LocalHeads, Pass};
+
+use super::{device, generate::run_generation, usage, Result};
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Forward,
+    Train,
+    Generate,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A named configuration: `seed` (the reference's benchmark model), `tiny`, or `default`
+    /// (the training default).
+    #[arg(long, conflicts_with_all = ["config", "model"])]
+    preset: Option<String>,
+    /// The model's keyword arguments as JSON (random weights).
+    #[arg(long, conflicts_with = "model")]
+    config: Option<PathBuf>,
+    /// A model file (its weights and configuration).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    mode: Mode,
+    /// Sequence length (the prompt length for generate).
+    #[arg(long)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Timed repetitions.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed repetitions first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// New tokens per generation.
+    #[arg(long, default_value_t = 256)]
+    new_tokens: usize,
+    /// Generate the reference's way, re-running the whole sequence per token.
+    #[arg(long)]
+    no_cache: bool,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// The named configurations, with `max_seq_len` set to the benchmark length.
+pub fn preset(name: &str, seq_len: usize) -> Result<Config> {
+    let round = |n: usize, unit: usize| n.div_ceil(unit) * unit;
+    let c = match name {
+        "seed" => {
+            let mut c = Config::new(256, 512, 6, round(seq_len, 128));
+            c.heads = 8;
+            c.dim_head = Some(64);
+            c.causal = true;
+            c.blindspot_size = 64;
+            c.n_local_attn_heads = LocalHeads::Uniform(4);
+            c.local_attn_window_size = 128;
+            c.reversible = true;
+            c.ff_chunks = 2;
+            c
+        }
+        "tiny" => {
+            let mut c = Config::new(256, 128, 2, round(seq_len, 128));
+            c.heads = 4;
+            c.dim_head = Some(32);
+            c.causal = true;
+            c.n_local_attn_heads = LocalHeads::Uniform(2);
+            c
+        }
+        "default" => {
+            let mut c = linear_attention_transformer::train::default_model();
+            c.max_seq_len = round(seq_len, c.local_attn_window_size);
+            c
+        }
+        other => return Err(usage(format!("unknown preset \"{other}\": seed, tiny or default"))),
+    };
+    Ok(c)
+}
+
+/// Peak resident memory of this process in MiB (Linux; 0 elsewhere).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let dev = device::parse(&a.device)?;
+    if a.seq_len == 0 || a.batch == 0 || a.steps == 0 {
+        return Err(usage("--seq-len, --batch and --steps must be at least 1"));
+    }
+    let trainable = a.mode == Mode::Train;
+    let model = match (&a.preset, &a.config, &a.model) {
+        (Some(p), _, _) => LinearAttentionTransformerLM::new(&preset(p, a.seq_len + if a.mode == Mode::Generate { a.new_tokens } else { 0 })?, 0, &dev, DType::F32)?,
+        (_, Some(c), _) => LinearAttentionTransformerLM::new(&Config::from_file(c)?, 0, &dev, DType::F32)?,
+        (_, _, Some(m)) => checkpoint::load(m, &dev, trainable)?,
+        _ => return Err(usage("give --preset, --config or --model")),
+    };
+    let v = model.config().num_tokens;
+    let mut rng = Rng::new(1);
+    let mut tokens = |n: usize| -> Result<Tensor> {
+        let ids: Vec<u32> = (0..a.batch * n).map(|_| rng.below(v as u64) as u32).collect();
+        Ok(Tensor::from_vec(ids, (a.batch, n), &dev)?)
+    };
+    let mut opt = if trainable {
+        Some(AdamW::new(model.vars(), AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 })?)
+    } else {
+        None
+    };
+    let mut times = Vec::with_capacity(a.steps);
+    for i in 0..a.warmup + a.steps {
+        let x = tokens(a.seq_len)?;
+        let t0 = Instant::now();
+        match a.mode {
+            Mode::Forward => {
+                let logits = model.forward(&x, &Inputs::default(), &Pass::eval())?;
+                // Wait for the result (asynchronous devices).
+                logits.narrow(1, 0, 1)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            }
+            Mode::Train => {
+                let y: Vec<u32> = x.flatten_all()?.to_vec1::<u32>()?.iter().map(|&t| (t + 1) % v as u32).collect();
+                let pass = Pass::train(i as u64);
+                let logits = model.forward(&x, &Inputs::default(), &pass)?;
+                let (b, n, _) = logits.dims3()?;
+                let loss = cross_entropy_rows(&logits.reshape((b * n, v))?, &y)?.mean_all()?;
+                let grads = pass.backward(&loss)?;
+                opt.as_mut().expect("training mode has an optimizer").step(&grads, 1e-4, 1.0)?;
+                loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            }
+            Mode::Generate => {
+                let prompts: Vec<Vec<u32>> = x.to_vec2::<u32>()?;
+                run_generation(&model, &prompts, a.new_tokens, &Sampling::greedy(), 0, None, a.no_cache, &mut |_, _| {})?;
+            }
+        }
+        if i >= a.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let med = median(times.clone());
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let produced = match a.mode {
+        Mode::Generate => a.batch * a.new_tokens,
+        _ => a.batch * a.seq_len,
+    };
+    let record = serde_json::json!({
+        "mode": match a.mode { Mode::Forward => "forward", Mode::Train => "train", Mode::Generate => "generate" },
+        "seq_len": a.seq_len,
+        "batch": a.batch,
+        "steps": a.steps,
+        "median_s": med,
+        "min_s": min,
+        "tokens_per_s": produced as f64 / med,
+        "peak_rss_mib": peak_rss_mib(),
+        "parameters": model.num_parameters(),
+        "new_tokens": if a.mode == Mode::Generate { Some(a.new_tokens) } else { None },
+        "cache": if a.mode == Mode::Generate { Some(!a.no_cache) } else { None },
+        "kernels": if linear_attention_transformer::kernels::use_fused(&dev) { "fused" } else { "reference" },
+        "threads": rayon_threads(),
+        "device": a.device,
+    });
+    if a.json {
+        println!("{record}");
+    } else {
+        println!(
+            "{} seq_len {} batch {}: median {:.4} s ({:.0} tokens/s), min {:.4} s, peak RSS {:.0} MiB",
+            record["mode"].as_str().unwrap_or_default(),
+            a.seq_len,
+            a.batch,
+            med,
+            produced as f64 / med,
+            min,
+            peak_rss_mib()
+        );
+    }
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}

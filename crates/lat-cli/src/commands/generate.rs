@@ -1,0 +1,128 @@
+//! `lat generate --model M (--prompt TEXT | --prompt-tokens IN.safetensors) --max-new N
+//! [--top-k K] [--top-p P] [--temperature T] [--seed S] [--no-cache] [--json]`
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use linear_attention_transformer::generate::{generate, Sampling};
+use linear_attention_transformer::{checkpoint, LinearAttentionTransformerLM};
+
+use super::{device, usage, Result};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A model file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt text (its UTF-8 bytes are the tokens of a byte-level model).
+    #[arg(long, conflicts_with = "prompt_tokens")]
+    prompt: Option<String>,
+    /// A safetensors file whose `tokens` tensor ([n] or [batch, n], integers) holds the prompts.
+    #[arg(long)]
+    prompt_tokens: Option<PathBuf>,
+    /// New tokens per prompt.
+    #[arg(long)]
+    max_new: usize,
+    /// Keep the K most likely tokens (1 = greedy).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling: keep the most likely tokens while the mass before each is at most P.
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop a row when it emits this token.
+    #[arg(long)]
+    eos: Option<u32>,
+    /// Re-run the whole sequence for every token, as the reference does.
+    #[arg(long)]
+    no_cache: bool,
+    /// Print {"tokens": [...], "new_tokens": N, "seconds": s, "tokens_per_s": r} instead of text.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// Generation shared with `lat bench`.
+#[allow(clippy::too_many_arguments)]
+pub fn run_generation(
+    model: &LinearAttentionTransformerLM,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    sampling: &Sampling,
+    seed: u64,
+    eos: Option<u32>,
+    no_cache: bool,
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Result<Vec<Vec<u32>>> {
+    generate(model, prompts, max_new, sampling, seed, eos, !no_cache, on_token)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let dev: Device = device::parse(&a.device)?;
+    let model = checkpoint::load(&a.model, &dev, false)?;
+    let prompts: Vec<Vec<u32>> = match (&a.prompt, &a.prompt_tokens) {
+        (Some(text), None) => vec![text.bytes().map(u32::from).collect()],
+        (None, Some(path)) => {
+            let t = checkpoint::read_tensors(path)?;
+            let tokens = t.get("tokens").ok_or_else(|| usage(format!("{}: no tensor named \"tokens\"", path.display())))?;
+            if !tokens.dtype().is_int() {
+                return Err(usage(format!("{}: tokens must be integers", path.display())));
+            }
+            let tokens = tokens.to_dtype(DType::I64)?;
+            let rows: Vec<Vec<i64>> = match tokens.rank() {
+                1 => vec![tokens.to_vec1()?],
+                2 => tokens.to_vec2()?,
+                _ => return Err(usage(format!("{}: tokens must be [n] or [batch, n], got {:?}", path.display(), tokens.dims()))),
+            };
+            rows.into_iter()
+                .map(|r| r.into_iter().map(|t| u32::try_from(t).map_err(|_| usage(format!("token id {t} is out of range")))).collect())
+                .collect::<Result<_>>()?
+        }
+        _ => return Err(usage("give --prompt TEXT or --prompt-tokens FILE")),
+    };
+    let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
+    let bytes = model.config().num_tokens <= 256;
+    let stream = !a.json && prompts.len() == 1;
+    let mut out = std::io::stdout().lock();
+    if stream && bytes {
+        out.write_all(&prompts[0].iter().map(|&t| t as u8).collect::<Vec<_>>()).ok();
+        out.flush().ok();
+    }
+    let started = Instant::now();
+    let result = run_generation(&model, &prompts, a.max_new, &sampling, a.seed, a.eos, a.no_cache, &mut |_, t| {
+        if stream {
+            if bytes {
+                out.write_all(&[t as u8]).ok();
+            } else {
+                write!(out, "{t} ").ok();
+            }
+            out.flush().ok();
+        }
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    let produced: usize = result.iter().map(Vec::len).sum();
+    if a.json {
+        let tokens = if result.len() == 1 { serde_json::json!(result[0]) } else { serde_json::json!(result) };
+        writeln!(out, "{}", serde_json::json!({"tokens": tokens, "new_tokens": produced, "seconds": seconds, "tokens_per_s": produced as f64 / seconds})).ok();
+    } else if stream {
+        writeln!(out).ok();
+    } else {
+        for row in &result {
+            if bytes {
+                writeln!(out, "{}", String::from_utf8_lossy(&row.iter().map(|&t| t as u8).collect::<Vec<_>>())).ok();
+            } else {
+                writeln!(out, "{}", row.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" ")).ok();
+            }
+        }
+    }
+    if !a.json {
+        eprintln!("{produced} tokens in {seconds:.2} s ({:.1} tokens/s{})", produced as f64 / seconds, if a.no_cache { ", no cache" } else { "" });
+    }
+    Ok(())
+}

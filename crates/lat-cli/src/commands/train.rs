@@ -1,0 +1,207 @@
+//! `lat train [--config FILE.toml] [--data PATH] [--out DIR] [--max-steps N] [--time-limit D] [--resume]`
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use linear_attention_transformer::train::data::Split;
+use linear_attention_transformer::train::metrics::{plot, read_records, MetricsLog};
+use linear_attention_transformer::train::{peek_checkpoint, RunConfig, RunFiles, Trainer};
+use serde_json::json;
+
+use super::{corpus, device, usage, Result};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Run configuration (TOML with [model] and [train] tables). Default: the built-in
+    /// configuration, printed at start.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Corpus: a file or folder, raw, .gz or .zip. Default: the bundled Shakespeare.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run folder: checkpoint, model file, metrics log, loss plot.
+    #[arg(long, default_value = "runs/shakespeare")]
+    out: PathBuf,
+    /// Stop after this many optimizer steps (sets train.max_steps, which also sets the
+    /// length of the learning-rate schedule).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Stop after this long, e.g. 90s, 15m, 1h30m (sets train.time_limit).
+    #[arg(long)]
+    time_limit: Option<String>,
+    /// Continue the run saved in --out.
+    #[arg(long)]
+    resume: bool,
+    /// Override any setting: --set model.depth=6 --set train.lr=1e-3 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.FIELD=VALUE")]
+    set: Vec<String>,
+    /// cpu, or cuda in builds with the cuda feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// No progress bar or samples; one line per evaluation.
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let device = device::parse(&a.device)?;
+    let files = RunFiles { dir: a.out.clone() };
+    let saved = if a.resume { Some(peek_checkpoint(&files.checkpoint())?) } else { None };
+    if !a.resume && files.checkpoint().exists() {
+        let step = peek_checkpoint(&files.checkpoint()).map(|r| r.step.to_string()).unwrap_or_else(|_| "?".into());
+        return Err(usage(format!(
+            "{} already holds a run (step {step}); pass --resume to continue it, or choose another --out",
+            a.out.display()
+        )));
+    }
+    let mut run = match (&saved, &a.config) {
+        (Some(s), _) => s.run.clone(),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| linear_attention_transformer::Error::Io { path: path.clone(), source: e })?;
+            RunConfig::from_toml(&text).map_err(|e| usage(format!("{}: {e}", path.display())))?
+        }
+        (None, None) => RunConfig::default(),
+    };
+    if saved.is_some() && a.config.is_some() {
+        eprintln!("note: --resume continues with the configuration saved in the checkpoint; --config is ignored (use --set to change training settings)");
+    }
+    for s in &a.set {
+        run.set(s)?;
+    }
+    if let Some(n) = a.max_steps {
+        run.train.max_steps = n;
+    }
+    if let Some(t) = &a.time_limit {
+        run.set(&format!("train.time_limit=\"{t}\""))?;
+    }
+    run.validate()?;
+
+    let data = corpus::resolve(a.data.as_deref(), &a.out)?;
+    let mut trainer = Trainer::start(run.clone(), &data, &a.out, a.resume, &device)?;
+    linear_attention_transformer::checkpoint::write_atomic(&files.config(), run.to_toml().as_bytes())?;
+    let t = run.train.clone();
+    println!("# resolved configuration (also in {})", files.config().display());
+    print!("{}", run.to_toml());
+    println!(
+        "# {} parameters; corpus {} ({} bytes: {} train, {} validation, {} test); device {}",
+        trainer.model.num_parameters(),
+        data.display(),
+        trainer.corpus().len(),
+        trainer.corpus().split(Split::Train).len(),
+        trainer.corpus().split(Split::Validation).len(),
+        trainer.corpus().split(Split::Test).len(),
+        a.device,
+    );
+    if let Some(s) = &saved {
+        println!("# resuming at step {} ({} tokens seen)", s.step, s.tokens);
+    }
+
+    let mut log = MetricsLog::open(&files.metrics(), saved.as_ref().map(|s| s.step))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second Ctrl-C while saving is ignored: the checkpoint write is atomic anyway.
+        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)).map_err(|e| usage(format!("cannot install the Ctrl-C handler: {e}")))?;
+    }
+
+    let started = Instant::now();
+    let limit = run.time_limit();
+    let elapsed = |before: f64| before + started.elapsed().as_secs_f64();
+    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::with_draw_target(Some(t.max_steps), ProgressDrawTarget::stderr_with_hz(4)) };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} step {pos}/{len} {wide_bar} {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_position(trainer.step);
+    let session_tokens0 = trainer.tokens;
+    let title = format!("{} ({} parameters)", data.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(), trainer.model.num_parameters());
+    let title = &title;
+    let mut last_eval: Option<f64> = None;
+
+    let evaluate = |trainer: &Trainer, log: &mut MetricsLog, windows: Option<usize>, now: f64| -> Result<f64> {
+        let e = trainer.evaluate(Split::Validation, windows)?;
+        log.write(&json!({"kind": "validation", "step": trainer.step, "loss": e.loss, "bpc": e.bpc, "tokens": trainer.tokens, "elapsed_s": now, "eval_tokens": e.tokens}))?;
+        plot(&read_records(log.path())?, &files.plot(), title)?;
+        Ok(e.bpc)
+    };
+
+    let stopped_by = loop {
+        if trainer.step >= t.max_steps {
+            break "max_steps";
+        }
+        if limit.is_some_and(|l| started.elapsed() >= l) {
+            break "time_limit";
+        }
+        if stop.load(Ordering::SeqCst) {
+            break "interrupt";
+        }
+        let r = trainer.train_step()?;
+        bar.set_position(r.step);
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        let tps = (trainer.tokens - session_tokens0) as f64 / secs;
+        let remaining_steps = (t.max_steps - r.step) as f64 * secs / (r.step - saved.as_ref().map_or(0, |s| s.step)).max(1) as f64;
+        let left = limit.map_or(remaining_steps, |l| remaining_steps.min(l.as_secs_f64() - secs)).max(0.0);
+        bar.set_message(format!(
+            "loss {:.3} ({:.2} bpc){} | {:.0} tok/s | {} elapsed, {} left",
+            r.loss,
+            r.loss / std::f64::consts::LN_2,
+            last_eval.map(|v| format!(" val {v:.3} bpc")).unwrap_or_default(),
+            tps,
+            clock(Duration::from_secs_f64(secs)),
+            clock(Duration::from_secs_f64(left)),
+        ));
+        if r.skipped {
+            bar.println(format!("step {}: non-finite loss or gradient; update skipped", r.step));
+        }
+        if r.step % t.log_every.max(1) == 0 || r.step == 1 {
+            log.write(&json!({"kind": "train", "step": r.step, "loss": r.loss, "bpc": r.loss / std::f64::consts::LN_2, "lr": r.lr, "grad_norm": r.grad_norm, "tokens": r.tokens, "tokens_per_s": tps, "elapsed_s": elapsed(trainer.elapsed_before)}))?;
+        }
+        if t.eval_every > 0 && r.step % t.eval_every == 0 && r.step < t.max_steps {
+            let bpc = evaluate(&trainer, &mut log, Some(t.eval_windows), elapsed(trainer.elapsed_before))?;
+            last_eval = Some(bpc);
+            if a.quiet {
+                println!("step {} val {:.4} bpc ({:.0} tok/s)", r.step, bpc, tps);
+            }
+        }
+        if !a.quiet && t.sample_every > 0 && r.step % t.sample_every == 0 {
+            let text = trainer.sample(&t.sample_prompt, t.sample_len, r.step)?;
+            bar.println(format!("--- sample at step {} ---\n{}\n---", r.step, text.trim_end()));
+        }
+        if t.checkpoint_every > 0 && r.step % t.checkpoint_every == 0 {
+            trainer.save(elapsed(trainer.elapsed_before))?;
+        }
+    };
+    bar.finish_and_clear();
+    trainer.save(elapsed(trainer.elapsed_before))?;
+    match stopped_by {
+        "interrupt" => {
+            println!("interrupted at step {}: checkpoint saved in {}; continue with --resume", trainer.step, a.out.display());
+            return Ok(());
+        }
+        "time_limit" => println!("time limit reached at step {}", trainer.step),
+        _ => {}
+    }
+    println!("evaluating on the whole validation split...");
+    let bpc = evaluate(&trainer, &mut log, None, elapsed(trainer.elapsed_before))?;
+    println!(
+        "step {}: validation {:.4} bits per character after {} ({} tokens). Wrote {}, {}, {}, {}",
+        trainer.step,
+        bpc,
+        clock(Duration::from_secs_f64(elapsed(trainer.elapsed_before))),
+        trainer.tokens,
+        files.model().display(),
+        files.checkpoint().display(),
+        files.metrics().display(),
+        files.plot().display()
+    );
+    Ok(())
+}
+
+fn clock(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 { format!("{}h{:02}m", s / 3600, s % 3600 / 60) } else { format!("{}m{:02}s", s / 60, s % 60) }
+}

@@ -1,0 +1,224 @@
+//! Sampling and autoregressive generation.
+//!
+//! [`Sampling`] holds the options: temperature, top-k and top-p (nucleus). The reference
+//! expresses both filters through one threshold `thres` with unusual meanings; the conversions
+//! are [`Sampling::reference_top_k`] (`k = int((1 - thres) · num_tokens)`, so 25 for 256 tokens at
+//! the default 0.9) and [`Sampling::reference_top_p`] (`p = 1 - thres`: the reference's
+//! `thres = 0.9` keeps a nucleus of mass 0.1). As in the reference, the filters look at the raw
+//! logits and the temperature divides what is left.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::{DecodeState, Inputs, LinearAttentionTransformerLM};
+use crate::pass::Pass;
+use crate::rng::{derive, Rng};
+
+/// How the next token is chosen from the logits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampling {
+    /// Divides the filtered logits; must be positive.
+    pub temperature: f64,
+    /// Keep only the `k` most likely tokens (1 = greedy).
+    pub top_k: Option<usize>,
+    /// Keep the most likely tokens while the probability mass before each is at most `p`.
+    pub top_p: Option<f64>,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self { temperature: 1.0, top_k: None, top_p: None }
+    }
+}
+
+impl Sampling {
+    pub fn greedy() -> Self {
+        Self { top_k: Some(1), ..Self::default() }
+    }
+
+    /// The reference's `top_k(logits, thres)`: `k = int((1 - thres) · num_tokens)` in f64.
+    pub fn reference_top_k(thres: f64, num_tokens: usize) -> Self {
+        Self { top_k: Some(((1.0 - thres) * num_tokens as f64) as usize), ..Self::default() }
+    }
+
+    /// The reference's `top_p(logits, thres)`, whose threshold is inverted: nucleus `1 - thres`.
+    pub fn reference_top_p(thres: f64) -> Self {
+        Self { top_p: Some(1.0 - thres), ..Self::default() }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(Error::input(format!("temperature must be positive, got {}", self.temperature)));
+        }
+        if self.top_k == Some(0) {
+            return Err(Error::input("top-k must be at least 1"));
+        }
+        if let Some(p) = self.top_p {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(Error::input(format!("top-p must be in [0, 1], got {p}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Draws a token id from one row of logits.
+    pub fn sample(&self, logits: &[f32], rng: &mut Rng) -> u32 {
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        let mut keep = order.len();
+        if let Some(k) = self.top_k {
+            keep = keep.min(k.max(1));
+        }
+        if let Some(p) = self.top_p {
+            let mx = logits[order[0]] as f64;
+            let exps: Vec<f64> = order.iter().map(|&i| (logits[i] as f64 - mx).exp()).collect();
+            let total: f64 = exps.iter().sum();
+            let mut before = 0.0;
+            let mut n = 0;
+            for e in &exps {
+                if n > 0 && before / total > p {
+                    break;
+                }
+                before += e;
+                n += 1;
+            }
+            keep = keep.min(n.max(1));
+        }
+        if keep == 1 {
+            return order[0] as u32;
+        }
+        let kept = &order[..keep];
+        let mx = logits[kept[0]] as f64;
+        let weights: Vec<f64> = kept.iter().map(|&i| ((logits[i] as f64 - mx) / self.temperature).exp()).collect();
+        let mut u = rng.uniform() * weights.iter().sum::<f64>();
+        for (&i, w) in kept.iter().zip(&weights) {
+            if u < *w {
+                return i as u32;
+            }
+            u -= w;
+        }
+        kept[keep - 1] as u32
+    }
+}
+
+/// The next-token logits of one row the reference's way: the whole sequence (its last
+/// `max_seq_len` tokens, positions restarting at 0 once the window slides) in one forward pass.
+fn uncached_logits(model: &LinearAttentionTransformerLM, seq: &[u32]) -> Result<Vec<f32>> {
+    let ctx = &seq[seq.len().saturating_sub(model.config().max_seq_len)..];
+    let tokens = Tensor::from_slice(ctx, (1, ctx.len()), model.device())?;
+    let logits = model.forward(&tokens, &Inputs::default(), &Pass::eval())?;
+    Ok(logits.narrow(1, ctx.len() - 1, 1)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+}
+
+fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(t.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}
+
+/// Continues every prompt by up to `max_new` tokens.
+///
+/// With `cache`, the prompts are read in one parallel pass each and then every new token costs
+/// the same, whatever the length so far (the recurrent form); without it, every token re-runs
+/// the whole sequence as the reference does. Both give the same logits up to float rounding.
+/// Once a sequence outgrows `max_seq_len` the reference slides its window and restarts the
+/// positions; generation then continues the reference's way.
+///
+/// Each row draws from its own stream (`seed`, row), so a row's output does not depend on the
+/// others. A row stops after emitting `eos` (which is included); `on_token(row, token)` sees
+/// every token as soon as it is drawn.
+#[allow(clippy::too_many_arguments)]
+pub fn generate(
+    model: &LinearAttentionTransformerLM,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    sampling: &Sampling,
+    seed: u64,
+    eos: Option<u32>,
+    cache: bool,
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Result<Vec<Vec<u32>>> {
+    sampling.validate()?;
+    if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+        return Err(Error::input("every prompt needs at least one token"));
+    }
+    if let Some(&t) = prompts.iter().flatten().find(|&&t| t as usize >= model.config().num_tokens) {
+        return Err(Error::input(format!("prompt token {t} is out of range: the vocabulary has {} tokens", model.config().num_tokens)));
+    }
+    let b = prompts.len();
+    let mut rngs: Vec<Rng> = (0..b).map(|r| Rng::new(derive(seed, r as u64))).collect();
+    let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
+    let mut done = vec![false; b];
+    let limit = model.decode_limit();
+    let mut state = None;
+    let mut logits = if cache && seqs.iter().all(|s| s.len() <= limit) {
+        let mut states = Vec::with_capacity(b);
+        let mut first = Vec::with_capacity(b);
+        for p in prompts {
+            let (l, st) = model.prefill(p)?;
+            first.extend(rows(&l)?);
+            states.push(st);
+        }
+        state = Some(DecodeState::concat(&states)?);
+        first
+    } else {
+        seqs.iter().map(|s| uncached_logits(model, s)).collect::<Result<_>>()?
+    };
+    for step in 0..max_new {
+        let mut last = Vec::with_capacity(b);
+        for r in 0..b {
+            let t = if done[r] { eos.unwrap_or(0) } else { sampling.sample(&logits[r], &mut rngs[r]) };
+            if !done[r] {
+                seqs[r].push(t);
+                on_token(r, t);
+                done[r] = eos == Some(t);
+            }
+            last.push(t);
+        }
+        if step + 1 == max_new || done.iter().all(|&d| d) {
+            break;
+        }
+        // The cache holds while the reference would still see the whole sequence.
+        if state.is_some() && seqs.iter().any(|s| s.len() > limit) {
+            state = None;
+        }
+        logits = match &mut state {
+            Some(st) => rows(&model.step(&last, st)?)?,
+            None => (0..b).map(|r| if done[r] { Ok(vec![0.0; model.config().num_tokens]) } else { uncached_logits(model, &seqs[r]) }).collect::<Result<_>>()?,
+        };
+    }
+    Ok(seqs.iter().zip(prompts).map(|(s, p)| s[p.len()..].to_vec()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_follow_their_definitions() {
+        let logits = [1.0f32, 3.0, 2.0, 0.0];
+        let mut rng = Rng::new(0);
+        assert_eq!(Sampling::greedy().sample(&logits, &mut rng), 1);
+        let top2 = Sampling { top_k: Some(2), ..Sampling::default() };
+        for _ in 0..100 {
+            assert!(matches!(top2.sample(&logits, &mut rng), 1 | 2));
+        }
+        // A tiny nucleus keeps only the most likely token.
+        let nucleus = Sampling { top_p: Some(0.1), ..Sampling::default() };
+        assert!((0..50).all(|_| nucleus.sample(&logits, &mut rng) == 1));
+        assert_eq!(Sampling::reference_top_k(0.9, 256).top_k, Some(25));
+        assert_eq!(Sampling::reference_top_k(0.9, 10).top_k, Some(0));
+        assert!(Sampling::reference_top_k(0.9, 10).validate().is_err());
+        assert!((Sampling::reference_top_p(0.9).top_p.unwrap() - 0.1).abs() < 1e-12);
+        assert!(Sampling { temperature: 0.0, ..Sampling::default() }.validate().is_err());
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        let logits = [0.0f32, (3.0f32).ln()];
+        let mut rng = Rng::new(5);
+        let ones = (0..20000).filter(|_| Sampling::default().sample(&logits, &mut rng) == 1).count();
+        assert!((ones as f64 / 20000.0 - 0.75).abs() < 0.02);
+        let hot = Sampling { temperature: 1e6, ..Sampling::default() };
+        let ones = (0..20000).filter(|_| hot.sample(&logits, &mut rng) == 1).count();
+        assert!((ones as f64 / 20000.0 - 0.5).abs() < 0.02);
+    }
+}

@@ -1,0 +1,256 @@
+//! Byte-level corpora: a file or a folder, raw, gzip or zip, split deterministically into
+//! train / validation / test (the first 90 %, the next 5 %, the last 5 %: for enwik8's 100 M
+//! bytes that is the reference example's 90 M / 5 M / 5 M), read through a memory map so that
+//! corpora larger than memory work.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+/// A part of the corpus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Validation,
+    Test,
+}
+
+impl std::str::FromStr for Split {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "train" => Ok(Split::Train),
+            "validation" | "valid" | "val" => Ok(Split::Validation),
+            "test" => Ok(Split::Test),
+            _ => Err(Error::input(format!("unknown split \"{s}\": use train, validation or test"))),
+        }
+    }
+}
+
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+/// A corpus of bytes (tokens 0..=255).
+pub struct Corpus {
+    bytes: Bytes,
+    /// Where the bytes came from, for messages.
+    pub source: PathBuf,
+}
+
+impl Corpus {
+    /// Opens `path`: a raw file is mapped directly; a `.gz` or `.zip` file, or a folder (its
+    /// files in sorted order, recursively), is first decompressed and concatenated into
+    /// `cache` (overwritten), which is then mapped.
+    pub fn open(path: &Path, cache: &Path) -> Result<Self> {
+        let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let direct = meta.is_file() && !is_gzip(path) && !is_zip(path);
+        let file = if direct {
+            path.to_path_buf()
+        } else {
+            if let Some(dir) = cache.parent() {
+                fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+            let tmp = cache.with_extension("partial");
+            let mut out = BufWriter::new(File::create(&tmp).map_err(|e| Error::io(&tmp, e))?);
+            let mut files = vec![];
+            collect(path, &mut files)?;
+            for f in files {
+                append(&f, &mut out)?;
+            }
+            out.flush().map_err(|e| Error::io(&tmp, e))?;
+            drop(out);
+            fs::rename(&tmp, cache).map_err(|e| Error::io(cache, e))?;
+            cache.to_path_buf()
+        };
+        let f = File::open(&file).map_err(|e| Error::io(&file, e))?;
+        let len = f.metadata().map_err(|e| Error::io(&file, e))?.len();
+        if len == 0 {
+            return Err(Error::file(path, "the corpus is empty"));
+        }
+        // SAFETY: the map is read-only; a file truncated by another process while mapped
+        // would fault, which we accept as for any reader of a file being rewritten.
+        let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(&file, e))?;
+        Ok(Self { bytes: Bytes::Mapped(map), source: path.to_path_buf() })
+    }
+
+    /// A corpus held in memory (tests, small inputs).
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self> {
+        if bytes.is_empty() {
+            return Err(Error::input("the corpus is empty"));
+        }
+        Ok(Self { bytes: Bytes::Owned(bytes), source: PathBuf::from("<memory>") })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        match &self.bytes {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes of one split.
+    pub fn split(&self, split: Split) -> &[u8] {
+        let n = self.len();
+        let (a, b) = (n / 100 * 90 + n % 100 * 90 / 100, n / 100 * 95 + n % 100 * 95 / 100);
+        let b = b.max(a);
+        match split {
+            Split::Train => &self.bytes()[..a],
+            Split::Validation => &self.bytes()[a..b],
+            Split::Test => &self.bytes()[b..],
+        }
+    }
+}
+
+fn is_gzip(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e == "gz")
+}
+
+fn is_zip(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e == "zip")
+}
+
+fn collect(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        let mut entries: Vec<PathBuf> = fs::read_dir(path)
+            .map_err(|e| Error::io(path, e))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<io::Result<_>>()
+            .map_err(|e| Error::io(path, e))?;
+        entries.sort();
+        for e in entries {
+            collect(&e, out)?;
+        }
+    } else if meta.is_file() {
+        out.push(path.to_path_buf());
+    }
+    Ok(())
+}
+
+fn append(path: &Path, out: &mut impl Write) -> Result<()> {
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let copy = |r: &mut dyn Read, out: &mut dyn Write| io::copy(r, out).map_err(|e| Error::file(path, format!("cannot read: {e}")));
+    if is_gzip(path) {
+        copy(&mut flate2::read::MultiGzDecoder::new(io::BufReader::new(f)), out)?;
+    } else if is_zip(path) {
+        let mut archive = zip::ZipArchive::new(f).map_err(|e| Error::file(path, format!("not a readable zip archive: {e}")))?;
+        let mut names: Vec<String> = archive.file_names().map(String::from).collect();
+        names.sort();
+        for name in names {
+            let mut entry = archive.by_name(&name).map_err(|e| Error::file(path, format!("{name}: {e}")))?;
+            if entry.is_file() {
+                copy(&mut entry, out)?;
+            }
+        }
+    } else {
+        copy(&mut io::BufReader::new(f), out)?;
+    }
+    Ok(())
+}
+
+/// Inputs and next-byte targets of `batch` random windows of `len` bytes of `data`.
+pub fn random_windows(data: &[u8], batch: usize, len: usize, rng: &mut Rng) -> Result<(Vec<u32>, Vec<u32>)> {
+    if data.len() < len + 1 {
+        return Err(Error::input(format!("the training split has {} bytes, fewer than seq_len + 1 = {}; lower seq_len or use more data", data.len(), len + 1)));
+    }
+    let mut x = Vec::with_capacity(batch * len);
+    let mut y = Vec::with_capacity(batch * len);
+    for _ in 0..batch {
+        let start = rng.below((data.len() - len) as u64) as usize;
+        x.extend(data[start..start + len].iter().map(|&b| b as u32));
+        y.extend(data[start + 1..start + len + 1].iter().map(|&b| b as u32));
+    }
+    Ok((x, y))
+}
+
+/// Starts of the evaluation windows: consecutive windows of `len` predicted bytes covering
+/// `data` (the last one ending at its end), or `max_windows` of them evenly spread.
+pub fn eval_windows(data: &[u8], len: usize, max_windows: Option<usize>) -> Vec<usize> {
+    if data.len() < 2 {
+        return vec![];
+    }
+    let len = len.min(data.len() - 1);
+    let count = (data.len() - 1).div_ceil(len);
+    let starts: Vec<usize> = (0..count).map(|i| (i * len).min(data.len() - 1 - len)).collect();
+    match max_windows {
+        Some(m) if m < count => (0..m).map(|i| starts[i * count / m]).collect(),
+        _ => starts,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_are_90_5_5_and_cover_everything() {
+        let c = Corpus::from_bytes((0..=255u8).cycle().take(100_000).collect()).unwrap();
+        assert_eq!(c.split(Split::Train).len(), 90_000);
+        assert_eq!(c.split(Split::Validation).len(), 5_000);
+        assert_eq!(c.split(Split::Test).len(), 5_000);
+        let odd = Corpus::from_bytes(vec![1; 1234]).unwrap();
+        let total: usize = [Split::Train, Split::Validation, Split::Test].iter().map(|&s| odd.split(s).len()).sum();
+        assert_eq!(total, 1234);
+        // enwik8: first 90 M, next 5 M, last 5 M.
+        let n = 100_000_000usize;
+        assert_eq!((n / 100 * 90, n / 100 * 95), (90_000_000, 95_000_000));
+    }
+
+    #[test]
+    fn windows_are_inputs_and_next_bytes() {
+        let data: Vec<u8> = (0..200u8).collect();
+        let (x, y) = random_windows(&data, 3, 10, &mut Rng::new(1)).unwrap();
+        assert_eq!(x.len(), 30);
+        for i in 0..30 {
+            assert_eq!(y[i], x[i] + 1);
+        }
+        assert!(random_windows(&data[..5], 1, 10, &mut Rng::new(1)).is_err());
+        let starts = eval_windows(&data, 64, None);
+        assert_eq!(starts, vec![0, 64, 128, 135]);
+        assert_eq!(eval_windows(&data, 16, Some(3)).len(), 3);
+    }
+
+    #[test]
+    fn opens_raw_gzip_zip_and_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("a.txt");
+        fs::write(&raw, b"hello ").unwrap();
+        let gz = dir.path().join("b.txt.gz");
+        let mut enc = flate2::write::GzEncoder::new(File::create(&gz).unwrap(), flate2::Compression::default());
+        enc.write_all(b"world").unwrap();
+        enc.finish().unwrap();
+        let cache = dir.path().join("cache/corpus.bin");
+        assert_eq!(Corpus::open(&raw, &cache).unwrap().bytes(), b"hello ");
+        assert_eq!(Corpus::open(&gz, &cache).unwrap().bytes(), b"world");
+        let zp = dir.path().join("c.zip");
+        let mut z = zip::ZipWriter::new(File::create(&zp).unwrap());
+        z.start_file("x.txt", zip::write::SimpleFileOptions::default()).unwrap();
+        z.write_all(b"zipped").unwrap();
+        z.finish().unwrap();
+        assert_eq!(Corpus::open(&zp, &cache).unwrap().bytes(), b"zipped");
+        let folder = dir.path().join("folder");
+        fs::create_dir(&folder).unwrap();
+        fs::copy(&raw, folder.join("1.txt")).unwrap();
+        fs::copy(&gz, folder.join("2.txt.gz")).unwrap();
+        assert_eq!(Corpus::open(&folder, &cache).unwrap().bytes(), b"hello world");
+        fs::write(dir.path().join("empty"), b"").unwrap();
+        assert!(Corpus::open(&dir.path().join("empty"), &cache).err().unwrap().to_string().contains("empty"));
+        assert!(Corpus::open(&dir.path().join("missing"), &cache).is_err());
+    }
+}

@@ -1,0 +1,519 @@
+//! Training a byte-level language model: the run configuration (model plus training settings,
+//! one TOML file), the optimisation step, evaluation in bits per character, and checkpoints
+//! that resume exactly.
+//!
+//! Every random choice of step `s` (its data windows, its dropout masks) is drawn from a seed
+//! derived from the run's seed and `s`, so a resumed run repeats the uninterrupted one.
+
+pub mod data;
+pub mod metrics;
+pub mod optim;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, write_safetensors};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::generate::{generate, Sampling};
+use crate::kernels::cross_entropy::cross_entropy_rows;
+use crate::model::{Inputs, LinearAttentionTransformerLM};
+use crate::pass::Pass;
+use crate::rng::{derive, Rng};
+use data::{eval_windows, random_windows, Corpus, Split};
+use optim::{schedule, AdamW, AdamWConfig};
+
+/// Training settings (the `[train]` table of a run configuration).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSettings {
+    /// Tokens (bytes) per training window.
+    pub seq_len: usize,
+    /// Windows per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Optimizer steps of the whole run; the learning rate decays to `min_lr` over them.
+    pub max_steps: u64,
+    /// Stop (with a checkpoint) after this long, e.g. "15m", "1h30m", "90s"; empty for none.
+    pub time_limit: String,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    /// Gradients are rescaled to at most this global L2 norm (0 = no clipping).
+    pub grad_clip: f64,
+    pub seed: u64,
+    /// Steps between progress records in the metrics log.
+    pub log_every: u64,
+    /// Steps between validations (0 = only at the end).
+    pub eval_every: u64,
+    /// Validation windows per periodic evaluation (the final one uses the whole split).
+    pub eval_windows: usize,
+    /// Steps between printed samples (0 = none).
+    pub sample_every: u64,
+    pub sample_len: usize,
+    pub sample_prompt: String,
+    /// Steps between checkpoints (0 = only at the end).
+    pub checkpoint_every: u64,
+    /// Consecutive steps with a non-finite loss or gradient before the run stops.
+    pub max_bad_steps: u32,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        Self {
+            seq_len: 256,
+            batch_size: 16,
+            grad_accum: 1,
+            max_steps: 1500,
+            time_limit: "15m".into(),
+            lr: 2e-3,
+            min_lr: 1e-4,
+            warmup_steps: 100,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            grad_clip: 1.0,
+            seed: 0,
+            log_every: 10,
+            eval_every: 100,
+            eval_windows: 64,
+            sample_every: 250,
+            sample_len: 200,
+            sample_prompt: "\n".into(),
+            checkpoint_every: 250,
+            max_bad_steps: 5,
+        }
+    }
+}
+
+/// The default model: sized to learn the bundled corpus on two CPU cores in fifteen minutes.
+pub fn default_model() -> Config {
+    let mut c = Config::new(256, 256, 4, 512);
+    c.heads = 4;
+    c.dim_head = Some(64);
+    c.causal = true;
+    c.n_local_attn_heads = crate::config::LocalHeads::Uniform(2);
+    c.local_attn_window_size = 64;
+    c.blindspot_size = 1;
+    c
+}
+
+/// A run configuration: `[model]` (the model's keyword arguments) and `[train]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: Config,
+    #[serde(default)]
+    pub train: TrainSettings,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self { model: default_model(), train: TrainSettings::default() }
+    }
+}
+
+impl RunConfig {
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let run: Self = toml::from_str(text).map_err(|e| Error::config("toml", e.to_string()))?;
+        run.validate()?;
+        Ok(run)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a run configuration always serialises")
+    }
+
+    /// Sets one field from `section.field=value` (e.g. `model.depth=6`, `train.lr=1e-3`); the
+    /// value is TOML (`true`, `6`, `1e-3`, `[2, 2]`, or a bare string).
+    pub fn set(&mut self, assignment: &str) -> Result<()> {
+        let (key, value) = assignment.split_once('=').ok_or_else(|| Error::input(format!("--set {assignment}: expected section.field=value")))?;
+        let (section, field) = key.trim().split_once('.').ok_or_else(|| Error::input(format!("--set {assignment}: the field must be model.NAME or train.NAME")))?;
+        let value = value.trim();
+        let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        let mut doc: toml::Table = toml::from_str(&self.to_toml()).expect("own TOML parses");
+        let table = doc.get_mut(section).and_then(toml::Value::as_table_mut).ok_or_else(|| Error::input(format!("--set {assignment}: unknown section \"{section}\" (model or train)")))?;
+        table.insert(field.to_string(), parsed);
+        let text = toml::to_string(&doc).expect("a table serialises");
+        *self = Self::from_toml(&text).map_err(|e| Error::input(format!("--set {assignment}: {e}")))?;
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        let t = &self.train;
+        if self.model.num_tokens != 256 {
+            return Err(Error::config("num_tokens", "byte-level training needs num_tokens = 256"));
+        }
+        if !self.model.causal {
+            return Err(Error::config("causal", "a language model trained to predict the next byte must be causal; set causal = true"));
+        }
+        if self.model.return_embeddings || self.model.receives_context {
+            return Err(Error::config("model", "language-model training needs logits: turn off return_embeddings and receives_context"));
+        }
+        for (field, v) in [("seq_len", t.seq_len), ("batch_size", t.batch_size), ("grad_accum", t.grad_accum)] {
+            if v == 0 {
+                return Err(Error::config(field, "must be at least 1"));
+            }
+        }
+        if t.seq_len > self.model.max_positions() {
+            return Err(Error::config("seq_len", format!("{} exceeds the model's {} positions; raise model.max_seq_len", t.seq_len, self.model.max_positions())));
+        }
+        if !(t.lr > 0.0 && t.min_lr >= 0.0 && t.min_lr <= t.lr) {
+            return Err(Error::config("lr", "need lr > 0 and 0 <= min_lr <= lr"));
+        }
+        if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
+            return Err(Error::config("beta1", "beta1 and beta2 must be in [0, 1)"));
+        }
+        if t.weight_decay < 0.0 || t.grad_clip < 0.0 {
+            return Err(Error::config("weight_decay", "weight_decay and grad_clip must not be negative"));
+        }
+        parse_duration(&t.time_limit)?;
+        Ok(())
+    }
+
+    /// The time limit, if any.
+    pub fn time_limit(&self) -> Option<std::time::Duration> {
+        parse_duration(&self.train.time_limit).ok().flatten()
+    }
+}
+
+/// Parses "90s", "15m", "1h30m", "2h" (a bare number is seconds); "" means none.
+pub fn parse_duration(s: &str) -> Result<Option<std::time::Duration>> {
+    let s = s.trim();
+    if s.is_empty() || s == "none" {
+        return Ok(None);
+    }
+    let bad = || Error::input(format!("cannot read the duration \"{s}\": use e.g. 90s, 15m, 1h30m"));
+    let mut total = 0.0;
+    let mut num = String::new();
+    for ch in s.chars() {
+        if ch.is_ascii_digit() || ch == '.' {
+            num.push(ch);
+        } else {
+            let v: f64 = num.parse().map_err(|_| bad())?;
+            total += v * match ch {
+                's' => 1.0,
+                'm' => 60.0,
+                'h' => 3600.0,
+                'd' => 86400.0,
+                _ => return Err(bad()),
+            };
+            num.clear();
+        }
+    }
+    if !num.is_empty() {
+        total += num.parse::<f64>().map_err(|_| bad())?;
+    }
+    Ok(Some(std::time::Duration::from_secs_f64(total)))
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Debug)]
+pub struct StepReport {
+    /// The step just completed (1-based).
+    pub step: u64,
+    /// Mean cross-entropy in nats.
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// The update was skipped because the loss or a gradient was not finite.
+    pub skipped: bool,
+    pub tokens: u64,
+}
+
+/// Loss on a split.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Evaluation {
+    /// Mean cross-entropy in nats per byte.
+    pub loss: f64,
+    /// Bits per character (byte).
+    pub bpc: f64,
+    /// Bytes predicted.
+    pub tokens: usize,
+}
+
+/// Mean cross-entropy of `logits` [b, n, V] against `targets` (b·n ids) over the positions
+/// where `weights` (b·n, 0 or 1) is 1: returns (sum, count) as a scalar tensor and a number.
+fn summed_loss(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let (b, n, v) = logits.dims3()?;
+    Ok(cross_entropy_rows(&logits.reshape((b * n, v))?, targets)?.sum_all()?)
+}
+
+/// Mean loss of `model` on the windows of `data` starting at `starts`, `batch` at a time.
+pub fn evaluate(model: &LinearAttentionTransformerLM, data: &[u8], seq_len: usize, batch: usize, max_windows: Option<usize>) -> Result<Evaluation> {
+    let starts = eval_windows(data, seq_len, max_windows);
+    if starts.is_empty() {
+        return Err(Error::input("the evaluation split is too small: it needs at least two bytes"));
+    }
+    let len = seq_len.min(data.len() - 1);
+    // Consecutive windows may overlap at the end of the data: count each target once.
+    let mut counted_to = 0usize;
+    let (mut total, mut count) = (0f64, 0usize);
+    for group in starts.chunks(batch.max(1)) {
+        let mut x = Vec::with_capacity(group.len() * len);
+        let mut y = Vec::with_capacity(group.len() * len);
+        for &s in group {
+            x.extend(data[s..s + len].iter().map(|&b| b as u32));
+            for (i, &t) in data[s + 1..s + len + 1].iter().enumerate() {
+                let position = s + 1 + i;
+                let fresh = max_windows.is_some() || position > counted_to;
+                y.push(if fresh { t as u32 } else { crate::kernels::cross_entropy::IGNORE });
+                count += fresh as usize;
+            }
+            counted_to = counted_to.max(s + len);
+        }
+        let tokens = Tensor::from_vec(x, (group.len(), len), model.device())?;
+        let logits = model.forward(&tokens, &Inputs::default(), &Pass::eval())?;
+        total += summed_loss(&logits, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    }
+    let loss = total / count as f64;
+    Ok(Evaluation { loss, bpc: loss / std::f64::consts::LN_2, tokens: count })
+}
+
+/// Where a run keeps its files.
+pub struct RunFiles {
+    pub dir: PathBuf,
+}
+
+impl RunFiles {
+    pub fn checkpoint(&self) -> PathBuf {
+        self.dir.join("checkpoint.safetensors")
+    }
+    pub fn model(&self) -> PathBuf {
+        self.dir.join("model.safetensors")
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.dir.join("metrics.jsonl")
+    }
+    pub fn plot(&self) -> PathBuf {
+        self.dir.join("loss.svg")
+    }
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+    pub fn corpus_cache(&self) -> PathBuf {
+        self.dir.join("corpus.bin")
+    }
+}
+
+const RUN_KEY: &str = "lat.run";
+const STEP_KEY: &str = "lat.step";
+const TOKENS_KEY: &str = "lat.tokens";
+const ELAPSED_KEY: &str = "lat.elapsed";
+
+/// The state saved in a checkpoint besides the tensors.
+pub struct Resumed {
+    pub run: RunConfig,
+    pub step: u64,
+    pub tokens: u64,
+    pub elapsed: f64,
+}
+
+/// Reads the run configuration and position of a checkpoint, without loading it.
+pub fn peek_checkpoint(path: &Path) -> Result<Resumed> {
+    let file = checkpoint::read(path)?;
+    let get = |k: &str| file.metadata.get(k).ok_or_else(|| Error::file(path, format!("not a training checkpoint: no \"{k}\"")));
+    let run: RunConfig = serde_json::from_str(get(RUN_KEY)?).map_err(|e| Error::file(path, format!("bad run configuration: {e}")))?;
+    let num = |k: &str| -> Result<f64> { get(k)?.parse::<f64>().map_err(|_| Error::file(path, format!("bad value for {k}"))) };
+    Ok(Resumed { run, step: num(STEP_KEY)? as u64, tokens: num(TOKENS_KEY)? as u64, elapsed: num(ELAPSED_KEY)? })
+}
+
+/// A training run in progress.
+pub struct Trainer {
+    pub run: RunConfig,
+    pub model: LinearAttentionTransformerLM,
+    opt: AdamW,
+    corpus: Corpus,
+    pub files: RunFiles,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Tokens trained on so far.
+    pub tokens: u64,
+    /// Seconds spent in earlier sessions of this run.
+    pub elapsed_before: f64,
+    bad_steps: u32,
+}
+
+impl Trainer {
+    /// Starts a run in `dir` on the corpus at `data`, or resumes the one saved there.
+    pub fn start(run: RunConfig, data: &Path, dir: &Path, resume: bool, device: &Device) -> Result<Self> {
+        run.validate()?;
+        let files = RunFiles { dir: dir.to_path_buf() };
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let corpus = Corpus::open(data, &files.corpus_cache())?;
+        let adam = AdamWConfig { beta1: run.train.beta1, beta2: run.train.beta2, eps: 1e-8, weight_decay: run.train.weight_decay };
+        let (model, opt, step, tokens, elapsed) = if resume {
+            let path = files.checkpoint();
+            if !path.exists() {
+                return Err(Error::file(&path, "nothing to resume: no checkpoint here"));
+            }
+            let saved = peek_checkpoint(&path)?;
+            if saved.run.model != run.model {
+                return Err(Error::file(&path, "the checkpoint's model configuration differs from the requested one; resume without changing [model]"));
+            }
+            let mut file = checkpoint::read(&path)?;
+            let mut params = HashMap::new();
+            let mut moments = HashMap::new();
+            for (k, t) in file.tensors.drain() {
+                if let Some(name) = k.strip_prefix("model.") {
+                    params.insert(name.to_string(), t);
+                } else if let Some(name) = k.strip_prefix("adam.") {
+                    moments.insert(name.to_string(), t);
+                }
+            }
+            let model = LinearAttentionTransformerLM::from_tensors(&run.model, params, device, DType::F32, true).map_err(|e| Error::file(&path, e.to_string()))?;
+            let mut opt = AdamW::new(model.vars(), adam)?;
+            opt.load_state(&moments, saved.step).map_err(|e| Error::file(&path, e.to_string()))?;
+            (model, opt, saved.step, saved.tokens, saved.elapsed)
+        } else {
+            let model = LinearAttentionTransformerLM::new(&run.model, derive(run.train.seed, 0x1417), device, DType::F32)?;
+            let opt = AdamW::new(model.vars(), adam)?;
+            (model, opt, 0, 0, 0.0)
+        };
+        let train = corpus.split(Split::Train).len();
+        if train < run.train.seq_len + 1 {
+            return Err(Error::file(data, format!("the training split has {train} bytes, fewer than seq_len + 1; use more data or a smaller seq_len")));
+        }
+        Ok(Self { run, model, opt, corpus, files, step, tokens, elapsed_before: elapsed, bad_steps: 0 })
+    }
+
+    pub fn corpus(&self) -> &Corpus {
+        &self.corpus
+    }
+
+    /// Learning rate of the next step.
+    pub fn lr(&self) -> f64 {
+        let t = &self.run.train;
+        schedule(self.step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
+    }
+
+    /// One optimizer step (all its micro-batches).
+    pub fn train_step(&mut self) -> Result<StepReport> {
+        let t = self.run.train.clone();
+        let lr = self.lr();
+        let data = self.corpus.split(Split::Train);
+        let mut grads: Option<candle_core::backprop::GradStore> = None;
+        let mut loss_sum = 0.0;
+        let mut finite = true;
+        for micro in 0..t.grad_accum as u64 {
+            let index = self.step * t.grad_accum as u64 + micro;
+            let mut rng = Rng::new(derive(t.seed, index));
+            let (x, y) = random_windows(data, t.batch_size, t.seq_len, &mut rng)?;
+            let tokens = Tensor::from_vec(x, (t.batch_size, t.seq_len), self.model.device())?;
+            let pass = Pass::train(derive(t.seed ^ 0xD50F, index));
+            let logits = self.model.forward(&tokens, &Inputs::default(), &pass)?;
+            let loss = (summed_loss(&logits, &y)? / (t.batch_size * t.seq_len) as f64)?;
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            loss_sum += value;
+            if !value.is_finite() {
+                finite = false;
+                break;
+            }
+            let g = pass.backward(&loss)?;
+            grads = Some(match grads.take() {
+                None => g,
+                Some(mut acc) => {
+                    for (_, var) in self.model.vars() {
+                        if let (Some(a), Some(b)) = (acc.remove(&var), g.get(&var)) {
+                            acc.insert(&var, (a + b)?);
+                        }
+                    }
+                    acc
+                }
+            });
+        }
+        let loss = loss_sum / t.grad_accum as f64;
+        let mut norm = f64::NAN;
+        if let (true, Some(g)) = (finite, &grads) {
+            norm = self.opt.grad_norm(g)? / t.grad_accum as f64;
+            finite = norm.is_finite();
+        }
+        self.step += 1;
+        self.tokens += (t.batch_size * t.seq_len * t.grad_accum) as u64;
+        if !finite {
+            self.bad_steps += 1;
+            if self.bad_steps >= t.max_bad_steps.max(1) {
+                return Err(Error::input(format!(
+                    "training stopped at step {}: {} consecutive steps had a non-finite loss or gradient; the last checkpoint is intact; try a lower lr",
+                    self.step, self.bad_steps
+                )));
+            }
+            return Ok(StepReport { step: self.step, loss, lr, grad_norm: norm, skipped: true, tokens: self.tokens });
+        }
+        self.bad_steps = 0;
+        let clip = if t.grad_clip > 0.0 && norm > t.grad_clip { t.grad_clip / norm } else { 1.0 };
+        self.opt.step(grads.as_ref().expect("finite gradients exist"), lr, clip / t.grad_accum as f64)?;
+        Ok(StepReport { step: self.step, loss, lr, grad_norm: norm, skipped: false, tokens: self.tokens })
+    }
+
+    /// Loss on a split: `max_windows` evenly spread windows, or the whole split.
+    pub fn evaluate(&self, split: Split, max_windows: Option<usize>) -> Result<Evaluation> {
+        evaluate(&self.model, self.corpus.split(split), self.run.train.seq_len, self.run.train.batch_size, max_windows)
+    }
+
+    /// A text sample continuing `prompt`.
+    pub fn sample(&self, prompt: &str, len: usize, seed: u64) -> Result<String> {
+        let prompt: Vec<u32> = if prompt.is_empty() { vec![b'\n' as u32] } else { prompt.bytes().map(u32::from).collect() };
+        let sampling = Sampling { temperature: 0.8, top_k: None, top_p: Some(0.95) };
+        let out = generate(&self.model, &[prompt], len, &sampling, seed, None, true, &mut |_, _| {})?;
+        Ok(String::from_utf8_lossy(&out[0].iter().map(|&t| t as u8).collect::<Vec<_>>()).into_owned())
+    }
+
+    /// Writes the checkpoint (model, optimizer, position) and the model file, each atomically.
+    pub fn save(&self, elapsed: f64) -> Result<()> {
+        let mut tensors: Vec<(String, Tensor)> = self.model.params().iter().map(|p| (format!("model.{}", p.name), p.tensor.clone())).collect();
+        tensors.extend(self.opt.state()?.into_iter().map(|(k, t)| (format!("adam.{k}"), t)));
+        let meta = HashMap::from([
+            (checkpoint::CONFIG_KEY.to_string(), self.run.model.to_json()),
+            (RUN_KEY.to_string(), serde_json::to_string(&self.run).expect("run serialises")),
+            (STEP_KEY.to_string(), self.step.to_string()),
+            (TOKENS_KEY.to_string(), self.tokens.to_string()),
+            (ELAPSED_KEY.to_string(), format!("{elapsed:.3}")),
+        ]);
+        write_safetensors(&self.files.checkpoint(), &tensors, &meta)?;
+        let info = HashMap::from([(STEP_KEY.to_string(), self.step.to_string()), ("lat.seq_len".to_string(), self.run.train.seq_len.to_string())]);
+        checkpoint::save(&self.model, self.files.model(), &info)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("15m").unwrap().unwrap().as_secs(), 900);
+        assert_eq!(parse_duration("1h30m").unwrap().unwrap().as_secs(), 5400);
+        assert_eq!(parse_duration("90").unwrap().unwrap().as_secs(), 90);
+        assert_eq!(parse_duration("").unwrap(), None);
+        assert!(parse_duration("5x").is_err());
+    }
+
+    #[test]
+    fn settings_override_from_the_command_line() {
+        let mut run = RunConfig::default();
+        run.set("model.depth=3").unwrap();
+        run.set("train.lr=5e-4").unwrap();
+        run.set("train.time_limit=1h").unwrap();
+        run.set("model.n_local_attn_heads=[1, 1, 2]").unwrap();
+        assert_eq!(run.model.depth, 3);
+        assert_eq!(run.train.lr, 5e-4);
+        assert_eq!(run.train.time_limit, "1h");
+        assert!(run.set("model.nope=1").is_err());
+        assert!(run.set("train.seq_len=0").is_err());
+        assert!(run.set("depth=3").is_err());
+        let text = run.to_toml();
+        assert_eq!(RunConfig::from_toml(&text).unwrap(), run);
+    }
+}
