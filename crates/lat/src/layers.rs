@@ -15,7 +15,7 @@ use crate::params::Builder;
 use crate::pass::Pass;
 
 /// Dropout site of the feed-forward layer inside a pair.
-const SITE_FF: u64 = 2;
+pub(crate) const SITE_FF: u64 = 2;
 
 /// Which of the stack's inputs a block reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -16,9 +16,10 @@ pub mod model;
 pub mod nn;
 mod params;
 pub mod pass;
-mod reversible;
+mod recompute;
 pub mod rng;
 pub mod train;
+mod vjp;
 
 pub use config::{Config, LinformerContextSettings, LinformerSettings, LocalHeads, TransformerConfig};
 pub use error::{Error, Result};

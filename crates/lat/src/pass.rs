@@ -49,6 +49,12 @@ impl Pass {
         Ok(grads)
     }
 
+    /// The deferred gradient of `param` so far.
+    #[cfg(test)]
+    pub(crate) fn deferred(&self, param: &Tensor) -> Option<Tensor> {
+        self.deferred.lock().expect("gradient store poisoned").get(&param.id()).map(|(_, g)| g.clone())
+    }
+
     /// Adds `g` to the deferred gradient of `param`.
     pub(crate) fn defer(&self, param: &Tensor, g: Tensor) -> Result<()> {
         let mut map = self.deferred.lock().expect("gradient store poisoned");

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::kernels::causal_linear::{causal_linear_attention, LinearState};
+use crate::kernels::causal_linear::LinearState;
 use crate::kernels::linear::linear_attention;
-use crate::kernels::local::{local_attention, Dropout, LocalCache, Windows};
-use crate::kernels::rotary::{rotary, RotaryTable};
+use crate::kernels::local::{Dropout, LocalCache};
+use crate::kernels::rotary::RotaryTable;
+use crate::kernels::self_attention::{self_attention, HeadSpec};
 use crate::nn::{dropout, Linear};
 use crate::params::Builder;
 
@@ -68,68 +69,41 @@ impl SelfAttention {
         })
     }
 
-    /// Projects `x` with rows [first, first + count) of `layer`'s heads, as [b, n, count, dh].
-    fn project(&self, layer: &Linear, x: &Tensor, first: usize, count: usize) -> Result<Tensor> {
-        let dh = self.spec.dim_head;
-        let (b, n, _) = x.dims3()?;
-        let w = layer.weight.narrow(0, first * dh, count * dh)?;
-        let y = x.reshape((b * n, x.dim(2)?))?.matmul(&w.t()?)?;
-        Ok(y.reshape((b, n, count, dh))?)
+    /// The fused projection [batch, n, 3 · heads · dim_head] of queries, keys and values.
+    fn qkv(&self, x: &Tensor) -> Result<Tensor> {
+        let w = Tensor::cat(&[&self.to_q.weight, &self.to_k.weight, &self.to_v.weight], 0)?;
+        let (b, n, d) = x.dims3()?;
+        Ok(x.reshape((b * n, d))?.matmul(&w.t()?)?.reshape((b, n, w.dim(0)?))?)
     }
 
-    /// Queries, keys and values of the local and the global heads, rotated where rotary
-    /// positions are given: each [batch, n, heads, dim_head].
-    fn heads(&self, x: &Tensor, inputs: &AttentionInputs) -> Result<HeadGroups> {
+    pub(crate) fn head_spec(&self) -> HeadSpec {
         let s = &self.spec;
-        let source = if s.receives_context {
-            inputs.context.as_ref().ok_or_else(|| Error::input("this model receives context: pass a context tensor"))?
-        } else {
-            x
-        };
-        let rotate = |t: Tensor| -> Result<Tensor> {
-            match (&inputs.rotary, s.receives_context) {
-                (Some((table, offset)), false) => Ok(rotary(&t, table, *offset)?),
-                _ => Ok(t),
-            }
-        };
-        let group = |first: usize, count: usize| -> Result<Option<Qkv>> {
-            if count == 0 {
-                return Ok(None);
-            }
-            Ok(Some(Qkv {
-                q: rotate(self.project(&self.to_q, x, first, count)?)?,
-                k: rotate(self.project(&self.to_k, source, first, count)?)?,
-                v: self.project(&self.to_v, source, first, count)?,
-            }))
-        };
-        Ok(HeadGroups { local: group(0, s.local_heads)?, global: group(s.local_heads, s.heads - s.local_heads)? })
+        HeadSpec { heads: s.heads, local_heads: s.local_heads, dim_head: s.dim_head, causal: s.causal, bucket: s.bucket, window: s.window }
+    }
+
+    /// The merged head outputs of self-attention on `qkv`.
+    fn attend(&self, qkv: &Tensor, inputs: &AttentionInputs, seed: Option<u64>) -> Result<Tensor> {
+        let s = &self.spec;
+        let drop = seed.filter(|_| s.attn_dropout > 0.0 && s.local_heads > 0).map(|seed| Dropout { p: s.attn_dropout, seed });
+        let rotary = inputs.rotary.as_ref().map(|(t, o)| (t, *o));
+        Ok(self_attention(qkv, self.head_spec(), inputs.mask.as_ref(), rotary, drop)?)
     }
 
     /// `x`: [batch, n, dim]. `seeds`: dropout seeds for (attention probabilities, output).
     pub fn forward(&self, x: &Tensor, inputs: &AttentionInputs, seeds: (Option<u64>, Option<u64>)) -> Result<Tensor> {
-        let heads = self.heads(x, inputs)?;
-        self.attend(&heads, inputs, seeds)
-    }
-
-    fn attend(&self, heads: &HeadGroups, inputs: &AttentionInputs, seeds: (Option<u64>, Option<u64>)) -> Result<Tensor> {
         let s = &self.spec;
-        let mut outs = Vec::with_capacity(2);
-        if let Some(Qkv { q, k, v }) = &heads.local {
-            let windows = Windows { size: s.window, causal: s.causal };
-            let drop = seeds.0.filter(|_| s.attn_dropout > 0.0).map(|seed| Dropout { p: s.attn_dropout, seed });
-            outs.push(local_attention(q, k, v, inputs.mask.as_ref(), windows, drop)?.flatten_from(2)?);
-        }
-        if let Some(Qkv { q, k, v }) = &heads.global {
-            let out = if s.receives_context {
-                linear_attention(q, k, v, inputs.context_mask.as_ref())?
-            } else if s.causal {
-                causal_linear_attention(q, k, v, inputs.mask.as_ref(), s.bucket)?
-            } else {
-                linear_attention(q, k, v, inputs.mask.as_ref())?
+        let merged = if s.receives_context {
+            // Cross-attention: global, non-causal heads over the context, no positions.
+            let context = inputs.context.as_ref().ok_or_else(|| Error::input("this model receives context: pass a context tensor"))?;
+            let split = |l: &Linear, t: &Tensor| -> Result<Tensor> {
+                let (b, m, _) = t.dims3()?;
+                Ok(l.matmul(t)?.reshape((b, m, s.heads, s.dim_head))?)
             };
-            outs.push(out.flatten_from(2)?);
-        }
-        let merged = if outs.len() == 1 { outs.pop().expect("one part") } else { Tensor::cat(&outs, 2)? };
+            let out = linear_attention(&split(&self.to_q, x)?, &split(&self.to_k, context)?, &split(&self.to_v, context)?, inputs.context_mask.as_ref())?;
+            out.flatten_from(2)?
+        } else {
+            self.attend(&self.qkv(x)?, inputs, seeds.0)?
+        };
         dropout(&self.to_out.forward(&merged)?, s.dropout, seeds.1)
     }
 
@@ -140,27 +114,25 @@ impl SelfAttention {
         if !s.causal || s.receives_context {
             return Err(Error::input("generation needs causal self-attention"));
         }
-        let heads = self.heads(x, inputs)?;
-        let out = self.attend(&heads, inputs, (None, None))?;
-        let b = x.dim(0)?;
-        let dh = s.dim_head;
-        // Per (row, head): the first n rows of k and v as host vectors.
-        let rows = |t: &Tensor, r: usize, h: usize| -> Result<Vec<f32>> {
-            Ok(t.narrow(0, r, 1)?.narrow(1, 0, n)?.narrow(2, h, 1)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-        };
-        let mut local = vec![];
-        if let Some(Qkv { k, v, .. }) = &heads.local {
-            for r in 0..b {
-                for h in 0..s.local_heads {
-                    local.push(LocalCache::from_prefix(&rows(k, r, h)?, &rows(v, r, h)?, dh, s.window));
-                }
+        let qkv = self.qkv(x)?;
+        let out = self.to_out.forward(&self.attend(&qkv, inputs, None)?)?;
+        let (b, dh, he) = (x.dim(0)?, s.dim_head, s.heads * s.dim_head);
+        let rows = qkv.narrow(1, 0, n)?.to_dtype(candle_core::DType::F32)?.to_vec3::<f32>()?;
+        // One head's first n keys (rotated) or values, as host rows.
+        let head = |r: usize, part: usize, h: usize| -> Vec<f32> {
+            let mut v: Vec<f32> = rows[r].iter().flat_map(|row| row[part * he + h * dh..part * he + (h + 1) * dh].iter().copied()).collect();
+            if let (1, Some((table, offset))) = (part, &inputs.rotary) {
+                table.rotate_rows(&mut v, dh, *offset, false);
             }
-        }
-        let mut global = vec![];
-        if let Some(Qkv { k, v, .. }) = &heads.global {
-            for r in 0..b {
-                for h in 0..s.heads - s.local_heads {
-                    global.push(LinearState::from_prefix(&rows(k, r, h)?, &rows(v, r, h)?, dh, dh, s.bucket));
+            v
+        };
+        let (mut local, mut global) = (vec![], vec![]);
+        for r in 0..b {
+            for h in 0..s.heads {
+                if h < s.local_heads {
+                    local.push(LocalCache::from_prefix(&head(r, 1, h), &head(r, 2, h), dh, s.window));
+                } else {
+                    global.push(LinearState::from_prefix(&head(r, 1, h), &head(r, 2, h), dh, dh, s.bucket));
                 }
             }
         }
@@ -171,9 +143,10 @@ impl SelfAttention {
     pub fn step(&self, x: &Tensor, state: &mut AttentionState, rotary_table: Option<&RotaryTable>, positions: &[usize]) -> Result<Tensor> {
         let s = &self.spec;
         let (b, dh) = (x.dim(0)?, s.dim_head);
-        let host = |l: &Linear| -> Result<Vec<f32>> { Ok(l.matmul(x)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
-        let (mut q, mut k, v) = (host(&self.to_q)?, host(&self.to_k)?, host(&self.to_v)?);
         let width = s.heads * dh;
+        let qkv = self.qkv(x)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let part = |i: usize| -> Vec<f32> { (0..b).flat_map(|r| qkv[(3 * r + i) * width..(3 * r + i + 1) * width].iter().copied()).collect() };
+        let (mut q, mut k, v) = (part(0), part(1), part(2));
         if let Some(table) = rotary_table {
             for r in 0..b {
                 table.rotate(&mut q[r * width..(r + 1) * width], dh, positions[r]);
@@ -197,18 +170,6 @@ impl SelfAttention {
         let merged = Tensor::from_vec(out, (b, 1, width), x.device())?.to_dtype(x.dtype())?;
         self.to_out.forward(&merged)
     }
-}
-
-/// Queries, keys and values of a group of heads.
-struct Qkv {
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-}
-
-struct HeadGroups {
-    local: Option<Qkv>,
-    global: Option<Qkv>,
 }
 
 /// The decoding state of one attention layer: per (row, head), the local heads' key/value

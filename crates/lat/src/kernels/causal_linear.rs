@@ -85,7 +85,7 @@ const SPREAD: f64 = 60.0;
 /// exponential in range: `p[j]`, the running maximum of the kept keys up to `j` (never below 0),
 /// and `s[i]`, the largest key query `i` sees. Key `j` is stored as `exp(k_j - p[j])`; query `i`
 /// works at scale `exp(-s[i])`; a visible pair is reweighted by `exp(p[j] - s[i]) <= 1`.
-struct Task<'a, T> {
+pub(crate) struct Task<'a, T> {
     qh: Vec<T>,
     k: Vec<T>,
     v: Vec<T>,
@@ -102,14 +102,19 @@ impl<'a, T: Elem> Task<'a, T> {
     #[allow(clippy::too_many_arguments)]
     fn load(q: &[T], k: &[T], v: &[T], qs: Heads, vs: Heads, t: usize, bucket: usize, keep: Option<&'a [u8]>) -> Self {
         let (n, e, ev) = (qs.n, qs.e, vs.e);
-        let mut qh = vec![T::ZERO; n * e];
+        let mut qq = vec![T::ZERO; n * e];
         let mut kk = vec![T::ZERO; n * e];
         let mut vv = vec![T::ZERO; n * ev];
-        qs.gather(q, t, &mut qh);
+        qs.gather(q, t, &mut qq);
         qs.gather(k, t, &mut kk);
         vs.gather(v, t, &mut vv);
+        Self::new(qq, kk, vv, keep.map(|m| &m[(t / qs.h) * n..(t / qs.h + 1) * n]), e, ev, bucket)
+    }
+
+    /// A task from the raw rows of one head (q and k: n x e, v: n x ev) and its row of the mask.
+    pub(crate) fn new(mut qh: Vec<T>, kk: Vec<T>, mut vv: Vec<T>, keep: Option<&'a [u8]>, e: usize, ev: usize, bucket: usize) -> Self {
+        let n = kk.len() / e.max(1);
         softmax_rows(&mut qh, e, T::of((e as f64).powf(-0.5)));
-        let keep = keep.map(|m| &m[(t / qs.h) * n..(t / qs.h + 1) * n]);
         let kept = |j: usize| keep.is_none_or(|m| m[j] != 0);
         let mut p = vec![T::ZERO; n];
         let mut run = T::ZERO;
@@ -198,7 +203,7 @@ impl<'a, T: Elem> Task<'a, T> {
     }
 
     /// Writes out (n x ev) and stats (n x 2: the query scale s and the unclamped denominator).
-    fn forward(&self, out: &mut [T], stats: &mut [T]) {
+    pub(crate) fn forward(&self, out: &mut [T], stats: &mut [T]) {
         let (n, e, ev) = (self.n, self.e, self.ev);
         let cmax = chunk_len(self.bucket);
         let mut s_state = vec![T::ZERO; e * ev];
@@ -247,7 +252,7 @@ impl<'a, T: Elem> Task<'a, T> {
     }
 
     /// Gradients with respect to q (before the feature map), k and v.
-    fn backward(&self, g: &[T], out: &[T], stats: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+    pub(crate) fn backward(&self, g: &[T], out: &[T], stats: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
         let (n, e, ev) = (self.n, self.e, self.ev);
         let cmax = chunk_len(self.bucket);
         // Gradients with respect to the numerator (per output row) and the denominator, both at

@@ -15,6 +15,20 @@ pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// The fused forward without graph, for hand-written backward passes.
+pub(crate) fn forward_detached(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(&bias.contiguous()?, &BiasGelu)
+}
+
+/// The fused backward: (dx, dbias).
+pub(crate) fn backward(x: &Tensor, bias: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (x, b) = (x.contiguous()?, bias.contiguous()?);
+    match BiasGelu.bwd(&x, &b, &x, dy)? {
+        (Some(dx), Some(db)) => Ok((dx, db)),
+        _ => candle_core::bail!("bias-gelu: incomplete backward"),
+    }
+}
+
 /// Plain tensor-op version. (Written with `erf` rather than candle's `gelu_erf`, whose
 /// backward uses a six-digit constant.)
 pub fn reference(x: &Tensor, bias: &Tensor) -> Result<Tensor> {

@@ -14,6 +14,20 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     }
 }
 
+/// The fused forward without graph, for hand-written backward passes.
+pub(crate) fn forward_detached(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &LayerNorm { eps })
+}
+
+/// The fused backward: (dx, dweight, dbias).
+pub(crate) fn backward(x: &Tensor, weight: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    let (x, w) = (x.contiguous()?, weight.contiguous()?);
+    match (LayerNorm { eps }).bwd(&x, &w, &w, &x, dy)? {
+        (Some(dx), Some(dw), Some(db)) => Ok((dx, dw, db)),
+        _ => candle_core::bail!("layer-norm: incomplete backward"),
+    }
+}
+
 /// Plain tensor-op version.
 pub fn reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
@@ -55,7 +69,7 @@ fn forward<T: Elem>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
 }
 
 /// Returns (dx, dweight, dbias).
-fn backward<T: Elem>(x: &[T], w: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
+fn backward_rows<T: Elem>(x: &[T], w: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
     let d = w.len();
     let mut dx = vec![T::ZERO; x.len()];
     let chunk = rows_per_task(d) * d;
@@ -125,7 +139,7 @@ impl CustomOp3 for LayerNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         with_float!(x.dtype(), self.name(), T => {
-            let (dx, dw, db) = read::<T, _>(&[x, w, &dy], |s| backward(s[0], s[1], s[2], self.eps))?;
+            let (dx, dw, db) = read::<T, _>(&[x, w, &dy], |s| backward_rows(s[0], s[1], s[2], self.eps))?;
             Ok((Some(tensor(dx, x.dims())?), Some(tensor(dw, w.dims())?), Some(tensor(db, w.dims())?)))
         })
     }

@@ -24,6 +24,22 @@ pub fn linear_attention(q: &Tensor, k: &Tensor, v: &Tensor, kv_mask: Option<&Ten
     }
 }
 
+/// The fused forward without graph, for hand-written backward passes.
+pub(crate) fn forward_detached(q: &Tensor, k: &Tensor, v: &Tensor, kv_mask: Option<&Tensor>) -> Result<Tensor> {
+    let keep = kv_mask.map(|m| m.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()).transpose()?;
+    q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &Linear { keep })
+}
+
+/// The fused backward: (dq, dk, dv).
+pub(crate) fn backward(q: &Tensor, k: &Tensor, v: &Tensor, dout: &Tensor, kv_mask: Option<&Tensor>) -> Result<(Tensor, Tensor, Tensor)> {
+    let keep = kv_mask.map(|m| m.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()).transpose()?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    match (Linear { keep }).bwd(&q, &k, &v, dout, dout)? {
+        (Some(dq), Some(dk), Some(dv)) => Ok((dq, dk, dv)),
+        _ => candle_core::bail!("linear attention: incomplete backward"),
+    }
+}
+
 /// Plain tensor-op version.
 pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor, kv_mask: Option<&Tensor>) -> Result<Tensor> {
     let e = q.dim(3)?;
@@ -47,14 +63,17 @@ struct Linear {
     keep: Option<Vec<u8>>,
 }
 
-struct Task<T> {
+pub(crate) struct Task<T> {
     qh: Vec<T>,
     kh: Vec<T>,
     v: Vec<T>,
     context: Vec<T>,
+    e: usize,
+    ev: usize,
 }
 
 impl<T: Elem> Task<T> {
+    #[allow(clippy::too_many_arguments)]
     fn load(q: &[T], k: &[T], v: &[T], qs: Heads, ks: Heads, vs: Heads, t: usize, keep: Option<&[u8]>) -> Self {
         let (e, ev, m) = (qs.e, vs.e, ks.n);
         let mut qh = vec![T::ZERO; qs.n * e];
@@ -63,8 +82,13 @@ impl<T: Elem> Task<T> {
         qs.gather(q, t, &mut qh);
         ks.gather(k, t, &mut kh);
         vs.gather(v, t, &mut vv);
+        Self::new(qh, kh, vv, keep.map(|mk| &mk[(t / qs.h) * m..(t / qs.h + 1) * m]), e, ev)
+    }
+
+    /// A task from the raw rows of one head (q: n x e, k: m x e, v: m x ev) and its key mask.
+    pub(crate) fn new(mut qh: Vec<T>, mut kh: Vec<T>, mut vv: Vec<T>, keep: Option<&[u8]>, e: usize, ev: usize) -> Self {
         softmax_rows(&mut qh, e, T::of((e as f64).powf(-0.5)));
-        let keep = keep.map(|mk| &mk[(t / qs.h) * m..(t / qs.h + 1) * m]);
+        let m = kh.len() / e.max(1);
         if let Some(mk) = keep {
             for (j, &kj) in mk.iter().enumerate() {
                 if kj == 0 {
@@ -90,7 +114,49 @@ impl<T: Elem> Task<T> {
         }
         let mut context = vec![T::ZERO; e * ev];
         gemm(e, ev, m, &mut context, ev, false, Mat::rows(&kh, e).t(), Mat::rows(&vv, ev), T::ONE);
-        Self { qh, kh, v: vv, context }
+        Self { qh, kh, v: vv, context, e, ev }
+    }
+
+    /// The output rows (n x ev).
+    pub(crate) fn forward(&self) -> Vec<T> {
+        let n = self.qh.len() / self.e.max(1);
+        let mut o = vec![T::ZERO; n * self.ev];
+        gemm(n, self.ev, self.e, &mut o, self.ev, false, Mat::rows(&self.qh, self.e), Mat::rows(&self.context, self.ev), T::ONE);
+        o
+    }
+
+    /// Gradients of the raw q, k and v for output gradient `g` (n x ev); masked keys get none.
+    pub(crate) fn backward(&self, g: &[T], keep: Option<&[u8]>) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let (e, ev) = (self.e, self.ev);
+        let (n, m) = (self.qh.len() / e.max(1), self.kh.len() / e.max(1));
+        let mut dcontext = vec![T::ZERO; e * ev];
+        gemm(e, ev, n, &mut dcontext, ev, false, Mat::rows(&self.qh, e).t(), Mat::rows(g, ev), T::ONE);
+        let mut gq = vec![T::ZERO; n * e];
+        gemm(n, e, ev, &mut gq, e, false, Mat::rows(g, ev), Mat::rows(&self.context, ev).t(), T::ONE);
+        softmax_rows_backward(&self.qh, &mut gq, e, T::of((e as f64).powf(-0.5)));
+        let mut gv = vec![T::ZERO; m * ev];
+        gemm(m, ev, e, &mut gv, ev, false, Mat::rows(&self.kh, e), Mat::rows(&dcontext, ev), T::ONE);
+        let mut gk = vec![T::ZERO; m * e];
+        gemm(m, e, ev, &mut gk, e, false, Mat::rows(&self.v, ev), Mat::rows(&dcontext, ev).t(), T::ONE);
+        // Column-softmax backward over the positions.
+        let mut dots = vec![T::ZERO; e];
+        for (kr, gr) in self.kh.chunks(e).zip(gk.chunks(e)) {
+            dots.iter_mut().zip(kr.iter().zip(gr)).for_each(|(d, (&a, &b))| *d += a * b);
+        }
+        for (kr, gr) in self.kh.chunks(e).zip(gk.chunks_mut(e)) {
+            for ((g, &p), &d) in gr.iter_mut().zip(kr).zip(&dots) {
+                *g = p * (*g - d);
+            }
+        }
+        if let Some(mk) = keep {
+            for (j, &kj) in mk.iter().enumerate() {
+                if kj == 0 {
+                    gk[j * e..(j + 1) * e].fill(T::ZERO);
+                    gv[j * ev..(j + 1) * ev].fill(T::ZERO);
+                }
+            }
+        }
+        (gq, gk, gv)
     }
 }
 
@@ -124,15 +190,13 @@ impl CustomOp3 for Linear {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (qs, ks, vs) = self.shapes(ql, kl, vl)?;
-        let os = Heads { n: qs.n, e: vs.e, ..qs };
+        let os = Heads { n: qs.n, e: vs.e, stride: qs.h * vs.e, ..qs };
         with_float!(super::dtype_of(qs_), self.name(), T => {
             let (q, k, v) = (slice::<T>(qs_, ql)?, slice::<T>(ks_, kl)?, slice::<T>(vs_, vl)?);
             let mut out = vec![T::ZERO; os.b * os.n * os.h * os.e];
             let shared = SharedOut::new(&mut out);
             (0..qs.tasks()).into_par_iter().for_each(|t| {
-                let task = Task::load(q, k, v, qs, ks, vs, t, self.keep.as_deref());
-                let mut o = vec![T::ZERO; os.n * os.e];
-                gemm(os.n, os.e, qs.e, &mut o, os.e, false, Mat::rows(&task.qh, qs.e), Mat::rows(&task.context, vs.e), T::ONE);
+                let o = Task::load(q, k, v, qs, ks, vs, t, self.keep.as_deref()).forward();
                 // SAFETY: task t writes only its own rows.
                 unsafe { os.scatter(&shared, t, &o) };
             });
@@ -149,9 +213,9 @@ impl CustomOp3 for Linear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (qs, ks, vs) = self.shapes(q.layout(), k.layout(), v.layout())?;
-        let os = Heads { n: qs.n, e: vs.e, ..qs };
+        let os = Heads { n: qs.n, e: vs.e, stride: qs.h * vs.e, ..qs };
         let grad = grad.contiguous()?;
-        let (e, ev, m) = (qs.e, vs.e, ks.n);
+        let (ev, m) = (vs.e, ks.n);
         with_float!(q.dtype(), self.name(), T => {
             let mut dq = vec![T::ZERO; q.elem_count()];
             let mut dk = vec![T::ZERO; k.elem_count()];
@@ -163,33 +227,7 @@ impl CustomOp3 for Linear {
                     let task = Task::load(s[0], s[1], s[2], qs, ks, vs, t, self.keep.as_deref());
                     let mut g = vec![T::ZERO; os.n * ev];
                     os.gather(s[3], t, &mut g);
-                    let mut dcontext = vec![T::ZERO; e * ev];
-                    gemm(e, ev, qs.n, &mut dcontext, ev, false, Mat::rows(&task.qh, e).t(), Mat::rows(&g, ev), T::ONE);
-                    let mut gq = vec![T::ZERO; qs.n * e];
-                    gemm(qs.n, e, ev, &mut gq, e, false, Mat::rows(&g, ev), Mat::rows(&task.context, ev).t(), T::ONE);
-                    softmax_rows_backward(&task.qh, &mut gq, e, T::of((e as f64).powf(-0.5)));
-                    let mut gv = vec![T::ZERO; m * ev];
-                    gemm(m, ev, e, &mut gv, ev, false, Mat::rows(&task.kh, e), Mat::rows(&dcontext, ev), T::ONE);
-                    let mut gk = vec![T::ZERO; m * e];
-                    gemm(m, e, ev, &mut gk, e, false, Mat::rows(&task.v, ev), Mat::rows(&dcontext, ev).t(), T::ONE);
-                    // Column-softmax backward over the positions.
-                    let mut dots = vec![T::ZERO; e];
-                    for (kr, gr) in task.kh.chunks(e).zip(gk.chunks(e)) {
-                        dots.iter_mut().zip(kr.iter().zip(gr)).for_each(|(d, (&a, &b))| *d += a * b);
-                    }
-                    for (kr, gr) in task.kh.chunks(e).zip(gk.chunks_mut(e)) {
-                        for ((g, &p), &d) in gr.iter_mut().zip(kr).zip(&dots) {
-                            *g = p * (*g - d);
-                        }
-                    }
-                    if let Some(mk) = keep {
-                        for (j, &kj) in mk.iter().enumerate() {
-                            if kj == 0 {
-                                gk[j * e..(j + 1) * e].fill(T::ZERO);
-                                gv[j * ev..(j + 1) * ev].fill(T::ZERO);
-                            }
-                        }
-                    }
+                    let (gq, gk, gv) = task.backward(&g, keep);
                     // SAFETY: task t writes only its own rows.
                     unsafe {
                         qs.scatter(&sq, t, &gq);

@@ -67,7 +67,7 @@ pub fn local_attention(
     }
     if super::use_fused(q.device()) {
         let keep = mask.map(|m| m.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()).transpose()?;
-        let op = Local { windows, keep, dropout };
+        let op = Local { params: LocalParams { windows, dropout }, keep };
         let flat = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
         flat.narrow(0, 0, b * n * h * e)?.reshape((b, n, h, e))
     } else {
@@ -140,10 +140,16 @@ pub fn reference(
     out.transpose(1, 2)
 }
 
+/// What a local-attention task needs besides its rows.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LocalParams {
+    pub windows: Windows,
+    pub dropout: Option<Dropout>,
+}
+
 struct Local {
-    windows: Windows,
+    params: LocalParams,
     keep: Option<Vec<u8>>,
-    dropout: Option<Dropout>,
 }
 
 /// Marks a row whose every slot is masked (uniform weights) in the saved log-sum-exp.
@@ -151,7 +157,7 @@ fn all_masked<T: Elem>(lse: T) -> bool {
     lse == T::of(f64::NEG_INFINITY)
 }
 
-struct Task<'a, T> {
+pub(crate) struct Task<'a, T> {
     q: Vec<T>,
     k: Vec<T>,
     v: Vec<T>,
@@ -159,7 +165,7 @@ struct Task<'a, T> {
     t: usize,
     n: usize,
     e: usize,
-    op: &'a Local,
+    op: LocalParams,
 }
 
 impl<'a, T: Elem> Task<'a, T> {
@@ -171,10 +177,16 @@ impl<'a, T: Elem> Task<'a, T> {
         hs.gather(q, t, &mut qq);
         hs.gather(k, t, &mut kk);
         hs.gather(v, t, &mut vv);
-        let scale = T::of((e as f64).powf(-0.5));
-        qq.iter_mut().for_each(|x| *x *= scale);
         let keep = op.keep.as_deref().map(|m| &m[(t / hs.h) * n..(t / hs.h + 1) * n]);
-        Self { q: qq, k: kk, v: vv, keep, t, n, e, op }
+        Self::new(op.params, qq, kk, vv, keep, t, e)
+    }
+
+    /// A task from the raw rows of one head (n x e each) and its row of the mask; `t` numbers
+    /// the task's dropout stream.
+    pub(crate) fn new(op: LocalParams, mut q: Vec<T>, k: Vec<T>, v: Vec<T>, keep: Option<&'a [u8]>, t: usize, e: usize) -> Self {
+        let scale = T::of((e as f64).powf(-0.5));
+        q.iter_mut().for_each(|x| *x *= scale);
+        Self { n: k.len() / e.max(1), q, k, v, keep, t, e, op }
     }
 
     fn visible(&self, i: usize, j: usize) -> bool {
@@ -213,7 +225,7 @@ impl<'a, T: Elem> Task<'a, T> {
         }
     }
 
-    fn forward(&self, out: &mut [T], lse: &mut [T]) {
+    pub(crate) fn forward(&self, out: &mut [T], lse: &mut [T]) {
         let (ws, e) = (self.op.windows.size, self.e);
         let mut s = vec![T::ZERO; ws * self.op.windows.slots()];
         for w in 0..self.n / ws {
@@ -250,7 +262,7 @@ impl<'a, T: Elem> Task<'a, T> {
         }
     }
 
-    fn backward(&self, g: &[T], out: &[T], lse: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+    pub(crate) fn backward(&self, g: &[T], out: &[T], lse: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
         let (ws, e, n) = (self.op.windows.size, self.e, self.n);
         let slots = self.op.windows.slots();
         let mut dq = vec![T::ZERO; n * e];

@@ -13,6 +13,7 @@ pub mod layer_norm;
 pub mod linear;
 pub mod local;
 pub mod rotary;
+pub mod self_attention;
 
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
 use std::sync::OnceLock;
@@ -96,8 +97,8 @@ pub fn erf_f32(x: f32) -> f32 {
     const B: [f32; 5] = [-1.456_607_2e-5, -2.133_740_6e-4, -1.682_827e-3, -7.373_329e-3, -1.426_474e-2];
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
-    let p = A.iter().fold(0.0f32, |acc, &c| acc.mul_add(x2, c));
-    let q = B.iter().fold(0.0f32, |acc, &c| acc.mul_add(x2, c));
+    let p = A.iter().fold(0.0f32, |acc, &c| acc * x2 + c);
+    let q = B.iter().fold(0.0f32, |acc, &c| acc * x2 + c);
     x * p / q
 }
 
@@ -258,19 +259,24 @@ impl<T: Copy> SharedOut<T> {
     }
 }
 
-/// A [batch, n, heads, e] tensor seen one (batch, head) task at a time.
+/// Heads of width `e` laid out as [batch, n, …] rows of `stride` elements, head `h` of a row
+/// starting at `col + h · e`, seen one (batch, head) task at a time. A [batch, n, heads, e]
+/// tensor has stride `heads · e` and col 0; the q, k and v parts of a fused [batch, n,
+/// 3 · heads · e] projection are the same heads at cols 0, heads · e and 2 · heads · e.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Heads {
     pub b: usize,
     pub n: usize,
     pub h: usize,
     pub e: usize,
+    pub stride: usize,
+    pub col: usize,
 }
 
 impl Heads {
     pub fn of(shape: &[usize], what: &str) -> candle_core::Result<Self> {
         match *shape {
-            [b, n, h, e] => Ok(Self { b, n, h, e }),
+            [b, n, h, e] => Ok(Self { b, n, h, e, stride: h * e, col: 0 }),
             _ => candle_core::bail!("{what}: expected [batch, n, heads, dim_head], got {shape:?}"),
         }
     }
@@ -283,7 +289,7 @@ impl Heads {
     #[inline]
     pub fn row(&self, t: usize, i: usize) -> usize {
         let (bi, hi) = (t / self.h, t % self.h);
-        ((bi * self.n + i) * self.h + hi) * self.e
+        (bi * self.n + i) * self.stride + self.col + hi * self.e
     }
 
     /// Copies task `t`'s rows into a contiguous [n, e] buffer.

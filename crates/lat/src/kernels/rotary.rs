@@ -34,6 +34,22 @@ impl RotaryTable {
         Self { dim, len, sin, cos }
     }
 
+    /// Rotates the rows (n x dim, one head) of positions `offset..` in place; `inverse`
+    /// rotates back (the transpose, for gradients).
+    pub(crate) fn rotate_rows<T: super::Elem>(&self, rows: &mut [T], dim: usize, offset: usize, inverse: bool) {
+        let half = dim / 2;
+        for (i, row) in rows.chunks_mut(dim).enumerate() {
+            let p = offset + i;
+            let (sin, cos) = (&self.sin[p * half..(p + 1) * half], &self.cos[p * half..(p + 1) * half]);
+            for j in 0..half {
+                let (c, sn) = (T::of(cos[j] as f64), T::of(if inverse { -sin[j] } else { sin[j] } as f64));
+                let (a, b) = (row[2 * j], row[2 * j + 1]);
+                row[2 * j] = a * c - b * sn;
+                row[2 * j + 1] = b * c + a * sn;
+            }
+        }
+    }
+
     /// Rotates every head (of width `dim`) of one row `x` for position `p`, in place.
     pub fn rotate(&self, x: &mut [f32], dim: usize, p: usize) {
         let half = dim / 2;

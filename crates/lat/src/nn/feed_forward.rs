@@ -3,11 +3,14 @@
 
 use candle_core::{Tensor, D};
 
-use super::{dropout, Linear};
+use super::{positional_mask, Linear};
 use crate::error::Result;
 use crate::kernels::gelu::bias_gelu;
 use crate::params::Builder;
 use crate::rng::derive;
+
+/// At most this many positions (over the batch) per chunk of hidden activations.
+pub const CHUNK_ROWS: usize = 2048;
 
 #[derive(Clone, Debug)]
 pub struct FeedForward {
@@ -35,23 +38,37 @@ impl FeedForward {
         })
     }
 
+    /// The (start, length) of each chunk of a sequence of `n` in a batch of `b`: `torch.chunk`'s
+    /// pieces (ceil(n / ff_chunks), possibly fewer of them), further cut so that a chunk holds
+    /// at most [`CHUNK_ROWS`] positions of the batch, which bounds the hidden activations alive
+    /// at a time. The result does not depend on the chunking.
+    pub fn chunk_ranges(&self, b: usize, n: usize) -> Vec<(usize, usize)> {
+        let by_rows = (b * n).div_ceil(CHUNK_ROWS);
+        let size = n.div_ceil(self.chunks.max(by_rows).max(1)).max(1);
+        (0..n).step_by(size).map(|s| (s, size.min(n - s))).collect()
+    }
+
+    /// The dropout mask of the hidden activations `h` [batch, len, hidden] of the chunk at
+    /// `start` of a sequence of `n`: drawn by position, so the same whatever the chunking.
+    pub fn chunk_mask(&self, h: &Tensor, start: usize, n: usize, seed: Option<u64>) -> Result<Option<Tensor>> {
+        let (b, len, w) = h.dims3()?;
+        let Some(seed) = seed.filter(|_| self.dropout > 0.0) else { return Ok(None) };
+        let index = |bi: usize, t: usize| ((bi * n + start + t) * w) as u64;
+        Ok(Some(positional_mask(b, len, w, self.dropout, &|bi, t| derive(seed, index(bi, t)), h)?))
+    }
+
     /// `x`: [batch, n, dim].
     pub fn forward(&self, x: &Tensor, seed: Option<u64>) -> Result<Tensor> {
-        let n = x.dim(1)?;
-        if self.chunks <= 1 || n <= 1 {
-            return self.forward_chunk(x, seed);
+        let (b, n, _) = x.dims3()?;
+        let ranges = self.chunk_ranges(b, n);
+        if ranges.len() == 1 {
+            return self.forward_chunk(x, 0, n, seed);
         }
-        // torch.chunk: pieces of ceil(n / chunks), possibly fewer of them.
-        let size = n.div_ceil(self.chunks);
-        let parts = (0..n)
-            .step_by(size)
-            .enumerate()
-            .map(|(i, s)| self.forward_chunk(&x.narrow(1, s, size.min(n - s))?, seed.map(|sd| derive(sd, i as u64))))
-            .collect::<Result<Vec<_>>>()?;
+        let parts = ranges.into_iter().map(|(s, len)| self.forward_chunk(&x.narrow(1, s, len)?, s, n, seed)).collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&parts, 1)?)
     }
 
-    fn forward_chunk(&self, x: &Tensor, seed: Option<u64>) -> Result<Tensor> {
+    fn forward_chunk(&self, x: &Tensor, start: usize, n: usize, seed: Option<u64>) -> Result<Tensor> {
         let b1 = self.w1.bias.as_ref().expect("w1 has a bias");
         let pre = self.w1.matmul(x)?;
         let h = if self.glu {
@@ -62,6 +79,10 @@ impl FeedForward {
         } else {
             bias_gelu(&pre, b1)?
         };
-        self.w2.forward(&dropout(&h, self.dropout, seed)?)
+        let h = match self.chunk_mask(&h, start, n, seed)? {
+            Some(m) => (h * m)?,
+            None => h,
+        };
+        self.w2.forward(&h)
     }
 }

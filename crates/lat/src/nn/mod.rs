@@ -87,12 +87,33 @@ impl Embedding {
 
 /// Inverted dropout with probability `p`; `seed` None (evaluation) or p = 0 is the identity.
 pub fn dropout(x: &Tensor, p: f64, seed: Option<u64>) -> Result<Tensor> {
+    match dropout_mask(x, p, seed)? {
+        Some(mask) => Ok((x * mask)?),
+        None => Ok(x.clone()),
+    }
+}
+
+/// Dropout factors for a [b, len, w] tensor (like `like`) whose row (bi, t) draws from the
+/// stream `row_seed(bi, t)`.
+pub(crate) fn positional_mask(b: usize, len: usize, w: usize, p: f64, row_seed: &dyn Fn(usize, usize) -> u64, like: &Tensor) -> Result<Tensor> {
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let mut mask = Vec::with_capacity(b * len * w);
+    for bi in 0..b {
+        for t in 0..len {
+            let seed = row_seed(bi, t);
+            mask.extend((0..w as u64).map(|c| if (uniform_at(seed, c) as f64) < p { 0.0 } else { scale }));
+        }
+    }
+    Ok(Tensor::from_vec(mask, (b, len, w), like.device())?.to_dtype(like.dtype())?)
+}
+
+/// The factors (0 or 1 / (1 - p)) that [`dropout`] multiplies `x` by, or None when it is the
+/// identity. The same seed gives the same mask.
+pub fn dropout_mask(x: &Tensor, p: f64, seed: Option<u64>) -> Result<Option<Tensor>> {
     let Some(seed) = seed.filter(|_| p > 0.0) else {
-        return Ok(x.clone());
+        return Ok(None);
     };
-    let scale = 1.0 / (1.0 - p);
-    let mask: Vec<f32> =
-        (0..x.elem_count() as u64).map(|i| if (uniform_at(seed, i) as f64) < p { 0.0 } else { scale as f32 }).collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    Ok((x * mask)?)
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = (0..x.elem_count() as u64).map(|i| if (uniform_at(seed, i) as f64) < p { 0.0 } else { scale }).collect();
+    Ok(Some(Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?))
 }

@@ -58,14 +58,12 @@ impl PositionalEmbedding {
         }
         match self {
             Self::Axial { rows, cols, window } => {
+                // Only the rows (of W positions each) that the range touches.
+                let (first, last) = (offset / window, (offset + n - 1) / window);
                 let d = rows.dims()[3];
-                let idx = |f: &dyn Fn(usize) -> usize| {
-                    let v: Vec<u32> = (offset..offset + n).map(|p| f(p) as u32).collect();
-                    Tensor::from_vec(v, n, rows.device())
-                };
-                let r = rows.reshape((rows.dims()[1], d))?.index_select(&idx(&|p| p / window)?, 0)?;
-                let c = cols.reshape((*window, d))?.index_select(&idx(&|p| p % window)?, 0)?;
-                Ok((r + c)?)
+                let r = rows.narrow(1, first, last - first + 1)?.reshape((last - first + 1, 1, d))?;
+                let grid = r.broadcast_add(&cols.reshape((1, *window, d))?)?.reshape(((last - first + 1) * window, d))?;
+                Ok(grid.narrow(0, offset - first * window, n)?)
             }
             Self::Absolute { table } | Self::Fixed { table } => Ok(table.narrow(0, offset, n)?),
         }

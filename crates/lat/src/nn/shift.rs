@@ -35,6 +35,30 @@ impl Shift {
 }
 
 impl Shift {
+    /// The gradient of [`Shift::forward`]'s input for the gradient `dy` of its output.
+    pub fn backward(&self, dy: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (_, n, d) = dy.dims3()?;
+        let f = d / self.shifts.len();
+        let mut parts = Vec::with_capacity(self.shifts.len() + 1);
+        for (i, &a) in self.shifts.iter().enumerate() {
+            let seg = dy.narrow(D::Minus1, i * f, f)?;
+            parts.push(if a == 0 {
+                seg
+            } else {
+                let back = shift(&seg, -a, n, None)?;
+                match mask {
+                    Some(m) => back.broadcast_mul(&m.to_dtype(back.dtype())?.unsqueeze(D::Minus1)?)?,
+                    None => back,
+                }
+            });
+        }
+        let used = f * self.shifts.len();
+        if used < d {
+            parts.push(dy.narrow(D::Minus1, used, d - used)?);
+        }
+        Ok(Tensor::cat(&parts, D::Minus1)?)
+    }
+
     /// One decoding step of a causal shift: `x` and `prev` are [batch, 1, dim], the current and
     /// the previous position.
     pub fn step(&self, x: &Tensor, prev: &Tensor) -> Result<Tensor> {
