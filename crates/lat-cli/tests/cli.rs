@@ -77,3 +77,70 @@ fn bad_files_and_arguments_give_one_line_errors_and_no_output() {
     assert!(!Path::new(&out).exists(), "a failed command left an output file");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".tmp")).count(), 0);
 }
+
+/// Settings that make `lat train` take about a second.
+const TINY: &[&str] = &[
+    "--set", "model.dim=16", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "model.dim_head=8",
+    "--set", "model.max_seq_len=32", "--set", "model.local_attn_window_size=8", "--set", "train.seq_len=32",
+    "--set", "train.batch_size=2", "--set", "train.eval_every=5", "--set", "train.eval_windows=4",
+    "--set", "train.sample_every=5", "--set", "train.sample_len=20", "--set", "train.checkpoint_every=5",
+    "--set", "train.log_every=2", "--quiet",
+];
+
+fn train(dir: &Path, extra: &[&str]) -> Output {
+    let data = path(dir, "corpus.txt");
+    if !Path::new(&data).exists() {
+        let text: String = (0..300).map(|i| format!("{i} to be or not to be, that is the question.\n")).collect();
+        std::fs::write(&data, text).unwrap();
+    }
+    let out = path(dir, "run");
+    let mut args = vec!["train", "--data", data.as_str(), "--out", out.as_str()];
+    args.extend_from_slice(TINY);
+    args.extend_from_slice(extra);
+    lat(&args)
+}
+
+#[test]
+fn train_writes_metrics_plot_and_models_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = train(dir.path(), &["--max-steps", "10"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("parameters") && stdout.contains("[model]") && stdout.contains("bits per character"), "{stdout}");
+    let run = dir.path().join("run");
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(records.iter().any(|r| r["kind"] == "train" && r["loss"].as_f64().is_some() && r["tokens_per_s"].as_f64().is_some()));
+    assert!(records.iter().any(|r| r["kind"] == "validation" && r["bpc"].as_f64().is_some()));
+    let svg = std::fs::read_to_string(run.join("loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+    // The model file works with the other commands.
+    let model = path(&run, "model.safetensors");
+    let o = lat(&["eval", "--model", &model, "--data", &path(dir.path(), "corpus.txt"), "--split", "test", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(e["bpc"].as_f64().unwrap() > 0.0 && e["tokens"].as_u64().unwrap() > 0);
+    // A second run into the same folder is refused; --resume continues to the new limit.
+    fails(&train(dir.path(), &["--max-steps", "12"]), "already holds a run");
+    let o = train(dir.path(), &["--max-steps", "14", "--resume"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("resuming at step 10"));
+    let steps: Vec<u64> = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    assert_eq!(*steps.iter().max().unwrap(), 14);
+}
+
+#[test]
+fn generation_with_a_seed_is_reproducible_and_cache_agrees() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(train(dir.path(), &["--max-steps", "5"]).status.success());
+    let model = path(&dir.path().join("run"), "model.safetensors");
+    let gen = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", model.as_str(), "--prompt", "to be", "--max-new", "40", "--json"];
+        args.extend_from_slice(extra);
+        let o = lat(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["tokens"].clone()
+    };
+    assert_eq!(gen(&["--seed", "3", "--top-p", "0.9"]), gen(&["--seed", "3", "--top-p", "0.9"]));
+    assert_eq!(gen(&["--top-k", "1"]), gen(&["--top-k", "1", "--no-cache"]));
+    fails(&lat(&["generate", "--model", &model, "--prompt", "x", "--max-new", "5", "--temperature", "0"]), "temperature");
+}

@@ -6,6 +6,7 @@
 //! with the same defaults, the same weight names, and outputs equal to float rounding.
 
 pub mod attention;
+mod backprop;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -16,7 +17,6 @@ pub mod model;
 pub mod nn;
 mod params;
 pub mod pass;
-mod recompute;
 pub mod rng;
 pub mod train;
 mod vjp;

@@ -16,7 +16,7 @@ use crate::nn::positional::{rotary_table, PositionalEmbedding};
 use crate::nn::{Embedding, LayerNorm, Linear};
 use crate::params::{Builder, Param};
 use crate::pass::Pass;
-use crate::recompute;
+use crate::backprop;
 
 /// Optional inputs of a forward pass besides the tokens (or embeddings).
 #[derive(Clone, Debug, Default)]
@@ -174,12 +174,12 @@ impl LinearAttentionTransformer {
     /// The stack on an already padded input.
     pub(crate) fn forward_padded(&self, x: &Tensor, inputs: &AttentionInputs, pass: &Pass) -> Result<Tensor> {
         if self.config.reversible {
-            return recompute::reversible(&self.pairs, x, inputs, pass, self.trainable);
+            return backprop::reversible(&self.pairs, x, inputs, pass, self.trainable);
         }
         let mut x = x.clone();
         for (j, pair) in self.pairs.iter().enumerate() {
-            x = recompute::residual(&pair.f, &x, inputs, pass, j, self.trainable)?;
-            x = recompute::residual(&pair.g, &x, inputs, pass, j, self.trainable)?;
+            x = backprop::residual(&pair.f, &x, inputs, pass, j, self.trainable)?;
+            x = backprop::residual(&pair.g, &x, inputs, pass, j, self.trainable)?;
         }
         Ok(x)
     }

@@ -1,9 +1,10 @@
-//! Hand-written backward passes of the blocks (llm.c style): for an input `x` and an output
-//! gradient `dy`, recompute the block's forward pass and return its output, `dx`, the context
-//! gradient (cross-attention) and the parameter gradients, deferred to the [`Pass`]. They run
-//! the fused kernels' forward and backward directly, with no autograd graph: one allocation per
-//! intermediate instead of a graph node, and feed-forward layers processed chunk by chunk, so
-//! that the hidden activations of only one chunk are alive at a time.
+//! Hand-written backward passes of the blocks (llm.c style): a forward pass that keeps what the
+//! backward pass needs, the backward pass, which returns `dx` (and the context gradient of
+//! cross-attention) and defers the parameter gradients to the [`Pass`], and `vjp`, both at once
+//! for reversible stacks, which recompute blocks (feed-forward layers chunk by chunk, so that
+//! the hidden activations of only one chunk are alive at a time). They run the fused kernels'
+//! forward and backward directly, with no autograd graph: one allocation per intermediate
+//! instead of a graph node with its gradient bookkeeping.
 //!
 //! Where no fused kernels run (other devices, `LAT_KERNELS=reference`) the same contract is
 //! met by candle's autograd on a local graph. Tests check that the two agree.
@@ -58,6 +59,33 @@ fn affine_backward(x: &Tensor, dy: &Tensor, layer: &Linear, pass: &Pass) -> Resu
     Ok(dy2.matmul(&w)?.reshape(shape)?)
 }
 
+/// What a block's backward pass needs from its forward pass.
+pub(crate) struct Saved {
+    x: Tensor,
+    hs: Tensor,
+    body: BodySaved,
+}
+
+enum BodySaved {
+    SelfAttention { qkv: Tensor, flat: Tensor, att: Tensor, out_mask: Option<Tensor>, attn_drop: Option<Dropout> },
+    Cross { context: Tensor, q: Tensor, k: Tensor, v: Tensor, att: Tensor, out_mask: Option<Tensor> },
+    FeedForward(Vec<FfChunk>),
+}
+
+/// One chunk of a feed-forward layer's forward pass.
+struct FfChunk {
+    start: usize,
+    len: usize,
+    /// Input rows [b·len, dim] and pre-activations [b·len, hidden (x2 with GLU)].
+    x: Tensor,
+    pre: Tensor,
+    /// With GLU: the gate's pre-activation, the gate and the value.
+    glu: Option<(Tensor, Tensor, Tensor)>,
+    /// Activations after dropout, and the dropout factors.
+    act: Tensor,
+    mask: Option<Tensor>,
+}
+
 impl Block {
     /// The block's backward pass at `x` for output gradient `dy`. `context`, when given, is
     /// the variable standing for the context in the caller's local computation.
@@ -65,35 +93,105 @@ impl Block {
         if !kernels::use_fused(x.device()) {
             return self.autograd_vjp(x, dy, inputs, pass, pair, context);
         }
+        if let Body::FeedForward(ff) = &self.body {
+            // Chunk by chunk, so that only one chunk's hidden activations are alive.
+            let (x, hs) = self.normed(x, inputs)?;
+            let (b, n, d) = hs.dims3()?;
+            let seed = pass.dropout(pair, SITE_FF);
+            let (mut ys, mut dxs) = (vec![], vec![]);
+            for (start, len) in ff.chunk_ranges(b, n) {
+                let (y, chunk) = ff_chunk_forward(ff, &hs, start, len, seed)?;
+                ys.push(y.reshape((b, len, d))?);
+                dxs.push(ff_chunk_backward(ff, chunk, dy, pass)?.reshape((b, len, d))?);
+            }
+            let dx = self.norm_backward(&x, &Tensor::cat(&dxs, 1)?, inputs, pass)?;
+            return Ok(Vjp { y: Tensor::cat(&ys, 1)?, dx, dcontext: None });
+        }
+        let (y, saved) = self.forward_saved(x, inputs, pass, pair, context.map(|c| c.as_tensor()))?;
+        let (dx, dcontext) = self.backward_saved(saved, dy, inputs, pass)?;
+        Ok(Vjp { y, dx, dcontext })
+    }
+
+    /// The norm (and token shift) before the body, without graph: (x, its normalised form).
+    fn normed(&self, x: &Tensor, inputs: &AttentionInputs) -> Result<(Tensor, Tensor)> {
         let x = x.detach();
         let h = layer_norm::forward_detached(&x, &self.norm.weight.detach(), &self.norm.bias.detach(), 1e-5)?;
         let hs = match &self.shift {
             Some(s) => s.forward(&h, inputs.mask.as_ref())?,
             None => h,
         };
-        let (y, dhs, dcontext) = match (&self.body, self.route) {
-            (Body::Attention(a), Route::Main) => {
-                let (y, dhs) = self_attention_vjp(a, &hs, dy, inputs, pass, pair)?;
-                (y, dhs, None)
-            }
-            (Body::Attention(a), Route::Context) => cross_attention_vjp(a, &hs, dy, inputs, pass, pair, context)?,
+        Ok((x, hs))
+    }
+
+    /// Back through the shift and the norm: dx for the gradient of the body's input.
+    fn norm_backward(&self, x: &Tensor, dhs: &Tensor, inputs: &AttentionInputs, pass: &Pass) -> Result<Tensor> {
+        let dh = match &self.shift {
+            Some(s) => s.backward(dhs, inputs.mask.as_ref())?,
+            None => dhs.clone(),
+        };
+        let (dx, dw, db) = layer_norm::backward(x, &self.norm.weight.detach(), &dh, 1e-5)?;
+        pass.defer(&self.norm.weight, dw)?;
+        pass.defer(&self.norm.bias, db)?;
+        Ok(dx)
+    }
+
+    /// The forward pass with the fused kernels, keeping what [`Block::backward_saved`] needs.
+    pub(crate) fn forward_saved(&self, x: &Tensor, inputs: &AttentionInputs, pass: &Pass, pair: usize, context: Option<&Tensor>) -> Result<(Tensor, Saved)> {
+        let (x, hs) = self.normed(x, inputs)?;
+        let (y, body) = match (&self.body, self.route) {
+            (Body::Attention(a), Route::Main) => self_attention_forward(a, &hs, inputs, pass, pair)?,
+            (Body::Attention(a), Route::Context) => cross_attention_forward(a, &hs, inputs, pass, pair, context)?,
             (Body::FeedForward(ff), _) => {
-                let (y, dhs) = feed_forward_vjp(ff, &hs, dy, pass.dropout(pair, SITE_FF), pass)?;
-                (y, dhs, None)
+                let (b, n, d) = hs.dims3()?;
+                let seed = pass.dropout(pair, SITE_FF);
+                let (mut ys, mut chunks) = (vec![], vec![]);
+                for (start, len) in ff.chunk_ranges(b, n) {
+                    let (y, chunk) = ff_chunk_forward(ff, &hs, start, len, seed)?;
+                    ys.push(y.reshape((b, len, d))?);
+                    chunks.push(chunk);
+                }
+                (Tensor::cat(&ys, 1)?, BodySaved::FeedForward(chunks))
             }
             (Body::Attention(_), Route::Channel) => unreachable!("attention blocks are routed as Main or Context"),
         };
-        let dh = match &self.shift {
-            Some(s) => s.backward(&dhs, inputs.mask.as_ref())?,
-            None => dhs,
-        };
-        let (dx, dw, db) = layer_norm::backward(&x, &self.norm.weight.detach(), &dh, 1e-5)?;
-        pass.defer(&self.norm.weight, dw)?;
-        pass.defer(&self.norm.bias, db)?;
-        Ok(Vjp { y, dx, dcontext })
+        Ok((y, Saved { x, hs, body }))
     }
 
-    /// The same contract through candle's autograd on a local graph.
+    /// The backward pass from saved activations: (dx, d context); parameter gradients are
+    /// deferred to the pass.
+    pub(crate) fn backward_saved(&self, saved: Saved, dy: &Tensor, inputs: &AttentionInputs, pass: &Pass) -> Result<(Tensor, Option<Tensor>)> {
+        let Saved { x, hs, body } = saved;
+        let (dhs, dcontext) = match (&self.body, body) {
+            (Body::Attention(a), BodySaved::SelfAttention { qkv, flat, att, out_mask, attn_drop }) => {
+                (self_attention_backward(a, &hs, qkv, flat, att, out_mask, attn_drop, dy, inputs, pass)?, None)
+            }
+            (Body::Attention(a), BodySaved::Cross { context, q, k, v, att, out_mask }) => {
+                let dyo = masked(dy, out_mask.as_ref())?;
+                let datt = affine_backward(&att, &dyo, &a.to_out, pass)?;
+                let heads = |t: &Tensor| -> Result<Tensor> {
+                    let (b, m, _) = t.dims3()?;
+                    Ok(t.reshape((b, m, a.spec.heads, a.spec.dim_head))?)
+                };
+                let (dq, dk, dv) = linear_kernel::backward(&q, &k, &v, &heads(&datt)?, inputs.context_mask.as_ref())?;
+                let dhs = affine_backward(&hs, &dq.flatten_from(2)?, &a.to_q, pass)?;
+                let dctx = (affine_backward(&context, &dk.flatten_from(2)?, &a.to_k, pass)? + affine_backward(&context, &dv.flatten_from(2)?, &a.to_v, pass)?)?;
+                (dhs, Some(dctx))
+            }
+            (Body::FeedForward(ff), BodySaved::FeedForward(chunks)) => {
+                let (b, _, d) = hs.dims3()?;
+                let mut dxs = vec![];
+                for chunk in chunks {
+                    let len = chunk.len;
+                    dxs.push(ff_chunk_backward(ff, chunk, dy, pass)?.reshape((b, len, d))?);
+                }
+                (Tensor::cat(&dxs, 1)?, None)
+            }
+            _ => unreachable!("saved activations come from the same block"),
+        };
+        Ok((self.norm_backward(&x, &dhs, inputs, pass)?, dcontext))
+    }
+
+    /// The same contract as [`Block::vjp`] through candle's autograd on a local graph.
     pub(crate) fn autograd_vjp(&self, x: &Tensor, dy: &Tensor, inputs: &AttentionInputs, pass: &Pass, pair: usize, context: Option<&Var>) -> Result<Vjp> {
         let xv = Var::from_tensor(&x.detach())?;
         let local = AttentionInputs {
@@ -113,41 +211,54 @@ impl Block {
     }
 }
 
-/// Self-attention body on the normalised (and shifted) input `hs`: (output, d hs).
-fn self_attention_vjp(a: &SelfAttention, hs: &Tensor, dy: &Tensor, inputs: &AttentionInputs, pass: &Pass, pair: usize) -> Result<(Tensor, Tensor)> {
+fn masked(t: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match mask {
+        Some(m) => (t * m)?,
+        None => t.clone(),
+    })
+}
+
+/// The output projection and its dropout: (output, dropout factors).
+fn project_out(a: &SelfAttention, att: &Tensor, pass: &Pass, pair: usize) -> Result<(Tensor, Option<Tensor>)> {
+    let o = affine(att, &a.to_out.weight.detach(), a.to_out.bias.as_ref().map(|b| b.detach()).as_ref())?;
+    let mask = dropout_mask(&o, a.spec.dropout, pass.dropout(pair, SITE_OUT))?;
+    Ok((masked(&o, mask.as_ref())?, mask))
+}
+
+fn self_attention_forward(a: &SelfAttention, hs: &Tensor, inputs: &AttentionInputs, pass: &Pass, pair: usize) -> Result<(Tensor, BodySaved)> {
     let s = &a.spec;
-    let spec = a.head_spec();
-    let (b, n, _) = hs.dims3()?;
-    let he = s.heads * s.dim_head;
     let w = Tensor::cat(&[&a.to_q.weight.detach(), &a.to_k.weight.detach(), &a.to_v.weight.detach()], 0)?;
     let qkv = affine(hs, &w, None)?;
     let attn_drop = pass.dropout(pair, SITE_ATTN).filter(|_| s.attn_dropout > 0.0 && s.local_heads > 0).map(|seed| Dropout { p: s.attn_dropout, seed });
     let rotary = inputs.rotary.as_ref().map(|(t, o)| (t, *o));
-    let (att, flat) = self_attention::forward_saved(&qkv, spec, inputs.mask.as_ref(), rotary, attn_drop)?;
-    let o = affine(&att, &a.to_out.weight.detach(), a.to_out.bias.as_ref().map(|b| b.detach()).as_ref())?;
-    let (y, dyo) = match dropout_mask(&o, s.dropout, pass.dropout(pair, SITE_OUT))? {
-        Some(m) => ((&o * &m)?, (dy * &m)?),
-        None => (o, dy.clone()),
-    };
+    let (att, flat) = self_attention::forward_saved(&qkv, a.head_spec(), inputs.mask.as_ref(), rotary, attn_drop)?;
+    let (y, out_mask) = project_out(a, &att, pass, pair)?;
+    Ok((y, BodySaved::SelfAttention { qkv, flat, att, out_mask, attn_drop }))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn self_attention_backward(a: &SelfAttention, hs: &Tensor, qkv: Tensor, flat: Tensor, att: Tensor, out_mask: Option<Tensor>, attn_drop: Option<Dropout>, dy: &Tensor, inputs: &AttentionInputs, pass: &Pass) -> Result<Tensor> {
+    let dyo = masked(dy, out_mask.as_ref())?;
     let datt = affine_backward(&att, &dyo, &a.to_out, pass)?;
     drop((att, dyo));
-    let dqkv = self_attention::backward(&qkv, &flat, &datt.reshape((b, n, he))?, spec, inputs.mask.as_ref(), rotary, attn_drop)?;
+    let rotary = inputs.rotary.as_ref().map(|(t, o)| (t, *o));
+    let dqkv = self_attention::backward(&qkv, &flat, &datt, a.head_spec(), inputs.mask.as_ref(), rotary, attn_drop)?;
     // Long sequences make these the largest tensors: free them before the next ones.
     drop((qkv, flat, datt));
+    let he = a.spec.heads * a.spec.dim_head;
     let (hs2, dqkv2) = (rows2(hs)?, rows2(&dqkv)?);
     let dw = dqkv2.t()?.matmul(&hs2)?;
     for (i, layer) in [&a.to_q, &a.to_k, &a.to_v].into_iter().enumerate() {
         pass.defer(&layer.weight, dw.narrow(0, i * he, he)?)?;
     }
-    Ok((y, dqkv2.matmul(&w)?.reshape(hs.dims())?))
+    let w = Tensor::cat(&[&a.to_q.weight.detach(), &a.to_k.weight.detach(), &a.to_v.weight.detach()], 0)?;
+    Ok(dqkv2.matmul(&w)?.reshape(hs.dims())?)
 }
 
-/// Cross-attention body: (output, d hs, d context).
-fn cross_attention_vjp(a: &SelfAttention, hs: &Tensor, dy: &Tensor, inputs: &AttentionInputs, pass: &Pass, pair: usize, context: Option<&Var>) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+fn cross_attention_forward(a: &SelfAttention, hs: &Tensor, inputs: &AttentionInputs, pass: &Pass, pair: usize, context: Option<&Tensor>) -> Result<(Tensor, BodySaved)> {
     let s = &a.spec;
-    let ctx = match (context, &inputs.context) {
-        (Some(c), _) => c.as_tensor().detach(),
-        (None, Some(c)) => c.detach(),
+    let context = match (context, &inputs.context) {
+        (Some(c), _) | (None, Some(c)) => c.detach(),
         (None, None) => return Err(crate::Error::input("this model receives context: pass a context tensor")),
     };
     let heads = |t: &Tensor| -> Result<Tensor> {
@@ -155,83 +266,59 @@ fn cross_attention_vjp(a: &SelfAttention, hs: &Tensor, dy: &Tensor, inputs: &Att
         Ok(t.reshape((b, m, s.heads, s.dim_head))?)
     };
     let q = heads(&affine(hs, &a.to_q.weight.detach(), None)?)?;
-    let k = heads(&affine(&ctx, &a.to_k.weight.detach(), None)?)?;
-    let v = heads(&affine(&ctx, &a.to_v.weight.detach(), None)?)?;
+    let k = heads(&affine(&context, &a.to_k.weight.detach(), None)?)?;
+    let v = heads(&affine(&context, &a.to_v.weight.detach(), None)?)?;
     let att = linear_kernel::forward_detached(&q, &k, &v, inputs.context_mask.as_ref())?.flatten_from(2)?;
-    let o = affine(&att, &a.to_out.weight.detach(), a.to_out.bias.as_ref().map(|b| b.detach()).as_ref())?;
-    let (y, dyo) = match dropout_mask(&o, s.dropout, pass.dropout(pair, SITE_OUT))? {
-        Some(m) => ((&o * &m)?, (dy * &m)?),
-        None => (o, dy.clone()),
-    };
-    let datt = affine_backward(&att, &dyo, &a.to_out, pass)?;
-    let (dq, dk, dv) = linear_kernel::backward(&q, &k, &v, &heads(&datt)?, inputs.context_mask.as_ref())?;
-    let dhs = affine_backward(hs, &dq.flatten_from(2)?, &a.to_q, pass)?;
-    let dctx = (affine_backward(&ctx, &dk.flatten_from(2)?, &a.to_k, pass)? + affine_backward(&ctx, &dv.flatten_from(2)?, &a.to_v, pass)?)?;
-    Ok((y, dhs, Some(dctx)))
+    let (y, out_mask) = project_out(a, &att, pass, pair)?;
+    Ok((y, BodySaved::Cross { context, q, k, v, att, out_mask }))
 }
 
-/// Feed-forward body, chunk by chunk along the sequence as its forward pass chunks:
-/// (output, d hs).
-fn feed_forward_vjp(ff: &FeedForward, hs: &Tensor, dy: &Tensor, seed: Option<u64>, pass: &Pass) -> Result<(Tensor, Tensor)> {
-    let (b, n, d) = hs.dims3()?;
+/// Forward pass of the feed-forward chunk of positions [start, start + len): its output rows
+/// [b·len, dim] and what its backward pass needs.
+fn ff_chunk_forward(ff: &FeedForward, hs: &Tensor, start: usize, len: usize, seed: Option<u64>) -> Result<(Tensor, FfChunk)> {
+    let (b, n, _) = hs.dims3()?;
     let (w1, w2) = (ff.w1.weight.detach(), ff.w2.weight.detach());
     let b1 = ff.w1.bias.as_ref().expect("w1 has a bias").detach();
     let b2 = ff.w2.bias.as_ref().expect("w2 has a bias").detach();
-    let (mut ys, mut dxs) = (vec![], vec![]);
-    let mut grads: Option<[Tensor; 4]> = None;
-    for (start, len) in ff.chunk_ranges(b, n) {
-        let x = rows2(&hs.narrow(1, start, len)?)?;
-        let g = rows2(&dy.narrow(1, start, len)?)?;
-        let pre = x.matmul(&w1.t()?)?;
-        let (act, gate_value) = if ff.glu {
-            let half = pre.dim(1)? / 2;
-            let gate_pre = pre.narrow(1, 0, half)?.contiguous()?;
-            let gate = gelu::forward_detached(&gate_pre, &b1.narrow(0, 0, half)?)?;
-            let value = pre.narrow(1, half, half)?.broadcast_add(&b1.narrow(0, half, half)?)?;
-            ((&gate * &value)?, Some((gate_pre, gate, value)))
-        } else {
-            (gelu::forward_detached(&pre, &b1)?, None)
-        };
-        let mask = ff.chunk_mask(&act.reshape((b, len, act.dim(1)?))?, start, n, seed)?.map(|m| rows2(&m)).transpose()?;
-        let act = match &mask {
-            Some(m) => (&act * m)?,
-            None => act,
-        };
-        ys.push(act.matmul(&w2.t()?)?.broadcast_add(&b2)?);
-        let dw2 = g.t()?.matmul(&act)?;
-        let db2 = g.sum(0)?;
-        let mut dact = g.matmul(&w2)?;
-        if let Some(m) = &mask {
-            dact = (dact * m)?;
-        }
-        let (dpre, db1) = match &gate_value {
-            None => gelu::backward(&pre, &b1, &dact)?,
-            Some((gate_pre, gate, value)) => {
-                let half = gate.dim(1)?;
-                let (dgate_pre, db1a) = gelu::backward(gate_pre, &b1.narrow(0, 0, half)?, &(&dact * value)?)?;
-                let dvalue = (&dact * gate)?;
-                let db1b = dvalue.sum(0)?;
-                (Tensor::cat(&[&dgate_pre, &dvalue], 1)?, Tensor::cat(&[&db1a, &db1b], 0)?)
-            }
-        };
-        let dw1 = dpre.t()?.matmul(&x)?;
-        dxs.push(dpre.matmul(&w1)?);
-        grads = Some(match grads {
-            None => [dw1, db1, dw2, db2],
-            Some([a, b, c, d]) => [(a + dw1)?, (b + db1)?, (c + dw2)?, (d + db2)?],
-        });
-    }
-    if let Some([dw1, db1, dw2, db2]) = grads {
-        pass.defer(&ff.w1.weight, dw1)?;
-        pass.defer(ff.w1.bias.as_ref().expect("w1 has a bias"), db1)?;
-        pass.defer(&ff.w2.weight, dw2)?;
-        pass.defer(ff.w2.bias.as_ref().expect("w2 has a bias"), db2)?;
-    }
-    let unchunk = |parts: Vec<Tensor>| -> Result<Tensor> {
-        let shaped: Vec<Tensor> = parts.iter().map(|p| p.reshape((b, p.dim(0)? / b, d))).collect::<candle_core::Result<_>>()?;
-        Ok(Tensor::cat(&shaped, 1)?)
+    let x = rows2(&hs.narrow(1, start, len)?)?;
+    let pre = x.matmul(&w1.t()?)?;
+    let (act, glu) = if ff.glu {
+        let half = pre.dim(1)? / 2;
+        let gate_pre = pre.narrow(1, 0, half)?.contiguous()?;
+        let gate = gelu::forward_detached(&gate_pre, &b1.narrow(0, 0, half)?)?;
+        let value = pre.narrow(1, half, half)?.broadcast_add(&b1.narrow(0, half, half)?)?;
+        ((&gate * &value)?, Some((gate_pre, gate, value)))
+    } else {
+        (gelu::forward_detached(&pre, &b1)?, None)
     };
-    Ok((unchunk(ys)?, unchunk(dxs)?))
+    let mask = ff.chunk_mask(&act.reshape((b, len, act.dim(1)?))?, start, n, seed)?.map(|m| rows2(&m)).transpose()?;
+    let act = masked(&act, mask.as_ref())?;
+    let y = act.matmul(&w2.t()?)?.broadcast_add(&b2)?;
+    Ok((y, FfChunk { start, len, x, pre, glu, act, mask }))
+}
+
+/// Backward pass of one feed-forward chunk for the full output gradient `dy` [b, n, dim]:
+/// the chunk's input gradient rows; parameter gradients are deferred.
+fn ff_chunk_backward(ff: &FeedForward, c: FfChunk, dy: &Tensor, pass: &Pass) -> Result<Tensor> {
+    let (w1, w2) = (ff.w1.weight.detach(), ff.w2.weight.detach());
+    let b1 = ff.w1.bias.as_ref().expect("w1 has a bias").detach();
+    let g = rows2(&dy.narrow(1, c.start, c.len)?)?;
+    pass.defer(&ff.w2.weight, g.t()?.matmul(&c.act)?)?;
+    pass.defer(ff.w2.bias.as_ref().expect("w2 has a bias"), g.sum(0)?)?;
+    let dact = masked(&g.matmul(&w2)?, c.mask.as_ref())?;
+    let (dpre, db1) = match &c.glu {
+        None => gelu::backward(&c.pre, &b1, &dact)?,
+        Some((gate_pre, gate, value)) => {
+            let half = gate.dim(1)?;
+            let (dgate_pre, db1a) = gelu::backward(gate_pre, &b1.narrow(0, 0, half)?, &(&dact * value)?)?;
+            let dvalue = (&dact * gate)?;
+            let db1b = dvalue.sum(0)?;
+            (Tensor::cat(&[&dgate_pre, &dvalue], 1)?, Tensor::cat(&[&db1a, &db1b], 0)?)
+        }
+    };
+    pass.defer(&ff.w1.weight, dpre.t()?.matmul(&c.x)?)?;
+    pass.defer(ff.w1.bias.as_ref().expect("w1 has a bias"), db1)?;
+    Ok(dpre.matmul(&w1)?)
 }
 
 #[cfg(test)]

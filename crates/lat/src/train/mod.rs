@@ -122,9 +122,13 @@ impl Default for RunConfig {
 
 impl RunConfig {
     pub fn from_toml(text: &str) -> Result<Self> {
-        let run: Self = toml::from_str(text).map_err(|e| Error::config("toml", e.to_string()))?;
+        let run = Self::parse(text)?;
         run.validate()?;
         Ok(run)
+    }
+
+    fn parse(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::config("toml", e.to_string()))
     }
 
     pub fn to_toml(&self) -> String {
@@ -132,7 +136,8 @@ impl RunConfig {
     }
 
     /// Sets one field from `section.field=value` (e.g. `model.depth=6`, `train.lr=1e-3`); the
-    /// value is TOML (`true`, `6`, `1e-3`, `[2, 2]`, or a bare string).
+    /// value is TOML (`true`, `6`, `1e-3`, `[2, 2]`, or a bare string). Only the type is checked
+    /// here: call [`RunConfig::validate`] once every field is set.
     pub fn set(&mut self, assignment: &str) -> Result<()> {
         let (key, value) = assignment.split_once('=').ok_or_else(|| Error::input(format!("--set {assignment}: expected section.field=value")))?;
         let (section, field) = key.trim().split_once('.').ok_or_else(|| Error::input(format!("--set {assignment}: the field must be model.NAME or train.NAME")))?;
@@ -145,7 +150,7 @@ impl RunConfig {
         let table = doc.get_mut(section).and_then(toml::Value::as_table_mut).ok_or_else(|| Error::input(format!("--set {assignment}: unknown section \"{section}\" (model or train)")))?;
         table.insert(field.to_string(), parsed);
         let text = toml::to_string(&doc).expect("a table serialises");
-        *self = Self::from_toml(&text).map_err(|e| Error::input(format!("--set {assignment}: {e}")))?;
+        *self = Self::parse(&text).map_err(|e| Error::input(format!("--set {assignment}: {e}")))?;
         Ok(())
     }
 
@@ -511,8 +516,11 @@ mod tests {
         assert_eq!(run.train.lr, 5e-4);
         assert_eq!(run.train.time_limit, "1h");
         assert!(run.set("model.nope=1").is_err());
-        assert!(run.set("train.seq_len=0").is_err());
+        assert!(run.set("model.depth=many").is_err());
         assert!(run.set("depth=3").is_err());
+        run.set("train.seq_len=0").unwrap();
+        assert!(run.validate().is_err());
+        run.set("train.seq_len=256").unwrap();
         let text = run.to_toml();
         assert_eq!(RunConfig::from_toml(&text).unwrap(), run);
     }

@@ -1,15 +1,16 @@
-//! Training without stored activations. The stack runs forward without graph; candle's graph
-//! gets one op standing for it, whose backward pass recomputes what it needs block by block
-//! and takes each block's hand-written backward pass ([`crate::vjp`]). Parameter gradients go
-//! to the [`Pass`]; the input gradient (and, for cross-attention, the context gradient) flows
-//! on through candle's graph.
+//! How gradients flow through the stack. The blocks run forward without candle's graph; the
+//! graph gets one op standing for each span, whose backward pass takes the blocks'
+//! hand-written backward passes ([`crate::vjp`]). Parameter gradients go to the [`Pass`]; the
+//! input gradient (and, for cross-attention, the context gradient) flows on through candle's
+//! graph.
 //!
 //! - Reversible stacks (RevNet coupling, as in the Reformer) keep nothing but their output:
 //!   `x1 = x2 = x;  y1 = x1 + f(x2);  y2 = x2 + g(y1);  out = (y1 + y2) / 2`, and the backward
 //!   pass reconstructs each pair's inputs from its outputs (`x2 = y2 - g(y1)`,
-//!   `x1 = y1 - f(x2)`). Memory is one block's activations, whatever the depth.
-//! - Sequential stacks get one op per residual block (`x + block(x)`), keeping each block's
-//!   input: activation checkpointing, one block's activations at a time.
+//!   `x1 = y1 - f(x2)`), recomputing one block at a time. Memory is one block's activations,
+//!   whatever the depth.
+//! - Sequential stacks get one op per residual block (`x + block(x)`) that keeps the
+//!   activations its backward pass needs: no recomputation, memory growing with depth.
 
 use std::sync::{Arc, Mutex};
 
@@ -18,6 +19,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor, Var};
 
 use crate::attention::AttentionInputs;
 use crate::error::Result;
+use crate::kernels;
 use crate::layers::{Block, Pair};
 use crate::pass::Pass;
 
@@ -144,17 +146,21 @@ pub(crate) fn reversible(pairs: &Arc<Vec<Pair>>, x: &Tensor, inputs: &AttentionI
     precomputed(x, inputs.context.as_ref(), mean, Box::new(backward))
 }
 
-/// `x + block(x)`, recomputed in the backward pass when gradients are needed.
+/// `x + block(x)`. With gradients and fused kernels, the block keeps its activations for its
+/// hand-written backward pass; elsewhere candle's autograd differentiates it.
 pub(crate) fn residual(block: &Block, x: &Tensor, inputs: &AttentionInputs, pass: &Pass, pair: usize, trainable: bool) -> Result<Tensor> {
-    if !tracked(x, inputs, trainable) {
+    if !tracked(x, inputs, trainable) || !kernels::use_fused(x.device()) {
         return Ok((x + block.forward(x, inputs, pass, pair)?)?);
     }
     let local = detached(inputs);
-    let out = (x.detach() + block.forward(&x.detach(), &local, pass, pair)?)?.detach();
+    let (y, saved) = block.forward_saved(&x.detach(), &local, pass, pair, local.context.as_ref())?;
+    let out = (x.detach() + y)?;
+    let saved = Mutex::new(Some(saved));
     let (block, pass) = (block.clone(), pass.clone());
-    let backward = move |x: &Tensor, _res: &Tensor, grad: &Tensor, context: Option<&Var>| -> Result<(Tensor, Option<Tensor>)> {
-        let v = block.vjp(x, grad, &local, &pass, pair, context)?;
-        Ok(((grad + v.dx)?, v.dcontext))
+    let backward = move |_x: &Tensor, _res: &Tensor, grad: &Tensor, _context: Option<&Var>| -> Result<(Tensor, Option<Tensor>)> {
+        let saved = saved.lock().expect("saved activations lock").take().ok_or_else(|| crate::Error::input("a block's backward pass ran twice"))?;
+        let (dx, dcontext) = block.backward_saved(saved, grad, &local, &pass)?;
+        Ok(((grad + dx)?, dcontext))
     };
     precomputed(x, inputs.context.as_ref(), out, Box::new(backward))
 }

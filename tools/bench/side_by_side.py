@@ -1,0 +1,215 @@
+"""Runs `lat bench` and the Python reference (tools/reference/bench.py) side by side on this
+machine and writes a dated markdown table of times, tokens/s, peak memory and ratios.
+
+    python tools/bench/side_by_side.py [--lengths 1024 2048 4096 8192 16384] [--modes forward train]
+        [--rounds 3] [--steps 3] [--threads 2] [--variant seed] [--variant blindspot1]
+        [--generate] [--scaling] [--out benchmarks/YYYY-MM-DD.md]
+
+Each measurement is its own process (so that its peak RSS is its own), both implementations use
+the same number of threads, the two alternate (which one goes first swaps every round), every
+process warms up before it times, the script waits for a quiet machine (1-minute load average below
+--quiet-load) before each measurement, and the table reports medians over the rounds.
+
+Needs the release build of `lat` (cargo build --release) and a Python with the pinned packages of
+tools/reference/requirements.txt (--python).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VARIANTS = {"seed": [], "blindspot1": ["blindspot_size=1"]}
+
+
+def wait_quiet(limit, max_wait):
+    start = time.time()
+    while time.time() - start < max_wait:
+        if os.getloadavg()[0] < limit:
+            return True
+        time.sleep(5)
+    return False
+
+
+def run(cmd, env, timeout):
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    if p.returncode != 0:
+        tail = (p.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": f"exit {p.returncode}: {tail[:160]}"}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lat", default=os.path.join(ROOT, "target", "release", "lat"))
+    ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    ap.add_argument("--modes", nargs="+", default=["forward", "train"])
+    ap.add_argument("--variant", action="append", choices=list(VARIANTS), help="model variants (default: seed and blindspot1)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--generate", action="store_true", help="also generation: 256 new tokens after 512, and per-token time at long contexts")
+    ap.add_argument("--scaling", action="store_true", help="also lat at 32k tokens (and the reference, if it can)")
+    ap.add_argument("--quiet-load", type=float, default=0.6)
+    ap.add_argument("--max-wait", type=float, default=600)
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", f"{datetime.date.today()}.md"))
+    a = ap.parse_args()
+    variants = a.variant or ["seed", "blindspot1"]
+
+    env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+    ref = os.path.join(ROOT, "tools", "reference", "bench.py")
+    rows = []
+    noisy = 0
+
+    def measure(label, ours_cmd, ref_cmd):
+        nonlocal noisy
+        results = {"ours": [], "ref": []}
+        for r in range(a.rounds):
+            order = [("ours", ours_cmd), ("ref", ref_cmd)]
+            if r % 2:
+                order.reverse()
+            for who, cmd in order:
+                if cmd is None:
+                    continue
+                if not wait_quiet(a.quiet_load, a.max_wait):
+                    noisy += 1
+                results[who].append(run(cmd, env, a.timeout))
+        rows.append((label, results))
+        summary = {k: summarize(v) for k, v in results.items()}
+        print(label, json.dumps(summary), flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in variants:
+            sets = VARIANTS[variant]
+            lat_cfg = lambda n: config_for(a, tmp, variant, sets, n, env)
+            for mode in a.modes:
+                for n in a.lengths:
+                    cfg = lat_cfg(n)
+                    common = ["--mode", mode, "--seq-len", str(n), "--steps", str(a.steps), "--json"]
+                    ours = [a.lat, "bench", "--config", cfg] + common
+                    theirs = [a.python, ref, "--config", cfg, "--threads", str(a.threads)] + common
+                    measure((variant, mode, n), ours, theirs)
+            if a.scaling:
+                for mode in a.modes:
+                    n = 32768
+                    cfg = lat_cfg(n)
+                    common = ["--mode", mode, "--seq-len", str(n), "--steps", "2", "--json"]
+                    measure((variant, mode, n), [a.lat, "bench", "--config", cfg] + common,
+                            [a.python, ref, "--config", cfg, "--threads", str(a.threads)] + common)
+        if a.generate:
+            # The same weights for both: the reference's seed model, imported.
+            for prompt, new in [(512, 256)]:
+                model = imported_model(a, tmp, prompt + new, env)
+                cfg = os.path.join(tmp, f"gen-{prompt + new}", "config.json")
+                common = ["--mode", "generate", "--seq-len", str(prompt), "--new-tokens", str(new), "--steps", "2", "--json"]
+                measure(("seed", "generate", prompt), [a.lat, "bench", "--model", model] + common,
+                        [a.python, ref, "--config", cfg, "--threads", str(a.threads)] + common)
+            # Per-token time at long contexts: ours only beyond what the reference finishes in time.
+            for context in [1024, 4096, 16384]:
+                model = imported_model(a, tmp, context + 64, env)
+                cfg = os.path.join(tmp, f"gen-{context + 64}", "config.json")
+                common = ["--mode", "generate", "--seq-len", str(context), "--new-tokens", "64", "--steps", "2", "--json"]
+                theirs = [a.python, ref, "--config", cfg, "--threads", str(a.threads), "--new-tokens", "8", "--steps", "1",
+                          "--mode", "generate", "--seq-len", str(context), "--json"] if context <= 4096 else None
+                measure(("seed", "decode", context), [a.lat, "bench", "--model", model] + common, theirs)
+
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        f.write(render(a, rows, noisy))
+    print("wrote", a.out)
+
+
+def config_for(a, tmp, variant, sets, n, env):
+    """The seed configuration at length n (as JSON for both sides), with the variant's changes."""
+    path = os.path.join(tmp, f"{variant}-{n}.json")
+    if not os.path.exists(path):
+        out = os.path.join(tmp, f"export-{variant}-{n}")
+        cmd = [a.python, os.path.join(ROOT, "tools", "reference", "bench.py"), "--preset", "seed", "--seq-len", str(n), "--export", out]
+        for s in sets:
+            cmd += ["--set", s]
+        subprocess.run(cmd, check=True, env=env)
+        os.replace(os.path.join(out, "config.json"), path)
+    return path
+
+
+def imported_model(a, tmp, length, env):
+    """The reference's seed model of max_seq_len >= length, saved by torch and imported by lat."""
+    out = os.path.join(tmp, f"gen-{length}")
+    model = os.path.join(out, "model.safetensors")
+    if not os.path.exists(model):
+        subprocess.run([a.python, os.path.join(ROOT, "tools", "reference", "bench.py"), "--preset", "seed", "--seq-len", str(length), "--export", out], check=True, env=env)
+        subprocess.run([a.lat, "import", "--torch", os.path.join(out, "state_dict.pt"), "--config", os.path.join(out, "config.json"), "--out", model], check=True, env=env)
+    return model
+
+
+def summarize(results):
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return {"error": results[0]["error"] if results else "not run"}
+    return {
+        "median_s": statistics.median(r["median_s"] for r in ok),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in ok),
+        "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in ok),
+        "runs": len(ok),
+    }
+
+
+def render(a, rows, noisy):
+    lines = [
+        f"# Side-by-side benchmark, {datetime.date.today()}",
+        "",
+        f"`lat bench` against the Python reference (linear-attention-transformer 0.19.1, torch {torch_version(a)}) on the same",
+        f"configurations, batch 1, {a.threads} threads each, on {platform.processor() or platform.machine()} "
+        f"({os.cpu_count()} cores visible). Medians of {a.rounds} alternating rounds, each a separate process timing "
+        f"{a.steps} steps after a warm-up; peak memory is each process's peak RSS. Reproduce with",
+        "",
+        "    " + " ".join(["python", "tools/bench/side_by_side.py"] + sys.argv[1:]),
+        "",
+    ]
+    if noisy:
+        lines += [f"Note: {noisy} measurements started on a busy machine (load above {a.quiet_load}) after waiting {a.max_wait:.0f} s.", ""]
+    lines += [
+        "| model | mode | tokens | ours s | reference s | speed ratio | ours tokens/s | reference tokens/s | ours peak MiB | reference peak MiB | memory ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (variant, mode, n), results in rows:
+        o, r = summarize(results["ours"]), summarize(results["ref"]) if results["ref"] else {"error": "not run"}
+        def cell(s, key, fmt):
+            return fmt.format(s[key]) if key in s else s.get("error", "")
+        speed = f"{r['median_s'] / o['median_s']:.2f}x" if "median_s" in o and "median_s" in r else ""
+        mem = f"{o['peak_rss_mib'] / r['peak_rss_mib']:.2f}x" if "peak_rss_mib" in o and "peak_rss_mib" in r else ""
+        lines.append(
+            f"| {variant} | {mode} | {n} | {cell(o, 'median_s', '{:.3f}')} | {cell(r, 'median_s', '{:.3f}')} | {speed} | "
+            f"{cell(o, 'tokens_per_s', '{:.0f}')} | {cell(r, 'tokens_per_s', '{:.0f}')} | {cell(o, 'peak_rss_mib', '{:.0f}')} | "
+            f"{cell(r, 'peak_rss_mib', '{:.0f}')} | {mem} |"
+        )
+    lines += [
+        "",
+        "Speed ratio = reference time / our time (above 1: we are faster). Memory ratio = our peak / the reference's peak.",
+        "For generate, tokens are new tokens (greedy); `decode` rows time 64 new tokens after a context of that many tokens.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def torch_version(a):
+    try:
+        return subprocess.run([a.python, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
+if __name__ == "__main__":
+    main()
