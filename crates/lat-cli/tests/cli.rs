@@ -80,7 +80,7 @@ fn bad_files_and_arguments_give_one_line_errors_and_no_output() {
 
 /// Settings that make `lat train` take about a second.
 const TINY: &[&str] = &[
-    "--set", "model.dim=16", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "model.dim_head=8",
+    "--set", "model.dim=16", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "model.dim_head=8", "--set", "model.n_local_attn_heads=1",
     "--set", "model.max_seq_len=32", "--set", "model.local_attn_window_size=8", "--set", "train.seq_len=32",
     "--set", "train.batch_size=2", "--set", "train.eval_every=5", "--set", "train.eval_windows=4",
     "--set", "train.sample_every=5", "--set", "train.sample_len=20", "--set", "train.checkpoint_every=5",

@@ -120,7 +120,8 @@ fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
 /// the same, whatever the length so far (the recurrent form); without it, every token re-runs
 /// the whole sequence as the reference does. Both give the same logits up to float rounding.
 /// Once a sequence outgrows `max_seq_len` the reference slides its window and restarts the
-/// positions; generation then continues the reference's way.
+/// positions; generation then continues the reference's way, as it does for models whose layers
+/// have no recurrent form (axial attention, Linformer, product-key memories).
 ///
 /// Each row draws from its own stream (`seed`, row), so a row's output does not depend on the
 /// others. A row stops after emitting `eos` (which is included); `on_token(row, token)` sees
@@ -149,7 +150,7 @@ pub fn generate(
     let mut done = vec![false; b];
     let limit = model.decode_limit();
     let mut state = None;
-    let mut logits = if cache && seqs.iter().all(|s| s.len() <= limit) {
+    let mut logits = if cache && model.decodes_recurrently() && seqs.iter().all(|s| s.len() <= limit) {
         let mut states = Vec::with_capacity(b);
         let mut first = Vec::with_capacity(b);
         for p in prompts {

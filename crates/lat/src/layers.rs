@@ -24,6 +24,8 @@ pub(crate) enum Route {
     Main,
     /// Cross-attention: the context and its mask.
     Context,
+    /// Strided (axial) self-attention over positions `c, c + W, c + 2W, …`: the mask.
+    Axial(usize),
     /// Feed-forward: nothing (the mask only for token shifting).
     Channel,
 }
@@ -54,20 +56,41 @@ impl Block {
         }
         match &self.body {
             Body::Attention(a) => {
-                let routed;
-                let inputs = match self.route {
-                    Route::Main => inputs,
-                    Route::Context => {
-                        routed = AttentionInputs { mask: None, rotary: None, ..inputs.clone() };
-                        &routed
-                    }
-                    Route::Channel => unreachable!("attention blocks are routed as Main or Context"),
-                };
-                a.forward(&h, inputs, (pass.dropout(pair, SITE_ATTN), pass.dropout(pair, SITE_OUT)))
+                let seeds = (pass.dropout(pair, SITE_ATTN), pass.dropout(pair, SITE_OUT));
+                match self.route {
+                    Route::Main => a.forward(&h, inputs, seeds),
+                    Route::Context => a.forward(&h, &AttentionInputs { mask: None, rotary: None, ..inputs.clone() }, seeds),
+                    Route::Axial(ax) => unfold(&a.forward(&fold(&h, ax)?, &folded(inputs, ax)?, seeds)?, ax),
+                    Route::Channel => unreachable!("attention blocks are not routed as Channel"),
+                }
             }
             Body::FeedForward(ff) => ff.forward(&h, pass.dropout(pair, SITE_FF)),
         }
     }
+}
+
+/// Folds [b, n, d] into [b · ax, n / ax, d]: sequence c holds positions c, c + ax, c + 2ax, …
+pub(crate) fn fold(x: &Tensor, ax: usize) -> Result<Tensor> {
+    let (b, n, d) = x.dims3()?;
+    Ok(x.reshape((b, n / ax, ax, d))?.transpose(1, 2)?.contiguous()?.reshape((b * ax, n / ax, d))?)
+}
+
+/// The inverse of [`fold`].
+pub(crate) fn unfold(x: &Tensor, ax: usize) -> Result<Tensor> {
+    let (bax, m, d) = x.dims3()?;
+    Ok(x.reshape((bax / ax, ax, m, d))?.transpose(1, 2)?.contiguous()?.reshape((bax / ax, m * ax, d))?)
+}
+
+/// The inputs of an axial block: the mask folded like the sequence, no rotary positions.
+pub(crate) fn folded(inputs: &AttentionInputs, ax: usize) -> Result<AttentionInputs> {
+    let mask = match &inputs.mask {
+        Some(m) => {
+            let (b, n) = m.dims2()?;
+            Some(m.reshape((b, n / ax, ax))?.transpose(1, 2)?.contiguous()?.reshape((b * ax, n / ax))?)
+        }
+        None => None,
+    };
+    Ok(AttentionInputs { mask, rotary: None, context: None, context_mask: None })
 }
 
 /// The decoding state of one block.
@@ -111,7 +134,7 @@ impl Block {
         match &self.body {
             Body::Attention(a) => {
                 if self.route != Route::Main {
-                    return Err(Error::input("generation does not support cross-attention layers"));
+                    return Err(Error::input("recurrent decoding does not support cross-attention or axial layers"));
                 }
                 let (out, st) = a.prefill(&h, inputs, n)?;
                 Ok((out, BlockState { shift_prev, attention: Some(st) }))
@@ -185,11 +208,35 @@ pub(crate) fn build_pairs(b: &Builder, c: &TransformerConfig) -> Result<Vec<Pair
             receives_context: false,
             dropout: c.attn_layer_dropout,
             attn_dropout: c.attn_dropout,
+            one_kv_head: c.one_kv_head,
         };
         let f = block(&fb, c.dim, shift.clone(), Route::Main, |b| Ok(Body::Attention(SelfAttention::new(b, spec)?)))?;
         // Unlike the reference, ff_glu and ff_dropout apply to the main layers too.
         let g = block(&gb, c.dim, shift, Route::Channel, |b| ff_chunked(b, c.ff_glu, c.ff_dropout))?;
         pairs.push(Pair { f, g });
+
+        if c.attend_axially {
+            let (fb, gb) = pair_names(b, c.reversible, pairs.len());
+            // Global heads of width dim / heads (the reference passes no dim_head), no blind spot.
+            let spec = AttentionSpec {
+                dim: c.dim,
+                heads: c.heads,
+                dim_head: c.dim / c.heads,
+                local_heads: 0,
+                causal: c.causal,
+                bucket: 1,
+                window: c.local_attn_window_size,
+                receives_context: false,
+                dropout: c.attn_layer_dropout,
+                attn_dropout: c.attn_dropout,
+                one_kv_head: c.one_kv_head,
+            };
+            // `FoldAxially` adds one `fn.` level.
+            let route = Route::Axial(c.local_attn_window_size);
+            let f = block(&fb, c.dim, None, route, |b| Ok(Body::Attention(SelfAttention::new(&b.pp("fn"), spec)?)))?;
+            let g = block(&gb, c.dim, None, Route::Channel, |b| ff_chunked(b, c.ff_glu, c.ff_dropout))?;
+            pairs.push(Pair { f, g });
+        }
 
         if c.receives_context {
             let (fb, gb) = pair_names(b, c.reversible, pairs.len());
@@ -204,6 +251,7 @@ pub(crate) fn build_pairs(b: &Builder, c: &TransformerConfig) -> Result<Vec<Pair
                 receives_context: true,
                 dropout: c.attn_layer_dropout,
                 attn_dropout: c.attn_dropout,
+                one_kv_head: c.one_kv_head,
             };
             let f = block(&fb, c.dim, None, Route::Context, |b| Ok(Body::Attention(SelfAttention::new(b, spec)?)))?;
             let g = block(&gb, c.dim, None, Route::Channel, |b| ff_chunked(b, c.ff_glu, c.ff_dropout))?;

@@ -349,7 +349,17 @@ impl LinearAttentionTransformerLM {
         if !c.causal || c.return_embeddings || c.receives_context {
             return Err(Error::input("generation needs a causal language model (causal = true, logits, no context)"));
         }
+        if !self.decodes_recurrently() {
+            return Err(Error::input("this model has layers without a recurrent form (attend_axially, Linformer or product-key memories); generate without the cache"));
+        }
         Ok(())
+    }
+
+    /// Whether [`LinearAttentionTransformerLM::prefill`] and [`LinearAttentionTransformerLM::step`]
+    /// work: every layer has a recurrent form.
+    pub fn decodes_recurrently(&self) -> bool {
+        let c = &self.config;
+        c.causal && !c.receives_context && !c.attend_axially && c.linformer_settings.is_none() && c.pkm_layers.is_empty()
     }
 
     /// Runs the parallel form over `prompt` (one row) and returns the logits of its last

@@ -9,15 +9,15 @@
 //! Where no fused kernels run (other devices, `LAT_KERNELS=reference`) the same contract is
 //! met by candle's autograd on a local graph. Tests check that the two agree.
 
-use candle_core::{Tensor, Var, D};
+use candle_core::{Tensor, Var};
 
 use crate::attention::{AttentionInputs, SelfAttention, SITE_ATTN, SITE_OUT};
 use crate::error::Result;
 use crate::kernels::local::Dropout;
 use crate::kernels::{self, gelu, layer_norm, linear as linear_kernel, self_attention};
-use crate::layers::{Block, Body, Route, SITE_FF};
+use crate::layers::{fold, folded, unfold, Block, Body, Route, SITE_FF};
 use crate::nn::feed_forward::FeedForward;
-use crate::nn::{dropout_mask, Linear};
+use crate::nn::{dropout_mask, rows2};
 use crate::pass::Pass;
 
 /// What a block's backward pass returns: its output (recomputed), the input gradient and, when
@@ -28,37 +28,6 @@ pub(crate) struct Vjp {
     pub dcontext: Option<Tensor>,
 }
 
-/// `[rows, cols]` view of a [.., cols] tensor.
-fn rows2(t: &Tensor) -> Result<Tensor> {
-    let cols = t.dim(D::Minus1)?;
-    Ok(t.reshape((t.elem_count() / cols, cols))?)
-}
-
-/// `x Wᵀ (+ b)` on detached tensors, shaped like `x` with the last dimension replaced.
-fn affine(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let mut shape = x.dims().to_vec();
-    *shape.last_mut().expect("rank >= 1") = w.dim(0)?;
-    let y = rows2(x)?.matmul(&w.t()?)?;
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    Ok(y.reshape(shape)?)
-}
-
-/// Gradients of `y = x Wᵀ (+ b)`: returns dx and defers dW (and db).
-fn affine_backward(x: &Tensor, dy: &Tensor, layer: &Linear, pass: &Pass) -> Result<Tensor> {
-    let (x2, dy2) = (rows2(x)?, rows2(dy)?);
-    pass.defer(&layer.weight, dy2.t()?.matmul(&x2)?)?;
-    if let Some(b) = &layer.bias {
-        pass.defer(b, dy2.sum(0)?)?;
-    }
-    let w = layer.weight.detach();
-    let mut shape = x.dims().to_vec();
-    *shape.last_mut().expect("rank >= 1") = w.dim(1)?;
-    Ok(dy2.matmul(&w)?.reshape(shape)?)
-}
-
 /// What a block's backward pass needs from its forward pass.
 pub(crate) struct Saved {
     x: Tensor,
@@ -67,6 +36,8 @@ pub(crate) struct Saved {
 }
 
 enum BodySaved {
+    /// Axial attention: the self-attention of the folded sequences.
+    Axial(usize, Box<BodySaved>),
     SelfAttention { qkv: Tensor, flat: Tensor, att: Tensor, out_mask: Option<Tensor>, attn_drop: Option<Dropout> },
     Cross { context: Tensor, q: Tensor, k: Tensor, v: Tensor, att: Tensor, out_mask: Option<Tensor> },
     FeedForward(Vec<FfChunk>),
@@ -140,6 +111,10 @@ impl Block {
         let (x, hs) = self.normed(x, inputs)?;
         let (y, body) = match (&self.body, self.route) {
             (Body::Attention(a), Route::Main) => self_attention_forward(a, &hs, inputs, pass, pair)?,
+            (Body::Attention(a), Route::Axial(ax)) => {
+                let (y, saved) = self_attention_forward(a, &fold(&hs, ax)?, &folded(inputs, ax)?, pass, pair)?;
+                (unfold(&y, ax)?, BodySaved::Axial(ax, Box::new(saved)))
+            }
             (Body::Attention(a), Route::Context) => cross_attention_forward(a, &hs, inputs, pass, pair, context)?,
             (Body::FeedForward(ff), _) => {
                 let (b, n, d) = hs.dims3()?;
@@ -165,16 +140,21 @@ impl Block {
             (Body::Attention(a), BodySaved::SelfAttention { qkv, flat, att, out_mask, attn_drop }) => {
                 (self_attention_backward(a, &hs, qkv, flat, att, out_mask, attn_drop, dy, inputs, pass)?, None)
             }
+            (Body::Attention(a), BodySaved::Axial(ax, saved)) => {
+                let BodySaved::SelfAttention { qkv, flat, att, out_mask, attn_drop } = *saved else { unreachable!("axial layers hold self-attention") };
+                let d = self_attention_backward(a, &fold(&hs, ax)?, qkv, flat, att, out_mask, attn_drop, &fold(dy, ax)?, &folded(inputs, ax)?, pass)?;
+                (unfold(&d, ax)?, None)
+            }
             (Body::Attention(a), BodySaved::Cross { context, q, k, v, att, out_mask }) => {
                 let dyo = masked(dy, out_mask.as_ref())?;
-                let datt = affine_backward(&att, &dyo, &a.to_out, pass)?;
+                let datt = a.to_out.backward(&att, &dyo, pass)?;
                 let heads = |t: &Tensor| -> Result<Tensor> {
                     let (b, m, _) = t.dims3()?;
                     Ok(t.reshape((b, m, a.spec.heads, a.spec.dim_head))?)
                 };
                 let (dq, dk, dv) = linear_kernel::backward(&q, &k, &v, &heads(&datt)?, inputs.context_mask.as_ref())?;
-                let dhs = affine_backward(&hs, &dq.flatten_from(2)?, &a.to_q, pass)?;
-                let dctx = (affine_backward(&context, &dk.flatten_from(2)?, &a.to_k, pass)? + affine_backward(&context, &dv.flatten_from(2)?, &a.to_v, pass)?)?;
+                let dhs = a.to_q.backward(&hs, &dq.flatten_from(2)?, pass)?;
+                let dctx = (a.to_k.backward(&context, &a.reduce_kv(&dk)?, pass)? + a.to_v.backward(&context, &a.reduce_kv(&dv)?, pass)?)?;
                 (dhs, Some(dctx))
             }
             (Body::FeedForward(ff), BodySaved::FeedForward(chunks)) => {
@@ -220,15 +200,14 @@ fn masked(t: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
 
 /// The output projection and its dropout: (output, dropout factors).
 fn project_out(a: &SelfAttention, att: &Tensor, pass: &Pass, pair: usize) -> Result<(Tensor, Option<Tensor>)> {
-    let o = affine(att, &a.to_out.weight.detach(), a.to_out.bias.as_ref().map(|b| b.detach()).as_ref())?;
+    let o = a.to_out.forward_detached(att)?;
     let mask = dropout_mask(&o, a.spec.dropout, pass.dropout(pair, SITE_OUT))?;
     Ok((masked(&o, mask.as_ref())?, mask))
 }
 
 fn self_attention_forward(a: &SelfAttention, hs: &Tensor, inputs: &AttentionInputs, pass: &Pass, pair: usize) -> Result<(Tensor, BodySaved)> {
     let s = &a.spec;
-    let w = Tensor::cat(&[&a.to_q.weight.detach(), &a.to_k.weight.detach(), &a.to_v.weight.detach()], 0)?;
-    let qkv = affine(hs, &w, None)?;
+    let qkv = a.qkv(hs, true)?;
     let attn_drop = pass.dropout(pair, SITE_ATTN).filter(|_| s.attn_dropout > 0.0 && s.local_heads > 0).map(|seed| Dropout { p: s.attn_dropout, seed });
     let rotary = inputs.rotary.as_ref().map(|(t, o)| (t, *o));
     let (att, flat) = self_attention::forward_saved(&qkv, a.head_spec(), inputs.mask.as_ref(), rotary, attn_drop)?;
@@ -239,20 +218,13 @@ fn self_attention_forward(a: &SelfAttention, hs: &Tensor, inputs: &AttentionInpu
 #[allow(clippy::too_many_arguments)]
 fn self_attention_backward(a: &SelfAttention, hs: &Tensor, qkv: Tensor, flat: Tensor, att: Tensor, out_mask: Option<Tensor>, attn_drop: Option<Dropout>, dy: &Tensor, inputs: &AttentionInputs, pass: &Pass) -> Result<Tensor> {
     let dyo = masked(dy, out_mask.as_ref())?;
-    let datt = affine_backward(&att, &dyo, &a.to_out, pass)?;
+    let datt = a.to_out.backward(&att, &dyo, pass)?;
     drop((att, dyo));
     let rotary = inputs.rotary.as_ref().map(|(t, o)| (t, *o));
     let dqkv = self_attention::backward(&qkv, &flat, &datt, a.head_spec(), inputs.mask.as_ref(), rotary, attn_drop)?;
     // Long sequences make these the largest tensors: free them before the next ones.
     drop((qkv, flat, datt));
-    let he = a.spec.heads * a.spec.dim_head;
-    let (hs2, dqkv2) = (rows2(hs)?, rows2(&dqkv)?);
-    let dw = dqkv2.t()?.matmul(&hs2)?;
-    for (i, layer) in [&a.to_q, &a.to_k, &a.to_v].into_iter().enumerate() {
-        pass.defer(&layer.weight, dw.narrow(0, i * he, he)?)?;
-    }
-    let w = Tensor::cat(&[&a.to_q.weight.detach(), &a.to_k.weight.detach(), &a.to_v.weight.detach()], 0)?;
-    Ok(dqkv2.matmul(&w)?.reshape(hs.dims())?)
+    a.qkv_backward(hs, &dqkv, pass)
 }
 
 fn cross_attention_forward(a: &SelfAttention, hs: &Tensor, inputs: &AttentionInputs, pass: &Pass, pair: usize, context: Option<&Tensor>) -> Result<(Tensor, BodySaved)> {
@@ -265,9 +237,9 @@ fn cross_attention_forward(a: &SelfAttention, hs: &Tensor, inputs: &AttentionInp
         let (b, m, _) = t.dims3()?;
         Ok(t.reshape((b, m, s.heads, s.dim_head))?)
     };
-    let q = heads(&affine(hs, &a.to_q.weight.detach(), None)?)?;
-    let k = heads(&affine(&context, &a.to_k.weight.detach(), None)?)?;
-    let v = heads(&affine(&context, &a.to_v.weight.detach(), None)?)?;
+    let q = heads(&a.to_q.forward_detached(hs)?)?;
+    let k = a.expand_kv(&a.to_k.forward_detached(&context)?)?;
+    let v = a.expand_kv(&a.to_v.forward_detached(&context)?)?;
     let att = linear_kernel::forward_detached(&q, &k, &v, inputs.context_mask.as_ref())?.flatten_from(2)?;
     let (y, out_mask) = project_out(a, &att, pass, pair)?;
     Ok((y, BodySaved::Cross { context, q, k, v, att, out_mask }))

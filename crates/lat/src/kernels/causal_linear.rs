@@ -513,7 +513,7 @@ impl LinearState {
         }
     }
 
-    fn query(&self, q: &[f32], out: &mut [f32]) {
+    fn query_one(&self, q: &[f32], out: &mut [f32]) {
         let mut qh = q.to_vec();
         softmax_rows(&mut qh, self.e, (self.e as f32).powf(-0.5));
         out.fill(0.0);
@@ -527,13 +527,20 @@ impl LinearState {
         out.iter_mut().for_each(|o| *o *= inv);
     }
 
-    /// Attends from one new position with query `q`, key `k` and value `v`; writes the output.
-    pub fn step(&mut self, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
+    fn query(&self, queries: &[f32], out: &mut [f32]) {
+        for (q, o) in queries.chunks(self.e).zip(out.chunks_mut(self.ev)) {
+            self.query_one(q, o);
+        }
+    }
+
+    /// Attends from one new position with the queries `queries` (one row of e per head that
+    /// shares this state), key `k` and value `v`; writes one output row per query.
+    pub fn step(&mut self, queries: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
         if self.bucket == 1 {
             self.fold(k, v);
-            self.query(q, out);
+            self.query(queries, out);
         } else {
-            self.query(q, out);
+            self.query(queries, out);
             self.pending_k.extend_from_slice(k);
             self.pending_v.extend_from_slice(v);
             if self.pending_k.len() == self.bucket * self.e {

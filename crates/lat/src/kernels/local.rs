@@ -431,12 +431,19 @@ impl LocalCache {
         }
     }
 
-    /// Attends from the next position with query `q`, key `k` and value `v`.
-    pub fn step(&mut self, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
+    /// Attends from the next position with the queries `queries` (one row of e per head that
+    /// shares this cache), key `k` and value `v`; writes one output row per query.
+    pub fn step(&mut self, queries: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
         let p = self.start + self.keys.len() / self.e;
         self.evict(p);
         self.keys.extend_from_slice(k);
         self.values.extend_from_slice(v);
+        for (q, o) in queries.chunks(self.e).zip(out.chunks_mut(self.e)) {
+            self.attend(q, o);
+        }
+    }
+
+    fn attend(&self, q: &[f32], out: &mut [f32]) {
         let scale = (self.e as f32).powf(-0.5);
         let scores: Vec<f32> = self.keys.chunks(self.e).map(|kr| kr.iter().zip(q).map(|(&a, &b)| a * b * scale).sum()).collect();
         let mx = scores.iter().fold(f32::MIN, |a, &b| a.max(b));

@@ -48,6 +48,39 @@ impl Linear {
     }
 }
 
+/// `[rows, cols]` view of a [.., cols] tensor.
+pub(crate) fn rows2(t: &Tensor) -> Result<Tensor> {
+    let cols = t.dim(candle_core::D::Minus1)?;
+    Ok(t.reshape((t.elem_count() / cols, cols))?)
+}
+
+impl Linear {
+    /// The layer on detached weights (no graph), for hand-written backward passes.
+    pub(crate) fn forward_detached(&self, x: &Tensor) -> Result<Tensor> {
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
+        let y = rows2(x)?.matmul(&self.weight.detach().t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&b.detach())?,
+            None => y,
+        };
+        Ok(y.reshape(shape)?)
+    }
+
+    /// The backward pass at input `x` for output gradient `dy`: returns dx and defers the
+    /// weight (and bias) gradients to `pass`.
+    pub(crate) fn backward(&self, x: &Tensor, dy: &Tensor, pass: &crate::pass::Pass) -> Result<Tensor> {
+        let (x2, dy2) = (rows2(x)?, rows2(dy)?);
+        pass.defer(&self.weight, dy2.t()?.matmul(&x2)?)?;
+        if let Some(b) = &self.bias {
+            pass.defer(b, dy2.sum(0)?)?;
+        }
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().expect("rank >= 1") = self.weight.dim(1)?;
+        Ok(dy2.matmul(&self.weight.detach())?.reshape(shape)?)
+    }
+}
+
 /// `nn.LayerNorm(dim)` with eps 1e-5.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {

@@ -69,9 +69,9 @@ impl Default for TrainSettings {
     fn default() -> Self {
         Self {
             seq_len: 256,
-            batch_size: 16,
+            batch_size: 8,
             grad_accum: 1,
-            max_steps: 1500,
+            max_steps: 4000,
             time_limit: "15m".into(),
             lr: 2e-3,
             min_lr: 1e-4,
@@ -82,7 +82,7 @@ impl Default for TrainSettings {
             grad_clip: 1.0,
             seed: 0,
             log_every: 10,
-            eval_every: 100,
+            eval_every: 200,
             eval_windows: 64,
             sample_every: 250,
             sample_len: 200,
@@ -99,7 +99,7 @@ pub fn default_model() -> Config {
     c.heads = 4;
     c.dim_head = Some(64);
     c.causal = true;
-    c.n_local_attn_heads = crate::config::LocalHeads::Uniform(2);
+    c.n_local_attn_heads = crate::config::LocalHeads::Uniform(3);
     c.local_attn_window_size = 64;
     c.blindspot_size = 1;
     c
