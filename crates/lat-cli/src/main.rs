@@ -27,6 +27,8 @@ enum Command {
     Generate(commands::generate::Args),
     /// Time forward, training or generation for one configuration.
     Bench(commands::bench::Args),
+    /// Train an encoder-decoder on the toy copy task and report held-out accuracy.
+    CopyTask(commands::copy_task::Args),
 }
 
 /// Training allocates and frees the same large tensors every step. By default glibc serves
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => commands::eval::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::CopyTask(a) => commands::copy_task::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -144,3 +144,49 @@ fn generation_with_a_seed_is_reproducible_and_cache_agrees() {
     assert_eq!(gen(&["--top-k", "1"]), gen(&["--top-k", "1", "--no-cache"]));
     fails(&lat(&["generate", "--model", &model, "--prompt", "x", "--max-new", "5", "--temperature", "0"]), "temperature");
 }
+
+#[test]
+fn training_killed_at_random_moments_resumes_from_its_last_checkpoint() {
+    use linear_attention_transformer::train::peek_checkpoint;
+    let dir = tempfile::tempdir().unwrap();
+    let data = path(dir.path(), "corpus.txt");
+    std::fs::write(&data, (0..300).map(|i| format!("{i} all the world's a stage, and all the men and women merely players.\n")).collect::<String>()).unwrap();
+    let out = dir.path().join("run");
+    let checkpoint = out.join("checkpoint.safetensors");
+    let mut rng = linear_attention_transformer::rng::Rng::new(7);
+    let mut last = 0;
+    for round in 0..5 {
+        let mut args = vec!["train".to_string(), "--data".into(), data.clone(), "--out".into(), out.to_string_lossy().into_owned(), "--max-steps".into(), "100000".into(), "--time-limit".into(), "".into()];
+        args.extend(TINY.iter().map(|s| s.to_string()));
+        args.extend(["--set", "train.checkpoint_every=1", "--set", "train.eval_every=0", "--set", "train.sample_every=0"].map(String::from));
+        if checkpoint.exists() {
+            args.push("--resume".into());
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lat")).args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300 + rng.below(700)));
+        child.kill().unwrap(); // SIGKILL: no chance to clean up
+        child.wait().unwrap();
+        if checkpoint.exists() {
+            let step = peek_checkpoint(&checkpoint).unwrap_or_else(|e| panic!("round {round}: the checkpoint does not load: {e}")).step;
+            assert!(step >= last, "round {round}: the checkpoint went back from step {last} to {step}");
+            last = step;
+        }
+    }
+    assert!(last > 0, "no checkpoint was ever written");
+    // One more run to a fixed step, uninterrupted: it continues from the last checkpoint.
+    let target = (last + 3).to_string();
+    let o = train(dir.path(), &["--max-steps", &target, "--resume"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains(&format!("resuming at step {last}")), "{stdout}");
+    assert_eq!(peek_checkpoint(&checkpoint).unwrap().step, last + 3);
+    assert!(lat(&["eval", "--model", &path(&out, "model.safetensors"), "--data", &data, "--json"]).status.success());
+}
+
+#[test]
+fn the_copy_task_reaches_full_held_out_accuracy() {
+    let o = lat(&["copy-task", "--steps", "300", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["sequence_accuracy"].as_f64(), Some(1.0), "{r}");
+}

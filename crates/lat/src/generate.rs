@@ -121,7 +121,7 @@ fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
 /// the whole sequence as the reference does. Both give the same logits up to float rounding.
 /// Once a sequence outgrows `max_seq_len` the reference slides its window and restarts the
 /// positions; generation then continues the reference's way, as it does for models whose layers
-/// have no recurrent form (axial attention, Linformer, product-key memories).
+/// have no recurrent form (axial attention).
 ///
 /// Each row draws from its own stream (`seed`, row), so a row's output does not depend on the
 /// others. A row stops after emitting `eos` (which is included); `on_token(row, token)` sees

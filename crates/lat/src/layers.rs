@@ -4,11 +4,13 @@
 
 use candle_core::Tensor;
 
+use crate::attention::linformer::Linformer;
 use crate::attention::{AttentionInputs, AttentionSpec, AttentionState, SelfAttention, SITE_ATTN, SITE_OUT};
 use crate::kernels::rotary::RotaryTable;
 use crate::config::TransformerConfig;
 use crate::error::{Error, Result};
 use crate::nn::feed_forward::FeedForward;
+use crate::nn::pkm::ProductKeyMemory;
 use crate::nn::shift::Shift;
 use crate::nn::LayerNorm;
 use crate::params::Builder;
@@ -33,7 +35,9 @@ pub(crate) enum Route {
 #[derive(Clone, Debug)]
 pub(crate) enum Body {
     Attention(SelfAttention),
+    Linformer(Linformer),
     FeedForward(FeedForward),
+    Pkm(ProductKeyMemory),
 }
 
 /// `PreNorm(dim, [PreShiftTokens](body))`.
@@ -64,8 +68,21 @@ impl Block {
                     Route::Channel => unreachable!("attention blocks are not routed as Channel"),
                 }
             }
+            Body::Linformer(l) => {
+                let seed = pass.dropout(pair, SITE_ATTN);
+                match self.route {
+                    Route::Context => l.forward(&h, inputs.context.as_ref(), inputs.context_mask.as_ref(), seed),
+                    _ => l.forward(&h, None, inputs.mask.as_ref(), seed),
+                }
+            }
             Body::FeedForward(ff) => ff.forward(&h, pass.dropout(pair, SITE_FF)),
+            Body::Pkm(p) => p.forward(&h, pass.is_training()),
         }
+    }
+
+    /// Whether the block has a hand-written backward pass (else candle's autograd runs).
+    pub fn hand_written(&self) -> bool {
+        matches!(self.body, Body::Attention(_) | Body::FeedForward(_))
     }
 }
 
@@ -140,6 +157,8 @@ impl Block {
                 Ok((out, BlockState { shift_prev, attention: Some(st) }))
             }
             Body::FeedForward(ff) => Ok((ff.forward(&h, None)?, BlockState { shift_prev, attention: None })),
+            Body::Pkm(p) => Ok((p.forward(&h, false)?, BlockState { shift_prev, attention: None })),
+            Body::Linformer(_) => Err(Error::input("Linformer layers have no recurrent form")),
         }
     }
 
@@ -156,6 +175,8 @@ impl Block {
                 a.step(&h, st, rotary, positions)
             }
             Body::FeedForward(ff) => ff.forward(&h, None),
+            Body::Pkm(p) => p.forward(&h, false),
+            Body::Linformer(_) => Err(Error::input("Linformer layers have no recurrent form")),
         }
     }
 }
@@ -210,9 +231,15 @@ pub(crate) fn build_pairs(b: &Builder, c: &TransformerConfig) -> Result<Vec<Pair
             attn_dropout: c.attn_dropout,
             one_kv_head: c.one_kv_head,
         };
-        let f = block(&fb, c.dim, shift.clone(), Route::Main, |b| Ok(Body::Attention(SelfAttention::new(b, spec)?)))?;
+        let f = block(&fb, c.dim, shift.clone(), Route::Main, |b| match c.linformer_settings {
+            Some(s) => Ok(Body::Linformer(Linformer::new(b, c.dim, c.max_seq_len, s.k, c.heads, c.dim_head, c.one_kv_head, c.attn_dropout)?)),
+            None => Ok(Body::Attention(SelfAttention::new(b, spec)?)),
+        })?;
         // Unlike the reference, ff_glu and ff_dropout apply to the main layers too.
-        let g = block(&gb, c.dim, shift, Route::Channel, |b| ff_chunked(b, c.ff_glu, c.ff_dropout))?;
+        let g = block(&gb, c.dim, shift, Route::Channel, |b| match c.pkm_layers.contains(&(layer + 1)) {
+            true => Ok(Body::Pkm(ProductKeyMemory::new(b, c.dim)?)),
+            false => ff_chunked(b, c.ff_glu, c.ff_dropout),
+        })?;
         pairs.push(Pair { f, g });
 
         if c.attend_axially {
@@ -253,7 +280,10 @@ pub(crate) fn build_pairs(b: &Builder, c: &TransformerConfig) -> Result<Vec<Pair
                 attn_dropout: c.attn_dropout,
                 one_kv_head: c.one_kv_head,
             };
-            let f = block(&fb, c.dim, None, Route::Context, |b| Ok(Body::Attention(SelfAttention::new(b, spec)?)))?;
+            let f = block(&fb, c.dim, None, Route::Context, |b| match c.context_linformer_settings {
+                Some(s) => Ok(Body::Linformer(Linformer::new(b, c.dim, s.seq_len, s.k, c.heads, c.dim_head, c.one_kv_head, c.attn_dropout)?)),
+                None => Ok(Body::Attention(SelfAttention::new(b, spec)?)),
+            })?;
             let g = block(&gb, c.dim, None, Route::Channel, |b| ff_chunked(b, c.ff_glu, c.ff_dropout))?;
             pairs.push(Pair { f, g });
         }

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod image;
 pub mod kernels;
 mod layers;
 pub mod model;

@@ -350,7 +350,7 @@ impl LinearAttentionTransformerLM {
             return Err(Error::input("generation needs a causal language model (causal = true, logits, no context)"));
         }
         if !self.decodes_recurrently() {
-            return Err(Error::input("this model has layers without a recurrent form (attend_axially, Linformer or product-key memories); generate without the cache"));
+            return Err(Error::input("this model has layers without a recurrent form (attend_axially); generate without the cache"));
         }
         Ok(())
     }
@@ -359,7 +359,7 @@ impl LinearAttentionTransformerLM {
     /// work: every layer has a recurrent form.
     pub fn decodes_recurrently(&self) -> bool {
         let c = &self.config;
-        c.causal && !c.receives_context && !c.attend_axially && c.linformer_settings.is_none() && c.pkm_layers.is_empty()
+        c.causal && !c.receives_context && !c.attend_axially
     }
 
     /// Runs the parallel form over `prompt` (one row) and returns the logits of its last

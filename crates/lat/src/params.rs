@@ -162,6 +162,36 @@ impl Builder {
         self.state.borrow().trainable
     }
 
+    /// A loaded, untrained buffer that must be present (running statistics), as the model's
+    /// dtype.
+    pub fn loaded_buffer(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.loaded_raw(name)?;
+        if t.dims() != shape {
+            return Err(Error::input(format!("buffer {} has shape {:?}, expected {shape:?}", self.full(name), t.dims())));
+        }
+        let mut st = self.state.borrow_mut();
+        let t = t.to_dtype(st.dtype)?;
+        if let Some(last) = st.made.last_mut() {
+            last.tensor = t.clone();
+        }
+        Ok(t)
+    }
+
+    /// A loaded tensor kept exactly as stored (counters), saved back but never trained.
+    pub fn loaded_raw(&self, name: &str) -> Result<Tensor> {
+        let full = self.full(name);
+        let mut st = self.state.borrow_mut();
+        let device = st.device.clone();
+        let t = match &st.source {
+            Source::Load(map) => map.get(&full).cloned().ok_or_else(|| Error::input(format!("missing tensor {full}")))?,
+            Source::Init(_) => return Err(Error::input(format!("{full} can only be loaded"))),
+        };
+        let t = t.to_device(&device)?;
+        st.used.insert(full.clone());
+        st.made.push(Param { name: full, tensor: t.clone(), trainable: false });
+        Ok(t)
+    }
+
     /// Ends construction: every loaded tensor must have been used.
     pub fn finish(self) -> Result<Vec<Param>> {
         let mut st = self.state.borrow_mut();

@@ -30,6 +30,11 @@ impl Pass {
         Self { dropout_seed: Some(seed), ..Self::default() }
     }
 
+    /// Whether this is a training pass.
+    pub fn is_training(&self) -> bool {
+        self.dropout_seed.is_some()
+    }
+
     /// The dropout seed of site `site` of layer pair `pair`, or None when dropout is off.
     pub(crate) fn dropout(&self, pair: usize, site: u64) -> Option<u64> {
         self.dropout_seed.map(|s| derive(derive(s, pair as u64), site))

@@ -33,6 +33,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let split = match a.split.as_str() {
+        "all" => None,
+        s => Some(s.parse::<Split>()?),
+    };
     let file = checkpoint::read(&a.model)?;
     let trained_len = file.metadata.get("lat.seq_len").and_then(|s| s.parse::<usize>().ok());
     let model = checkpoint::load(&a.model, &Device::Cpu, false)?;
@@ -47,9 +51,9 @@ pub fn run(a: Args) -> Result<()> {
     let scratch = tempfile::tempdir().map_err(|e| usage(format!("cannot create a temporary folder: {e}")))?;
     let data = corpus::resolve(a.data.as_deref(), scratch.path())?;
     let corpus = Corpus::open(&data, &scratch.path().join("corpus.bin"))?;
-    let bytes = match a.split.as_str() {
-        "all" => corpus.bytes(),
-        s => corpus.split(s.parse::<Split>()?),
+    let bytes = match split {
+        None => corpus.bytes(),
+        Some(s) => corpus.split(s),
     };
     let e = evaluate(&model, bytes, seq_len, a.batch, None)?;
     if a.json {

@@ -41,7 +41,8 @@ pub struct Args {
     /// cpu, or cuda in builds with the cuda feature.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// No progress bar or samples; one line per evaluation.
+    /// No progress bar or samples; one line per evaluation (also what a non-terminal gets,
+    /// with samples).
     #[arg(long)]
     quiet: bool,
 }
@@ -117,6 +118,9 @@ pub fn run(a: Args) -> Result<()> {
             .progress_chars("=> "),
     );
     bar.set_position(trainer.step);
+    // Without a terminal (a log file, CI) the bar is hidden: report in plain lines instead.
+    let live = !bar.is_hidden();
+    let say = |text: String| if live { bar.println(text) } else { println!("{text}") };
     let session_tokens0 = trainer.tokens;
     let title = format!("{} ({} parameters)", data.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(), trainer.model.num_parameters());
     let title = &title;
@@ -155,7 +159,7 @@ pub fn run(a: Args) -> Result<()> {
             clock(Duration::from_secs_f64(left)),
         ));
         if r.skipped {
-            bar.println(format!("step {}: non-finite loss or gradient; update skipped", r.step));
+            say(format!("step {}: non-finite loss or gradient; update skipped", r.step));
         }
         if r.step % t.log_every.max(1) == 0 || r.step == 1 {
             log.write(&json!({"kind": "train", "step": r.step, "loss": r.loss, "bpc": r.loss / std::f64::consts::LN_2, "lr": r.lr, "grad_norm": r.grad_norm, "tokens": r.tokens, "tokens_per_s": tps, "elapsed_s": elapsed(trainer.elapsed_before)}))?;
@@ -163,13 +167,13 @@ pub fn run(a: Args) -> Result<()> {
         if t.eval_every > 0 && r.step % t.eval_every == 0 && r.step < t.max_steps {
             let bpc = evaluate(&trainer, &mut log, Some(t.eval_windows), elapsed(trainer.elapsed_before))?;
             last_eval = Some(bpc);
-            if a.quiet {
-                println!("step {} val {:.4} bpc ({:.0} tok/s)", r.step, bpc, tps);
+            if !live {
+                println!("step {} loss {:.4} | val {:.4} bpc | {:.0} tok/s | {} elapsed", r.step, r.loss, bpc, tps, clock(Duration::from_secs_f64(secs)));
             }
         }
         if !a.quiet && t.sample_every > 0 && r.step % t.sample_every == 0 {
             let text = trainer.sample(&t.sample_prompt, t.sample_len, r.step)?;
-            bar.println(format!("--- sample at step {} ---\n{}\n---", r.step, text.trim_end()));
+            say(format!("--- sample at step {} ---\n{}\n---", r.step, text.trim_end()));
         }
         if t.checkpoint_every > 0 && r.step % t.checkpoint_every == 0 {
             trainer.save(elapsed(trainer.elapsed_before))?;

@@ -2,6 +2,8 @@
 //! with windowed softmax attention, the others with global linear attention (causal or not);
 //! in cross-attention mode keys and values come from a context.
 
+pub mod linformer;
+
 use std::sync::Arc;
 
 use candle_core::Tensor;

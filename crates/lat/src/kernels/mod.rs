@@ -8,6 +8,7 @@
 
 pub mod causal_linear;
 pub mod cross_entropy;
+pub mod embedding_bag;
 pub mod gelu;
 pub mod layer_norm;
 pub mod linear;

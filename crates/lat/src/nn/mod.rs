@@ -2,6 +2,7 @@
 //! token-shift modules.
 
 pub mod feed_forward;
+pub mod pkm;
 pub mod positional;
 pub mod shift;
 

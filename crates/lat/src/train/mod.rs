@@ -5,6 +5,7 @@
 //! Every random choice of step `s` (its data windows, its dropout masks) is drawn from a seed
 //! derived from the run's seed and `s`, so a resumed run repeats the uninterrupted one.
 
+pub mod copy_task;
 pub mod data;
 pub mod metrics;
 pub mod optim;
@@ -356,6 +357,14 @@ impl Trainer {
         run.validate()?;
         let files = RunFiles { dir: dir.to_path_buf() };
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        // Temporary files of writes that a crash interrupted are garbage.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().contains(".tmp-") {
+                    std::fs::remove_file(e.path()).ok();
+                }
+            }
+        }
         let corpus = Corpus::open(data, &files.corpus_cache())?;
         let adam = AdamWConfig { beta1: run.train.beta1, beta2: run.train.beta2, eps: 1e-8, weight_decay: run.train.weight_decay };
         let (model, opt, step, tokens, elapsed) = if resume {

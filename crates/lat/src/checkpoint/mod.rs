@@ -6,14 +6,16 @@
 //! synced, then renamed): a crash leaves the previous file intact.
 //!
 //! Loading accepts the spellings the reference's versions and wrappers produce: reversible
-//! (`layers.blocks.j.f.net.…`) and sequential (`layers.layers.j.0.…`) pair names, both axial
-//! embedding spellings (`weights.0` / `weights_0`), and the `net.net.` prefix of
-//! `AutoregressiveWrapper`.
+//! (`layers.blocks.j.f.net.…`) and sequential (`layers.layers.j.0.…`) pair names, the axial
+//! embedding's (`pos_emb.weights.0`, `weights_0` with the 2021 dependencies, `axial_pos_emb.…`
+//! before 0.17), and the `net.net.` prefix of `AutoregressiveWrapper`.
 
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+pub mod torch;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -23,6 +25,24 @@ use crate::model::LinearAttentionTransformerLM;
 
 /// Metadata key of the configuration in model files.
 pub const CONFIG_KEY: &str = "lat.config";
+
+/// Metadata key of the CRC-32 of a file's tensor data, checked when it is read.
+pub const CHECKSUM_KEY: &str = "lat.crc32";
+
+fn crc32(bytes: &[u8]) -> String {
+    format!("{:08x}", crc32fast::hash(bytes))
+}
+
+/// Checks the CRC-32 of the tensor data of safetensors `bytes`, when the header carries one.
+fn verify(path: &Path, bytes: &[u8], header_len: usize, metadata: &HashMap<String, String>) -> Result<()> {
+    if let Some(want) = metadata.get(CHECKSUM_KEY) {
+        let got = crc32(&bytes[8 + header_len..]);
+        if &got != want {
+            return Err(Error::file(path, format!("the tensor data is corrupt (CRC-32 {got}, the header says {want})")));
+        }
+    }
+    Ok(())
+}
 
 /// Renames `tensors` from any accepted spelling to the one `config` uses.
 pub fn canonical_names(config: &Config, tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
@@ -38,6 +58,12 @@ pub fn canonical_names(config: &Config, tensors: HashMap<String, Tensor>) -> Has
 
 /// One key in the spelling of a reversible (`blocks.j.f.net`) or sequential (`layers.j.0`) stack.
 fn respell(key: &str, reversible: bool) -> String {
+    // Releases before 0.17 named the axial embedding `axial_pos_emb`; the 2021 dependencies
+    // spelled its weights `weights_0`.
+    let key = match key.strip_prefix("axial_pos_emb.") {
+        Some(rest) => format!("pos_emb.{rest}"),
+        None => key.to_string(),
+    };
     let key = key.replace("pos_emb.weights_0", "pos_emb.weights.0").replace("pos_emb.weights_1", "pos_emb.weights.1");
     let t: Vec<&str> = key.split('.').collect();
     let Some(i) = (0..t.len().saturating_sub(3)).find(|&i| t[i] == "layers" && t[i + 2].parse::<usize>().is_ok()) else {
@@ -59,17 +85,15 @@ fn respell(key: &str, reversible: bool) -> String {
     head.iter().chain(middle.iter()).chain(rest.iter()).copied().collect::<Vec<_>>().join(".")
 }
 
-/// Reads every tensor of a `torch.save(state_dict)` file.
+/// Reads every tensor of a `torch.save(state_dict)` file, safely (see [`torch`]).
 pub fn read_torch(path: impl AsRef<Path>) -> Result<HashMap<String, Tensor>> {
     let path = path.as_ref();
-    if !path.is_file() {
-        return Err(Error::file(path, "no such file"));
-    }
-    let entries = candle_core::pickle::read_all(path).map_err(|e| Error::file(path, format!("not a readable PyTorch state_dict: {e}")))?;
-    if entries.is_empty() {
-        return Err(Error::file(path, "holds no tensors"));
-    }
-    Ok(entries.into_iter().collect())
+    let f = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    torch::read(std::io::BufReader::new(f), len).map_err(|e| match e {
+        Error::Input(m) => Error::file(path, m),
+        e => e,
+    })
 }
 
 /// Builds a model from a reference `state_dict` file and its keyword arguments: `lat import`.
@@ -94,12 +118,19 @@ pub struct ModelFile {
 pub fn read(path: impl AsRef<Path>) -> Result<ModelFile> {
     let path = path.as_ref();
     let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse(path, &bytes)
+}
+
+/// Parses the bytes of a model file; `path` names it in errors.
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<ModelFile> {
     let bad = |m: String| Error::file(path, m);
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let (header_len, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     let mut metadata = header.metadata().clone().unwrap_or_default();
+    verify(path, bytes, header_len, &metadata)?;
+    metadata.remove(CHECKSUM_KEY);
     let config_json = metadata.remove(CONFIG_KEY).ok_or_else(|| bad(format!("no \"{CONFIG_KEY}\" in the header: not a model file")))?;
     let config = Config::from_json_str(&config_json).map_err(|e| bad(format!("its configuration is invalid: {e}")))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| bad(format!("unreadable tensors: {e}")))?;
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| bad(format!("unreadable tensors: {e}")))?;
     Ok(ModelFile { config, tensors, metadata })
 }
 
@@ -109,6 +140,8 @@ pub fn read_tensors(path: impl AsRef<Path>) -> Result<HashMap<String, Tensor>> {
     let path = path.as_ref();
     let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
+    let (header_len, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
+    verify(path, &bytes, header_len, &header.metadata().clone().unwrap_or_default())?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let t = if view.dtype() == safetensors::Dtype::BOOL {
@@ -140,16 +173,25 @@ pub fn save(model: &LinearAttentionTransformerLM, path: impl AsRef<Path>, metada
     write_safetensors(path.as_ref(), &tensors, &meta)
 }
 
-/// Serialises named tensors (as f32, or their own integer types) with metadata, atomically.
+/// Serialises named tensors (as f32, or their own integer types) with metadata and the CRC-32
+/// of the tensor data, atomically.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: &HashMap<String, String>) -> Result<()> {
     let mut data = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let t = if t.dtype().is_float() { t.to_dtype(DType::F32)? } else { t.clone() };
         data.push((name.clone(), t.to_device(&Device::Cpu)?));
     }
-    let views: Vec<(String, &Tensor)> = data.iter().map(|(n, t)| (n.clone(), t)).collect();
-    let bytes = safetensors::tensor::serialize(views, Some(metadata.clone())).map_err(|e| Error::file(path, format!("cannot serialise: {e}")))?;
-    write_atomic(path, &bytes)
+    let serialise = |meta: &HashMap<String, String>| {
+        let views: Vec<(String, &Tensor)> = data.iter().map(|(n, t)| (n.clone(), t)).collect();
+        safetensors::tensor::serialize(views, Some(meta.clone())).map_err(|e| Error::file(path, format!("cannot serialise: {e}")))
+    };
+    // The data region does not depend on the header: checksum it, then write it with the sum.
+    let first = serialise(metadata)?;
+    let header_len = u64::from_le_bytes(first[..8].try_into().expect("eight bytes")) as usize;
+    let mut meta = metadata.clone();
+    meta.insert(CHECKSUM_KEY.to_string(), crc32(&first[8 + header_len..]));
+    drop(first);
+    write_atomic(path, &serialise(&meta)?)
 }
 
 /// Writes `bytes` to `path` through a synced temporary file and a rename.
@@ -187,6 +229,7 @@ mod tests {
         assert_eq!(respell("transformer.fn.layers.blocks.0.g.net.norm.bias", false), "transformer.fn.layers.layers.0.1.norm.bias");
         assert_eq!(respell("layers.blocks.1.f.net.fn.to_out.bias", true), "layers.blocks.1.f.net.fn.to_out.bias");
         assert_eq!(respell("pos_emb.weights_1", false), "pos_emb.weights.1");
+        assert_eq!(respell("axial_pos_emb.weights.0", false), "pos_emb.weights.0");
         assert_eq!(respell("token_emb.weight", true), "token_emb.weight");
     }
 }
