@@ -235,23 +235,36 @@ impl<'a, T: Elem> Task<'a, T> {
             for a in 0..ws {
                 let i = w * ws + a;
                 let row = &mut s[a * r..(a + 1) * r];
-                let mx = (lo..hi).filter(|&j| self.visible(i, j)).map(|j| row[j - lo]).fold(None, |m: Option<T>, x| Some(m.map_or(x, |m| m.maxv(x))));
-                let Some(mx) = mx else {
+                // Keys past the causal limit are invisible; masked keys get the most negative
+                // float, so that exp turns them into exact zeros.
+                let end = if self.op.windows.causal { (i + 1).min(hi) - lo } else { r };
+                if let Some(keep) = self.keep {
+                    for (x, &kj) in row[..end].iter_mut().zip(&keep[lo..lo + end]) {
+                        if kj == 0 {
+                            *x = T::MASK;
+                        }
+                    }
+                }
+                let mx = row[..end].iter().fold(T::MASK, |m, &x| m.maxv(x));
+                if mx == T::MASK {
                     row.fill(T::ZERO);
                     lse[i] = T::of(f64::NEG_INFINITY);
                     uniform.push(i);
                     continue;
-                };
-                let mut sum = T::ZERO;
-                for j in lo..hi {
-                    let p = if self.visible(i, j) { (row[j - lo] - mx).exp() } else { T::ZERO };
-                    row[j - lo] = p;
-                    sum += p;
                 }
+                let mut sum = T::ZERO;
+                for x in row[..end].iter_mut() {
+                    *x = (*x - mx).exp();
+                    sum += *x;
+                }
+                row[end..].fill(T::ZERO);
                 lse[i] = mx + sum.ln();
                 let inv = T::ONE / sum;
-                for j in lo..hi {
-                    row[j - lo] = row[j - lo] * inv * self.factor(i, w, j as isize);
+                row[..end].iter_mut().for_each(|x| *x *= inv);
+                if self.op.dropout.is_some() {
+                    for j in lo..hi {
+                        row[j - lo] *= self.factor(i, w, j as isize);
+                    }
                 }
             }
             let i0 = w * ws;

@@ -54,7 +54,7 @@ pub trait Elem:
 }
 
 macro_rules! impl_elem {
-    ($t:ty, $erf:path) => {
+    ($t:ty, $erf:path, $exp:path) => {
         impl Elem for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -66,7 +66,7 @@ macro_rules! impl_elem {
             }
             #[inline(always)]
             fn exp(self) -> Self {
-                <$t>::exp(self)
+                $exp(self)
             }
             #[inline(always)]
             fn ln(self) -> Self {
@@ -87,8 +87,8 @@ macro_rules! impl_elem {
         }
     };
 }
-impl_elem!(f32, erf_f32);
-impl_elem!(f64, libm::erf);
+impl_elem!(f32, erf_f32, f32::exp);
+impl_elem!(f64, libm::erf, f64::exp);
 
 /// erf in f32 from a rational approximation on [-4, 4] (beyond it erf is ±1 in f32); about
 /// 1e-7 from libm's `erff` and several times faster, which matters for GELU.
