@@ -29,12 +29,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 VARIANTS = {"seed": [], "blindspot1": ["blindspot_size=1"]}
 
 
+def busy_fraction(seconds=2.0):
+    """Share of CPU time spent busy over the next `seconds`, from /proc/stat (all cores)."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + v[4]
+        return sum(v), idle
+    t0, i0 = sample()
+    time.sleep(seconds)
+    t1, i1 = sample()
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
 def wait_quiet(limit, max_wait):
+    """Waits until the machine is idle apart from us (busy share below `limit`)."""
     start = time.time()
     while time.time() - start < max_wait:
-        if os.getloadavg()[0] < limit:
+        if busy_fraction() < limit:
             return True
-        time.sleep(5)
+        time.sleep(3)
     return False
 
 
@@ -61,7 +75,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--generate", action="store_true", help="also generation: 256 new tokens after 512, and per-token time at long contexts")
     ap.add_argument("--scaling", action="store_true", help="also lat at 32k tokens (and the reference, if it can)")
-    ap.add_argument("--quiet-load", type=float, default=0.6)
+    ap.add_argument("--quiet-load", type=float, default=0.15, help="busy CPU share below which the machine counts as quiet")
     ap.add_argument("--max-wait", type=float, default=600)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", f"{datetime.date.today()}.md"))
@@ -171,7 +185,7 @@ def render(a, rows, noisy):
         f"# Side-by-side benchmark, {datetime.date.today()}",
         "",
         f"`lat bench` against the Python reference (linear-attention-transformer 0.19.1, torch {torch_version(a)}) on the same",
-        f"configurations, batch 1, {a.threads} threads each, on {platform.processor() or platform.machine()} "
+        f"configurations, batch 1, {a.threads} threads each, on {cpu_name()} "
         f"({os.cpu_count()} cores visible). Medians of {a.rounds} alternating rounds, each a separate process timing "
         f"{a.steps} steps after a warm-up; peak memory is each process's peak RSS. Reproduce with",
         "",
@@ -179,7 +193,7 @@ def render(a, rows, noisy):
         "",
     ]
     if noisy:
-        lines += [f"Note: {noisy} measurements started on a busy machine (load above {a.quiet_load}) after waiting {a.max_wait:.0f} s.", ""]
+        lines += [f"Note: {noisy} measurements started on a busy machine (CPU more than {a.quiet_load:.0%} busy) after waiting {a.max_wait:.0f} s.", ""]
     lines += [
         "| model | mode | tokens | ours s | reference s | speed ratio | ours tokens/s | reference tokens/s | ours peak MiB | reference peak MiB | memory ratio |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -202,6 +216,17 @@ def render(a, rows, noisy):
         "",
     ]
     return "\n".join(lines)
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def torch_version(a):
