@@ -16,7 +16,9 @@ use crate::error::{Error, Result};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum LocalHeads {
+    /// The same number in every layer.
     Uniform(usize),
+    /// One number per layer.
     PerLayer(Vec<usize>),
 }
 
@@ -48,6 +50,7 @@ impl LocalHeads {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "LinformerSettingsRepr")]
 pub struct LinformerSettings {
+    /// Positions keys and values are projected to.
     pub k: usize,
 }
 
@@ -71,7 +74,9 @@ impl From<LinformerSettingsRepr> for LinformerSettings {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "LinformerContextSettingsRepr")]
 pub struct LinformerContextSettings {
+    /// Longest context.
     pub seq_len: usize,
+    /// Positions keys and values are projected to.
     pub k: usize,
 }
 
@@ -114,6 +119,20 @@ fn default_bucket_size() -> usize {
 }
 
 /// The arguments of `LinearAttentionTransformerLM`. Field names and defaults are the reference's.
+///
+/// ```
+/// use linear_attention_transformer::Config;
+///
+/// // The JSON object of the Python keyword arguments; omitted ones take the reference's defaults.
+/// let config = Config::from_json_str(r#"{"num_tokens": 256, "dim": 512, "depth": 6, "max_seq_len": 4096,
+///     "causal": true, "n_local_attn_heads": [4, 4, 4, 4, 4, 4], "blindspot_size": 64}"#)?;
+/// assert_eq!((config.heads, config.dim_head), (8, Some(64)));
+/// // Invalid combinations are refused with the field to change.
+/// let err = Config::from_json_str(r#"{"num_tokens": 256, "dim": 512, "depth": 2, "max_seq_len": 4096,
+///     "causal": true, "linformer_settings": [64]}"#).unwrap_err();
+/// assert!(err.to_string().contains("linformer_settings"));
+/// # Ok::<(), linear_attention_transformer::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -126,54 +145,74 @@ pub struct Config {
     /// Sizes the positional embeddings (and Linformer projections).
     pub max_seq_len: usize,
     #[serde(default = "default_heads")]
+    /// Attention heads per layer.
     pub heads: usize,
     /// Per-head width; `None` means `dim / heads`.
     #[serde(default = "default_lm_dim_head")]
     pub dim_head: Option<usize>,
     #[serde(default)]
+    /// Autoregressive: a position sees only itself and earlier positions.
     pub causal: bool,
     /// Embedding width when it differs from `dim` (factorised embeddings).
     #[serde(default)]
     pub emb_dim: Option<usize>,
     #[serde(default)]
+    /// RevNet coupling: the backward pass reconstructs activations instead of storing them.
     pub reversible: bool,
     #[serde(default = "one")]
+    /// Feed-forward layers run in this many pieces along the sequence (memory only).
     pub ff_chunks: usize,
     #[serde(default)]
+    /// Gated feed-forward layers (`gelu(a) * v`); here in every layer, unlike the reference.
     pub ff_glu: bool,
     #[serde(default)]
+    /// Dropout on the feed-forward hidden activations.
     pub ff_dropout: f64,
     #[serde(default)]
+    /// Dropout on each attention layer's output.
     pub attn_layer_dropout: f64,
     #[serde(default)]
+    /// Dropout on the local heads' attention probabilities (and Linformer's).
     pub attn_dropout: f64,
     #[serde(default = "one")]
+    /// Causal global heads see only complete buckets of this many earlier positions (1 = every earlier position and itself).
     pub blindspot_size: usize,
     #[serde(default)]
+    /// How many heads of each layer are local (windowed softmax) heads.
     pub n_local_attn_heads: LocalHeads,
     #[serde(default = "default_window", alias = "local_attn_window")]
+    /// Window of the local heads; also the axial positions' factor and the axial fold.
     pub local_attn_window_size: usize,
     #[serde(default)]
+    /// Return the final normalised embeddings instead of logits.
     pub return_embeddings: bool,
     #[serde(default)]
+    /// Add a cross-attention layer after each layer, attending to the `context` input.
     pub receives_context: bool,
     #[serde(default)]
+    /// 1-based layers whose feed-forward layer is a product-key memory.
     pub pkm_layers: Vec<usize>,
     /// Accepted for compatibility; the reference ignores it (product-key memories always have
     /// 128 keys per half).
     #[serde(default = "default_pkm_num_keys")]
     pub pkm_num_keys: usize,
     #[serde(default)]
+    /// Add an axial (strided) attention layer after each layer.
     pub attend_axially: bool,
     #[serde(default)]
+    /// Replace self-attention by Linformer attention (non-causal only).
     pub linformer_settings: Option<LinformerSettings>,
     #[serde(default)]
+    /// Replace cross-attention by Linformer attention.
     pub context_linformer_settings: Option<LinformerContextSettings>,
     #[serde(default = "yes")]
+    /// Axial positional embedding (else learned absolute positions).
     pub use_axial_pos_emb: bool,
     #[serde(default)]
+    /// Rotary embeddings on queries and keys, plus a fixed sinusoid on the tokens.
     pub use_rotary_emb: bool,
     #[serde(default)]
+    /// Shift segments of the features by one position before attention and feed-forward.
     pub shift_tokens: bool,
     /// One key/value head shared by every query head (the reference's releases before 0.17).
     /// Written only when set, so that the JSON stays valid keyword arguments for 0.19.1.
@@ -189,51 +228,74 @@ fn is_false(b: &bool) -> bool {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TransformerConfig {
+    /// Width of the residual stream.
     pub dim: usize,
+    /// Number of layers.
     pub depth: usize,
+    /// Sizes positional embeddings and Linformer projections.
     pub max_seq_len: usize,
     #[serde(default = "default_heads")]
+    /// Attention heads per layer.
     pub heads: usize,
     #[serde(default)]
+    /// Per-head width; `None` means `dim / heads`.
     pub dim_head: Option<usize>,
     /// Accepted for compatibility; unused by the reference too.
     #[serde(default = "default_bucket_size")]
     pub bucket_size: usize,
     #[serde(default)]
+    /// Autoregressive: a position sees only itself and earlier positions.
     pub causal: bool,
     #[serde(default = "one")]
+    /// Feed-forward layers run in this many pieces along the sequence (memory only).
     pub ff_chunks: usize,
     #[serde(default)]
+    /// Gated feed-forward layers (`gelu(a) * v`); here in every layer, unlike the reference.
     pub ff_glu: bool,
     #[serde(default)]
+    /// Dropout on the feed-forward hidden activations.
     pub ff_dropout: f64,
     #[serde(default)]
+    /// Dropout on each attention layer's output.
     pub attn_layer_dropout: f64,
     #[serde(default)]
+    /// Dropout on the local heads' attention probabilities (and Linformer's).
     pub attn_dropout: f64,
     #[serde(default)]
+    /// RevNet coupling: the backward pass reconstructs activations instead of storing them.
     pub reversible: bool,
     #[serde(default = "one")]
+    /// Causal global heads see only complete buckets of this many earlier positions (1 = every earlier position and itself).
     pub blindspot_size: usize,
     #[serde(default)]
+    /// How many heads of each layer are local (windowed softmax) heads.
     pub n_local_attn_heads: LocalHeads,
     #[serde(default = "default_window", alias = "local_attn_window")]
+    /// Window of the local heads; also the axial positions' factor and the axial fold.
     pub local_attn_window_size: usize,
     #[serde(default)]
+    /// Add a cross-attention layer after each layer, attending to the `context` input.
     pub receives_context: bool,
     #[serde(default)]
+    /// Add an axial (strided) attention layer after each layer.
     pub attend_axially: bool,
     #[serde(default)]
+    /// 1-based layers whose feed-forward layer is a product-key memory.
     pub pkm_layers: Vec<usize>,
     #[serde(default = "default_pkm_num_keys")]
+    /// Accepted for compatibility; the reference ignores it too.
     pub pkm_num_keys: usize,
     #[serde(default)]
+    /// Replace self-attention by Linformer attention (non-causal only).
     pub linformer_settings: Option<LinformerSettings>,
     #[serde(default)]
+    /// Replace cross-attention by Linformer attention.
     pub context_linformer_settings: Option<LinformerContextSettings>,
     #[serde(default)]
+    /// Shift segments of the features by one position before attention and feed-forward.
     pub shift_tokens: bool,
     #[serde(default, skip_serializing_if = "is_false")]
+    /// One key/value head shared by the local heads and one by the global heads.
     pub one_kv_head: bool,
 }
 

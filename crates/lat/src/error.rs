@@ -8,7 +8,12 @@ use std::path::PathBuf;
 pub enum Error {
     /// A configuration value or combination of values that the model cannot be built with.
     #[error("invalid configuration: {field}: {message}")]
-    Config { field: &'static str, message: String },
+    Config {
+        /// The argument to change (or the format, for unreadable text).
+        field: &'static str,
+        /// What is wrong and what to do.
+        message: String,
+    },
 
     /// Input that does not fit the model: token ids, shapes, masks, lengths.
     #[error("invalid input: {0}")]
@@ -17,12 +22,19 @@ pub enum Error {
     /// A model, checkpoint or PyTorch file that is unreadable, incomplete or does not match
     /// its configuration.
     #[error("{path}: {message}")]
-    File { path: PathBuf, message: String },
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
 
     /// An operating-system error while reading or writing `path`.
     #[error("{path}: {source}")]
     Io {
+        /// The file or folder.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
@@ -33,6 +45,7 @@ pub enum Error {
     Tensor(#[from] candle_core::Error),
 }
 
+/// The library's result type.
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {

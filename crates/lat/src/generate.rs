@@ -32,6 +32,7 @@ impl Default for Sampling {
 }
 
 impl Sampling {
+    /// Always the most likely token (`top_k = 1`).
     pub fn greedy() -> Self {
         Self { top_k: Some(1), ..Self::default() }
     }
@@ -46,6 +47,7 @@ impl Sampling {
         Self { top_p: Some(1.0 - thres), ..Self::default() }
     }
 
+    /// Checks the options: a positive temperature, k >= 1, p in [0, 1].
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return Err(Error::input(format!("temperature must be positive, got {}", self.temperature)));
@@ -115,6 +117,22 @@ fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
 }
 
 /// Continues every prompt by up to `max_new` tokens.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use linear_attention_transformer::generate::{generate, Sampling};
+/// use linear_attention_transformer::{Config, LinearAttentionTransformerLM};
+///
+/// let mut config = Config::new(256, 32, 1, 64);
+/// config.causal = true;
+/// let model = LinearAttentionTransformerLM::new(&config, 0, &Device::Cpu, DType::F32)?;
+/// let sampling = Sampling { temperature: 0.8, top_k: None, top_p: Some(0.9) };
+/// let prompts = vec![b"Hello".iter().map(|&b| b as u32).collect(), vec![1, 2, 3]];
+/// let mut streamed = 0;
+/// let out = generate(&model, &prompts, 10, &sampling, 42, None, true, &mut |_row, _token| streamed += 1)?;
+/// assert_eq!((out.len(), out[0].len(), streamed), (2, 10, 20));
+/// # Ok::<(), linear_attention_transformer::Error>(())
+/// ```
 ///
 /// With `cache`, the prompts are read in one parallel pass each and then every new token costs
 /// the same, whatever the length so far (the recurrent form); without it, every token re-runs

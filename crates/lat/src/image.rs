@@ -45,16 +45,22 @@ pub struct ImageAttentionConfig {
     #[serde(default)]
     pub chan_out: Option<usize>,
     #[serde(default = "one")]
+    /// Convolution kernel size of every projection.
     pub kernel_size: usize,
     #[serde(default)]
+    /// Padding of every projection.
     pub padding: usize,
     #[serde(default = "one")]
+    /// Stride of the query, key and value projections.
     pub stride: usize,
     #[serde(default = "sixty_four")]
+    /// Width of each head's queries and keys.
     pub key_dim: usize,
     #[serde(default = "sixty_four")]
+    /// Width of each head's values.
     pub value_dim: usize,
     #[serde(default = "eight")]
+    /// Attention heads.
     pub heads: usize,
     /// Softmax over each query's features.
     #[serde(default = "yes")]
@@ -67,6 +73,7 @@ impl ImageAttentionConfig {
         Self { chan, chan_out: None, kernel_size: 1, padding: 0, stride: 1, key_dim: 64, value_dim: 64, heads: 8, norm_queries: true }
     }
 
+    /// Checks that every size is positive.
     pub fn validate(&self) -> Result<()> {
         for (field, v) in [("chan", self.chan), ("kernel_size", self.kernel_size), ("stride", self.stride), ("key_dim", self.key_dim), ("value_dim", self.value_dim), ("heads", self.heads)] {
             if v == 0 {
@@ -108,6 +115,20 @@ impl Conv {
 }
 
 /// `ImageLinearAttention`.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use linear_attention_transformer::image::{ImageAttentionConfig, ImageLinearAttention};
+///
+/// let mut config = ImageAttentionConfig::new(16); // chan
+/// config.heads = 2;
+/// config.key_dim = 8;
+/// config.value_dim = 8;
+/// let attn = ImageLinearAttention::new(&config, 0, &Device::Cpu, DType::F32)?;
+/// let x = Tensor::randn(0f32, 1.0, (1, 16, 8, 8), &Device::Cpu)?;
+/// assert_eq!(attn.forward(&x, None)?.dims(), &[1, 16, 8, 8]);
+/// # Ok::<(), linear_attention_transformer::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct ImageLinearAttention {
     config: ImageAttentionConfig,
@@ -148,6 +169,7 @@ impl ImageLinearAttention {
         Ok(m)
     }
 
+    /// The configuration.
     pub fn config(&self) -> &ImageAttentionConfig {
         &self.config
     }

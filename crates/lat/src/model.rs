@@ -30,6 +30,7 @@ pub struct Inputs<'a> {
 }
 
 impl<'a> Inputs<'a> {
+    /// Just an input mask.
     pub fn masked(input_mask: Option<&'a Tensor>) -> Self {
         Self { input_mask, ..Self::default() }
     }
@@ -62,6 +63,19 @@ fn autopad(x: &Tensor, mask: Option<Tensor>, unit: usize) -> Result<(Tensor, Opt
 }
 
 /// `LinearAttentionTransformer`: the stack of (attention, feed-forward) pairs.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use linear_attention_transformer::{Inputs, LinearAttentionTransformer, Pass, TransformerConfig};
+///
+/// let mut config = TransformerConfig::new(32, 2, 64); // dim, depth, max_seq_len
+/// config.heads = 4;
+/// config.reversible = true;
+/// let stack = LinearAttentionTransformer::new(&config, 0, &Device::Cpu, DType::F32)?;
+/// let x = Tensor::randn(0f32, 1.0, (2, 10, 32), &Device::Cpu)?;
+/// assert_eq!(stack.forward(&x, &Inputs::default(), &Pass::eval())?.dims(), &[2, 10, 32]);
+/// # Ok::<(), linear_attention_transformer::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct LinearAttentionTransformer {
     config: TransformerConfig,
@@ -93,6 +107,7 @@ impl LinearAttentionTransformer {
         Ok(m)
     }
 
+    /// The stack's configuration.
     pub fn config(&self) -> &TransformerConfig {
         &self.config
     }
@@ -291,14 +306,17 @@ impl LinearAttentionTransformerLM {
         Ok(m)
     }
 
+    /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
     }
 
+    /// The device the model lives on.
     pub fn device(&self) -> &Device {
         &self.device
     }
 
+    /// The float type of the parameters.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -388,6 +406,20 @@ impl LinearAttentionTransformerLM {
 
     /// Feeds one token per row at the state's positions and returns the next logits
     /// [batch, num_tokens].
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use linear_attention_transformer::{Config, LinearAttentionTransformerLM};
+    ///
+    /// let mut config = Config::new(100, 32, 2, 256);
+    /// config.causal = true;
+    /// let model = LinearAttentionTransformerLM::new(&config, 0, &Device::Cpu, DType::F32)?;
+    /// let (logits, mut state) = model.prefill(&[5, 6, 7])?;      // one parallel pass
+    /// let next = logits.argmax(1)?.to_vec1::<u32>()?;
+    /// let logits = model.step(&next, &mut state)?;                // constant time per token
+    /// assert_eq!((logits.dims(), state.positions()), (&[1, 100][..], &[4][..]));
+    /// # Ok::<(), linear_attention_transformer::Error>(())
+    /// ```
     pub fn step(&self, tokens: &[u32], state: &mut DecodeState) -> Result<Tensor> {
         self.check_generation()?;
         let b = state.batch();

@@ -26,7 +26,9 @@ pub(crate) enum Init {
 /// A named tensor of a model: a trainable parameter or a persistent buffer.
 #[derive(Clone, Debug)]
 pub struct Param {
+    /// The `state_dict` key.
     pub name: String,
+    /// The tensor (a variable when trainable).
     pub tensor: Tensor,
     /// Buffers (the rotary tables) are saved with the model but never trained.
     pub trainable: bool,

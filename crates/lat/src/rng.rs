@@ -22,6 +22,7 @@ pub struct Rng {
 }
 
 impl Rng {
+    /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Self {
         let mut z = seed;
         let mut s = [0u64; 4];
@@ -37,10 +38,12 @@ impl Rng {
         self.s
     }
 
+    /// A generator in a state saved by [`Rng::state`].
     pub fn from_state(s: [u64; 4]) -> Self {
         Self { s }
     }
 
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         let result = (self.s[0].wrapping_add(self.s[3])).rotate_left(23).wrapping_add(self.s[0]);
         let t = self.s[1] << 17;

@@ -13,19 +13,29 @@ use crate::nn::{dropout, Linear};
 use crate::params::{Builder, Init};
 
 #[derive(Clone, Debug)]
+/// Linformer self- or cross-attention (`LinformerSelfAttention`).
 pub struct Linformer {
+    /// Query projection, no bias.
     pub to_q: Linear,
+    /// Key projection, no bias.
     pub to_k: Linear,
+    /// Value projection, no bias.
     pub to_v: Linear,
+    /// Sequence projection of the keys, [seq_len, k].
     pub proj_k: Tensor,
+    /// Sequence projection of the values, [seq_len, k].
     pub proj_v: Tensor,
+    /// Output projection, with bias.
     pub to_out: Linear,
+    /// Attention heads.
     pub heads: usize,
+    /// Width of each head.
     pub dim_head: usize,
     /// One key/value head shared by every query head.
     pub one_kv_head: bool,
     /// Dropout on the attention probabilities.
     pub dropout: f64,
+    /// Longest sequence of keys and values (rows of the projections).
     pub seq_len: usize,
 }
 

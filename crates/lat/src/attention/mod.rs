@@ -21,13 +21,21 @@ use crate::pass::Pass;
 /// Geometry and options of one attention layer.
 #[derive(Clone, Debug)]
 pub struct AttentionSpec {
+    /// Width of the input.
     pub dim: usize,
+    /// Attention heads.
     pub heads: usize,
+    /// Width of each head.
     pub dim_head: usize,
+    /// How many of the heads (the first ones) are local.
     pub local_heads: usize,
+    /// Whether position i sees only positions up to i.
     pub causal: bool,
+    /// Blind-spot bucket of causal global heads (`blindspot_size`).
     pub bucket: usize,
+    /// Window of the local heads (`local_attn_window_size`).
     pub window: usize,
+    /// Keys and values come from a context (cross-attention).
     pub receives_context: bool,
     /// Dropout after the output projection (`attn_layer_dropout`).
     pub dropout: f64,
@@ -47,15 +55,22 @@ pub struct AttentionInputs {
     pub rotary: Option<(Arc<RotaryTable>, usize)>,
     /// [batch, m, dim] keys/values source of cross-attention, and its mask.
     pub context: Option<Tensor>,
+    /// [batch, m], nonzero = a real context position.
     pub context_mask: Option<Tensor>,
 }
 
 #[derive(Clone, Debug)]
+/// The reference's `SelfAttention`: projections, local and global heads, output projection.
 pub struct SelfAttention {
+    /// Geometry and options.
     pub spec: AttentionSpec,
+    /// Query projection, no bias.
     pub to_q: Linear,
+    /// Key projection, no bias (one head per key/value head).
     pub to_k: Linear,
+    /// Value projection, no bias.
     pub to_v: Linear,
+    /// Output projection, with bias.
     pub to_out: Linear,
 }
 
@@ -271,6 +286,8 @@ impl AttentionSpec {
 /// and value window and the global heads' running sums.
 #[derive(Clone, Debug)]
 pub struct AttentionState {
+    /// Per (row, key/value head) of the local heads: their key and value windows.
     pub local: Vec<LocalCache>,
+    /// Per (row, key/value head) of the global heads: their running sums.
     pub global: Vec<LinearState>,
 }

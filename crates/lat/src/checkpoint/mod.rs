@@ -108,7 +108,9 @@ pub fn import_torch(state_dict: impl AsRef<Path>, config: &Config, device: &Devi
 
 /// The tensors and configuration of a model file.
 pub struct ModelFile {
+    /// The configuration (the Python keyword arguments).
     pub config: Config,
+    /// Every tensor, by name.
     pub tensors: HashMap<String, Tensor>,
     /// Every other metadata entry (training state, checksums).
     pub metadata: HashMap<String, String>,
@@ -166,6 +168,20 @@ pub fn load(path: impl AsRef<Path>, device: &Device, trainable: bool) -> Result<
 }
 
 /// Writes `model` as a model file, with extra `metadata` entries, atomically.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use candle_core::{DType, Device};
+/// use linear_attention_transformer::{checkpoint, Config, LinearAttentionTransformerLM};
+///
+/// let model = LinearAttentionTransformerLM::new(&Config::new(16, 8, 1, 16), 0, &Device::Cpu, DType::F32)?;
+/// let path = std::env::temp_dir().join(format!("lat-doc-{}.safetensors", std::process::id()));
+/// checkpoint::save(&model, &path, &HashMap::new())?;
+/// let loaded = checkpoint::load(&path, &Device::Cpu, false)?;
+/// assert_eq!(loaded.config(), model.config());
+/// # std::fs::remove_file(&path).ok();
+/// # Ok::<(), linear_attention_transformer::Error>(())
+/// ```
 pub fn save(model: &LinearAttentionTransformerLM, path: impl AsRef<Path>, metadata: &HashMap<String, String>) -> Result<()> {
     let tensors: Vec<(String, Tensor)> = model.params().iter().map(|p| (p.name.clone(), p.tensor.clone())).collect();
     let mut meta = metadata.clone();

@@ -478,6 +478,7 @@ pub struct LinearState {
 }
 
 impl LinearState {
+    /// An empty state for heads of width `e`, values of width `ev` and blind-spot `bucket`.
     pub fn new(e: usize, ev: usize, bucket: usize) -> Self {
         Self { e, ev, bucket: bucket.max(1), s: vec![0.0; e * ev], z: vec![0.0; e], m: 0.0, pending_k: vec![], pending_v: vec![] }
     }

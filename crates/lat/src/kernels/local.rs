@@ -18,14 +18,18 @@ use crate::rng::uniform_at;
 /// Dropout on the attention probabilities: probability `p`, masks drawn from stream `seed`.
 #[derive(Clone, Copy, Debug)]
 pub struct Dropout {
+    /// Probability of dropping.
     pub p: f64,
+    /// Stream the masks are drawn from.
     pub seed: u64,
 }
 
 /// Window geometry shared by both implementations.
 #[derive(Clone, Copy, Debug)]
 pub struct Windows {
+    /// Positions per window.
     pub size: usize,
+    /// Causal: a query sees its own window up to itself and the previous window.
     pub causal: bool,
 }
 

@@ -40,16 +40,25 @@ pub trait Elem:
     + DivAssign
     + std::iter::Sum
 {
+    /// 0.
     const ZERO: Self;
+    /// 1.
     const ONE: Self;
     /// The most negative finite value: the reference's mask fill (`-finfo.max`).
     const MASK: Self;
+    /// The smallest positive normal value.
     const MIN_POSITIVE: Self;
+    /// Conversion from f64.
     fn of(v: f64) -> Self;
+    /// e^self.
     fn exp(self) -> Self;
+    /// Natural logarithm.
     fn ln(self) -> Self;
+    /// Square root.
     fn sqrt(self) -> Self;
+    /// The error function.
     fn erf(self) -> Self;
+    /// The larger of two values.
     fn maxv(self, o: Self) -> Self;
 }
 

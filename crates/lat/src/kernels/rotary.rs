@@ -12,13 +12,16 @@ use super::{slice, with_float, Elem, Heads};
 /// sin and cos of every (position, pair), as the reference's `FixedPositionalEmbedding(e, len)`.
 #[derive(Debug)]
 pub struct RotaryTable {
+    /// Width of a head.
     pub dim: usize,
+    /// Positions covered.
     pub len: usize,
     sin: Vec<f32>,
     cos: Vec<f32>,
 }
 
 impl RotaryTable {
+    /// The table for heads of width `dim` and positions 0..len.
     pub fn new(dim: usize, len: usize) -> Self {
         let half = dim / 2;
         let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / dim as f32)).collect();

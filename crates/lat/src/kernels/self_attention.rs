@@ -20,9 +20,13 @@ use super::{causal_linear, linear, local, read, rotary, slice, with_float, Elem,
 /// Geometry of a self-attention layer.
 #[derive(Clone, Copy, Debug)]
 pub struct HeadSpec {
+    /// Attention heads.
     pub heads: usize,
+    /// How many of them (the first) are local.
     pub local_heads: usize,
+    /// Width of each head.
     pub dim_head: usize,
+    /// Causal masking.
     pub causal: bool,
     /// Blind-spot bucket of causal global heads.
     pub bucket: usize,

@@ -13,10 +13,15 @@ use crate::rng::derive;
 pub const CHUNK_ROWS: usize = 2048;
 
 #[derive(Clone, Debug)]
+/// The reference's `FeedForward`, inside `Chunk`.
 pub struct FeedForward {
+    /// First layer: dim to 4 · dim (8 · dim with GLU).
     pub w1: Linear,
+    /// Second layer: 4 · dim to dim.
     pub w2: Linear,
+    /// Gated linear unit: `gelu(a) * v` of the two halves of w1's output.
     pub glu: bool,
+    /// Dropout on the hidden activations.
     pub dropout: f64,
     /// Evaluated in this many pieces along the sequence (`Chunk` in the reference): the same
     /// result with a smaller peak of hidden activations.

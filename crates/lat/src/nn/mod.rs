@@ -16,7 +16,9 @@ use crate::rng::uniform_at;
 /// `nn.Linear`: `weight` is [out, in].
 #[derive(Clone, Debug)]
 pub struct Linear {
+    /// [out, in].
     pub weight: Tensor,
+    /// [out], when the layer has one.
     pub bias: Option<Tensor>,
 }
 
@@ -85,7 +87,9 @@ impl Linear {
 /// `nn.LayerNorm(dim)` with eps 1e-5.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
+    /// Scale, [dim].
     pub weight: Tensor,
+    /// Shift, [dim].
     pub bias: Tensor,
 }
 
@@ -94,6 +98,7 @@ impl LayerNorm {
         Ok(Self { weight: b.get("weight", &[dim], Init::Ones)?, bias: b.get("bias", &[dim], Init::Zeros)? })
     }
 
+    /// Normalises the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(kernels::layer_norm::layer_norm(x, &self.weight, &self.bias, 1e-5)?)
     }
@@ -102,6 +107,7 @@ impl LayerNorm {
 /// `nn.Embedding`.
 #[derive(Clone, Debug)]
 pub struct Embedding {
+    /// The table, [entries, dim].
     pub weight: Tensor,
 }
 

@@ -24,15 +24,30 @@ const NUM_KEYS: usize = 128;
 const TOP_K: usize = 32;
 const DIM_HEAD: usize = 128;
 
+/// How the queries are normalised.
 #[derive(Clone, Debug)]
 pub enum QueryNorm {
+    /// `LayerNorm(128)` of each half and head (product-key-memory 0.3.0).
     Layer(LayerNorm),
-    Batch { weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor },
+    /// `BatchNorm1d(1024)` of the whole query (product-key-memory 0.1.10).
+    Batch {
+        /// Scale, [1024].
+        weight: Tensor,
+        /// Shift, [1024].
+        bias: Tensor,
+        /// Running mean, [1024].
+        running_mean: Tensor,
+        /// Running variance, [1024].
+        running_var: Tensor,
+    },
 }
 
+/// The reference's `PKM(dim)`.
 #[derive(Clone, Debug)]
 pub struct ProductKeyMemory {
+    /// Query projection, dim to 1024, no bias.
     pub to_queries: Linear,
+    /// Query normalisation.
     pub norm: QueryNorm,
     /// [heads, num_keys, 2, dim_head].
     pub keys: Tensor,

@@ -10,15 +10,29 @@ use crate::error::{Error, Result};
 use crate::kernels::rotary::RotaryTable;
 use crate::params::{Builder, Init};
 
+/// A language model's positional embedding.
 #[derive(Clone, Debug)]
 pub enum PositionalEmbedding {
     /// `pos[i] = weights.0[i / W] + weights.1[i % W]`, covering `ceil(max_seq_len / W) · W`
     /// positions.
-    Axial { rows: Tensor, cols: Tensor, window: usize },
+    Axial {
+        /// `weights.0`, [1, A, 1, emb_dim].
+        rows: Tensor,
+        /// `weights.1`, [1, 1, W, emb_dim].
+        cols: Tensor,
+        /// W, the local window.
+        window: usize,
+    },
     /// `pos[i] = emb.weight[i]`.
-    Absolute { table: Tensor },
+    Absolute {
+        /// [max_seq_len, emb_dim].
+        table: Tensor,
+    },
     /// `cat(sin, cos)` of the positions, not trained.
-    Fixed { table: Tensor },
+    Fixed {
+        /// [max_seq_len, emb_dim].
+        table: Tensor,
+    },
 }
 
 impl PositionalEmbedding {

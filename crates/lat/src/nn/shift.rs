@@ -8,11 +8,14 @@ use candle_core::{Tensor, D};
 use crate::error::Result;
 
 #[derive(Clone, Debug)]
+/// Token shifting before a block's body.
 pub struct Shift {
+    /// How far each segment moves: (1, 0) when causal, (1, 0, -1) otherwise.
     pub shifts: Vec<isize>,
 }
 
 impl Shift {
+    /// The reference's shifts for a causal or non-causal model.
     pub fn new(causal: bool) -> Self {
         Self { shifts: if causal { vec![1, 0] } else { vec![1, 0, -1] } }
     }

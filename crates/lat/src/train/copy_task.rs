@@ -20,11 +20,17 @@ pub struct CopyTask {
     pub vocab: usize,
     /// Symbols per sequence.
     pub length: usize,
+    /// Width of both models.
     pub dim: usize,
+    /// Layers of each model.
     pub depth: usize,
+    /// Sequences per step.
     pub batch: usize,
+    /// Optimizer steps.
     pub steps: usize,
+    /// Learning rate (decays linearly).
     pub lr: f64,
+    /// Seed of the weights and the data.
     pub seed: u64,
     /// Held-out sequences for the accuracy.
     pub eval_sequences: usize,
@@ -38,7 +44,9 @@ impl Default for CopyTask {
 
 /// The two models of an encoder-decoder.
 pub struct EncoderDecoder {
+    /// Non-causal, returns embeddings.
     pub encoder: LinearAttentionTransformerLM,
+    /// Causal, attends to the encoder's output.
     pub decoder: LinearAttentionTransformerLM,
 }
 

@@ -16,8 +16,11 @@ use crate::rng::Rng;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
+    /// The first 90 %.
     Train,
+    /// The next 5 %.
     Validation,
+    /// The last 5 %.
     Test,
 }
 
@@ -89,6 +92,7 @@ impl Corpus {
         Ok(Self { bytes: Bytes::Owned(bytes), source: PathBuf::from("<memory>") })
     }
 
+    /// All of the corpus.
     pub fn bytes(&self) -> &[u8] {
         match &self.bytes {
             Bytes::Mapped(m) => m,
@@ -96,10 +100,12 @@ impl Corpus {
         }
     }
 
+    /// Bytes in the corpus.
     pub fn len(&self) -> usize {
         self.bytes().len()
     }
 
+    /// Whether the corpus has no bytes (never true for an opened corpus).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

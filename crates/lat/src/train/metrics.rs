@@ -34,10 +34,12 @@ impl MetricsLog {
         Ok(Self { path: path.to_path_buf(), file })
     }
 
+    /// Appends one record (one line).
     pub fn write(&mut self, record: &Value) -> Result<()> {
         writeln!(self.file, "{record}").and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))
     }
 
+    /// The log's path.
     pub fn path(&self) -> &Path {
         &self.path
     }

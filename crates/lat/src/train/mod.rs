@@ -41,14 +41,21 @@ pub struct TrainSettings {
     pub max_steps: u64,
     /// Stop (with a checkpoint) after this long, e.g. "15m", "1h30m", "90s"; empty for none.
     pub time_limit: String,
+    /// Peak learning rate.
     pub lr: f64,
+    /// Learning rate at the end of the cosine decay.
     pub min_lr: f64,
+    /// Steps of linear warm-up.
     pub warmup_steps: u64,
+    /// Decoupled weight decay (matrices only).
     pub weight_decay: f64,
+    /// AdamW's first-moment decay.
     pub beta1: f64,
+    /// AdamW's second-moment decay.
     pub beta2: f64,
     /// Gradients are rescaled to at most this global L2 norm (0 = no clipping).
     pub grad_clip: f64,
+    /// Seed of the weights, the data windows and the dropout masks.
     pub seed: u64,
     /// Steps between progress records in the metrics log.
     pub log_every: u64,
@@ -58,7 +65,9 @@ pub struct TrainSettings {
     pub eval_windows: usize,
     /// Steps between printed samples (0 = none).
     pub sample_every: u64,
+    /// Bytes per sample.
     pub sample_len: usize,
+    /// What samples continue.
     pub sample_prompt: String,
     /// Steps between checkpoints (0 = only at the end).
     pub checkpoint_every: u64,
@@ -107,11 +116,24 @@ pub fn default_model() -> Config {
 }
 
 /// A run configuration: `[model]` (the model's keyword arguments) and `[train]`.
+///
+/// ```
+/// use linear_attention_transformer::train::RunConfig;
+///
+/// let mut run = RunConfig::from_toml("[model]\nnum_tokens = 256\ndim = 128\ndepth = 2\nmax_seq_len = 256\ncausal = true\n")?;
+/// run.set("train.lr=1e-3")?;
+/// run.set("model.n_local_attn_heads=[2, 4]")?;
+/// run.validate()?;
+/// assert_eq!(run.train.lr, 1e-3);
+/// # Ok::<(), linear_attention_transformer::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
+    /// The model's keyword arguments (`[model]`).
     pub model: Config,
     #[serde(default)]
+    /// The training settings (`[train]`).
     pub train: TrainSettings,
 }
 
@@ -122,6 +144,7 @@ impl Default for RunConfig {
 }
 
 impl RunConfig {
+    /// Parses and validates a run configuration.
     pub fn from_toml(text: &str) -> Result<Self> {
         let run = Self::parse(text)?;
         run.validate()?;
@@ -132,6 +155,7 @@ impl RunConfig {
         toml::from_str(text).map_err(|e| Error::config("toml", e.to_string()))
     }
 
+    /// The configuration as TOML (what `config.toml` holds).
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("a run configuration always serialises")
     }
@@ -155,6 +179,7 @@ impl RunConfig {
         Ok(())
     }
 
+    /// Checks the model and the training settings together.
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         let t = &self.train;
@@ -231,10 +256,13 @@ pub struct StepReport {
     pub step: u64,
     /// Mean cross-entropy in nats.
     pub loss: f64,
+    /// Learning rate of the step.
     pub lr: f64,
+    /// Global L2 norm of the gradient (before clipping).
     pub grad_norm: f64,
     /// The update was skipped because the loss or a gradient was not finite.
     pub skipped: bool,
+    /// Tokens trained on so far.
     pub tokens: u64,
 }
 
@@ -289,25 +317,32 @@ pub fn evaluate(model: &LinearAttentionTransformerLM, data: &[u8], seq_len: usiz
 
 /// Where a run keeps its files.
 pub struct RunFiles {
+    /// The run folder.
     pub dir: PathBuf,
 }
 
 impl RunFiles {
+    /// Model, optimizer state and position: what `--resume` reads.
     pub fn checkpoint(&self) -> PathBuf {
         self.dir.join("checkpoint.safetensors")
     }
+    /// The model file.
     pub fn model(&self) -> PathBuf {
         self.dir.join("model.safetensors")
     }
+    /// The metrics log.
     pub fn metrics(&self) -> PathBuf {
         self.dir.join("metrics.jsonl")
     }
+    /// The loss plot.
     pub fn plot(&self) -> PathBuf {
         self.dir.join("loss.svg")
     }
+    /// The configuration.
     pub fn config(&self) -> PathBuf {
         self.dir.join("config.toml")
     }
+    /// Where a compressed corpus is unpacked.
     pub fn corpus_cache(&self) -> PathBuf {
         self.dir.join("corpus.bin")
     }
@@ -320,9 +355,13 @@ const ELAPSED_KEY: &str = "lat.elapsed";
 
 /// The state saved in a checkpoint besides the tensors.
 pub struct Resumed {
+    /// The run configuration.
     pub run: RunConfig,
+    /// Optimizer steps done.
     pub step: u64,
+    /// Tokens trained on so far.
     pub tokens: u64,
+    /// Seconds of training so far.
     pub elapsed: f64,
 }
 
@@ -337,10 +376,13 @@ pub fn peek_checkpoint(path: &Path) -> Result<Resumed> {
 
 /// A training run in progress.
 pub struct Trainer {
+    /// The run configuration.
     pub run: RunConfig,
+    /// The model being trained.
     pub model: LinearAttentionTransformerLM,
     opt: AdamW,
     corpus: Corpus,
+    /// Where the run keeps its files.
     pub files: RunFiles,
     /// Optimizer steps completed.
     pub step: u64,
@@ -402,6 +444,7 @@ impl Trainer {
         Ok(Self { run, model, opt, corpus, files, step, tokens, elapsed_before: elapsed, bad_steps: 0 })
     }
 
+    /// The corpus trained on.
     pub fn corpus(&self) -> &Corpus {
         &self.corpus
     }

@@ -14,9 +14,13 @@ use crate::kernels;
 /// AdamW hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamWConfig {
+    /// First-moment decay.
     pub beta1: f64,
+    /// Second-moment decay.
     pub beta2: f64,
+    /// Added to the denominator.
     pub eps: f64,
+    /// Decoupled weight decay of matrices.
     pub weight_decay: f64,
 }
 
@@ -42,6 +46,7 @@ pub struct AdamW {
     slots: Vec<Slot>,
     /// Completed update steps (for bias correction).
     pub steps: u64,
+    /// Hyper-parameters.
     pub config: AdamWConfig,
 }
 
@@ -51,6 +56,7 @@ fn decays(name: &str, rank: usize) -> bool {
 }
 
 impl AdamW {
+    /// An optimizer for the named variables, moments at zero.
     pub fn new(vars: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
         let slots = vars
             .into_iter()
