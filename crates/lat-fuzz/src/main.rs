@@ -1,5 +1,6 @@
-//! `lat-fuzz --target model-file|torch|config [--seconds N] [--seed S]`: mutation fuzzing of the
-//! readers that take untrusted input. Starting from the seed inputs of `fuzz/corpus/TARGET/`,
+//! `lat-fuzz --target model-file|torch|pickle|config [--seconds N] [--seed S]`: mutation fuzzing
+//! of the readers that take untrusted input (`pickle` is the state dict's `data.pkl` alone, which
+//! inside an archive mutations rarely reach past the archive's checksums). Starting from the seed inputs of `fuzz/corpus/TARGET/`,
 //! it applies random mutations (bit flips, interesting bytes, truncations, splices, repeats) and
 //! feeds each input to the target; any panic is a failure, saved to `fuzz/found/TARGET/` and
 //! reported. Run it under a memory limit to also catch allocations driven by size fields:
@@ -18,7 +19,7 @@ use linear_attention_transformer::rng::Rng;
 #[derive(Parser)]
 #[command(name = "lat-fuzz", about = "Mutation fuzzing of the readers of untrusted input")]
 struct Args {
-    #[arg(long, value_parser = ["model-file", "torch", "config"])]
+    #[arg(long, value_parser = ["model-file", "torch", "pickle", "config"])]
     target: String,
     #[arg(long, default_value_t = 60)]
     seconds: u64,
@@ -88,6 +89,7 @@ fn lat_fuzz_target(target: &str, input: &[u8]) -> Result<(), String> {
     match target {
         "model-file" => checkpoint::parse(Path::new("<fuzz>"), input).map(|_| ()).map_err(|e| e.to_string()),
         "torch" => checkpoint::torch::read(std::io::Cursor::new(input), input.len() as u64).map(|_| ()).map_err(|e| e.to_string()),
+        "pickle" => checkpoint::torch::parse_pickle(input).map(|_| ()).map_err(|e| e.to_string()),
         _ => {
             let text = String::from_utf8_lossy(input);
             let _ = linear_attention_transformer::Config::from_json_str(&text);

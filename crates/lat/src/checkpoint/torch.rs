@@ -361,6 +361,16 @@ fn size_of(dtype: DType) -> usize {
     dtype.size_in_bytes()
 }
 
+/// Interprets a state dict's `data.pkl` alone and returns how many tensors it names (for
+/// fuzzing the interpreter without the archive around it).
+pub fn parse_pickle(data: &[u8]) -> Result<usize> {
+    let mut m = Machine { data, pos: 0, stack: vec![], memo: HashMap::new() };
+    match m.run()? {
+        Value::Dict(items) => Ok(items.iter().filter(|(_, v)| matches!(v, Value::Tensor(_))).count()),
+        _ => Err(Error::input("the pickle holds no dictionary")),
+    }
+}
+
 /// Reads every tensor of a `torch.save(state_dict)` archive.
 pub fn read<R: Read + Seek>(reader: R, file_len: u64) -> Result<HashMap<String, Tensor>> {
     let mut zip = zip::ZipArchive::new(reader).map_err(|e| Error::input(format!("not a PyTorch file (a zip archive): {e}")))?;
