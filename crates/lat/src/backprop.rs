@@ -149,7 +149,7 @@ pub(crate) fn reversible(pairs: &Arc<Vec<Pair>>, x: &Tensor, inputs: &AttentionI
 /// `x + block(x)`. With gradients and fused kernels, the block keeps its activations for its
 /// hand-written backward pass; elsewhere candle's autograd differentiates it.
 pub(crate) fn residual(block: &Block, x: &Tensor, inputs: &AttentionInputs, pass: &Pass, pair: usize, trainable: bool) -> Result<Tensor> {
-    if !tracked(x, inputs, trainable) || !kernels::use_fused(x.device()) || !block.hand_written() {
+    if !tracked(x, inputs, trainable) || !kernels::use_fused(x) || !block.hand_written() {
         return Ok((x + block.forward(x, inputs, pass, pair)?)?);
     }
     let local = detached(inputs);

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::attention::AttentionInputs;
@@ -319,6 +320,27 @@ impl LinearAttentionTransformerLM {
     /// The float type of the parameters.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// A copy in `dtype` (for mixed precision: compute in bfloat16 against f32 weights). When
+    /// this model is trainable the copy's weights are variables of their own; carry their
+    /// gradients back with [`LinearAttentionTransformerLM::grads_from`].
+    pub fn cast(&self, dtype: DType) -> Result<Self> {
+        let tensors = self.params.iter().map(|p| (p.name.clone(), p.tensor.detach())).collect();
+        let trainable = self.params.iter().any(|p| p.tensor.is_variable());
+        Self::from_tensors(&self.config, tensors, &self.device, dtype, trainable)
+    }
+
+    /// The gradients of this model's variables, from `grads` taken on `copy` (made by
+    /// [`LinearAttentionTransformerLM::cast`]), converted to this model's dtype.
+    pub fn grads_from(&self, copy: &Self, mut grads: GradStore) -> Result<GradStore> {
+        let copies: HashMap<String, Var> = copy.vars().into_iter().collect();
+        for (name, var) in self.vars() {
+            if let Some(g) = copies.get(&name).and_then(|c| grads.remove(c.as_tensor())) {
+                grads.insert(var.as_tensor(), g.to_dtype(self.dtype)?);
+            }
+        }
+        Ok(grads)
     }
 
     /// Every named tensor (parameters and the rotary buffers), in `state_dict` order.

@@ -61,7 +61,7 @@ impl Block {
     /// The block's backward pass at `x` for output gradient `dy`. `context`, when given, is
     /// the variable standing for the context in the caller's local computation.
     pub(crate) fn vjp(&self, x: &Tensor, dy: &Tensor, inputs: &AttentionInputs, pass: &Pass, pair: usize, context: Option<&Var>) -> Result<Vjp> {
-        if !kernels::use_fused(x.device()) || !self.hand_written() {
+        if !kernels::use_fused(x) || !self.hand_written() {
             return self.autograd_vjp(x, dy, inputs, pass, pair, context);
         }
         if let Body::FeedForward(ff) = &self.body {

@@ -1,5 +1,5 @@
 //! `lat bench (--preset seed | --config CONFIG.json) --mode forward|train|generate --seq-len N
-//! [--batch B] [--steps K] [--json]`
+//! [--batch B] [--steps K] [--precision f32|bf16] [--device cpu|cuda] [--json]`
 //!
 //! Times one configuration in this process: `forward` (inference), `train` (forward,
 //! cross-entropy, backward and an AdamW step, like the reference's training step) or `generate`
@@ -23,6 +23,12 @@ pub enum Mode {
     Forward,
     Train,
     Generate,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Arithmetic {
+    F32,
+    Bf16,
 }
 
 #[derive(clap::Args)]
@@ -61,6 +67,9 @@ pub struct Args {
     json: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// bf16: forward in bfloat16; train in mixed precision (bfloat16 compute, f32 weights).
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Arithmetic,
 }
 
 /// The named configurations, with `max_seq_len` set to the benchmark length.
@@ -134,23 +143,30 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         None
     };
+    let bf16 = a.precision == Arithmetic::Bf16;
+    if bf16 && a.mode == Mode::Generate {
+        return Err(usage("--precision bf16 applies to forward and train"));
+    }
+    let inference = if bf16 && a.mode == Mode::Forward { model.cast(DType::BF16)? } else { model.clone() };
     let mut times = Vec::with_capacity(a.steps);
     for i in 0..a.warmup + a.steps {
         let x = tokens(a.seq_len)?;
         let t0 = Instant::now();
         match a.mode {
             Mode::Forward => {
-                let logits = model.forward(&x, &Inputs::default(), &Pass::eval())?;
+                let logits = inference.forward(&x, &Inputs::default(), &Pass::eval())?;
                 // Wait for the result (asynchronous devices).
                 logits.narrow(1, 0, 1)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             }
             Mode::Train => {
                 let y: Vec<u32> = x.flatten_all()?.to_vec1::<u32>()?.iter().map(|&t| (t + 1) % v as u32).collect();
                 let pass = Pass::train(i as u64);
-                let logits = model.forward(&x, &Inputs::default(), &pass)?;
+                // Mixed precision: a bfloat16 copy of the f32 weights per step, as `lat train` does.
+                let step_model = if bf16 { model.cast(DType::BF16)? } else { model.clone() };
+                let logits = step_model.forward(&x, &Inputs::default(), &pass)?.to_dtype(DType::F32)?;
                 let (b, n, _) = logits.dims3()?;
                 let loss = cross_entropy_rows(&logits.reshape((b * n, v))?, &y)?.mean_all()?;
-                let grads = pass.backward(&loss)?;
+                let grads = if bf16 { model.grads_from(&step_model, pass.backward(&loss)?)? } else { pass.backward(&loss)? };
                 opt.as_mut().expect("training mode has an optimizer").step(&grads, 1e-4, 1.0)?;
                 loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             }
@@ -181,7 +197,8 @@ pub fn run(a: Args) -> Result<()> {
         "parameters": model.num_parameters(),
         "new_tokens": if a.mode == Mode::Generate { Some(a.new_tokens) } else { None },
         "cache": if a.mode == Mode::Generate { Some(!a.no_cache) } else { None },
-        "kernels": if linear_attention_transformer::kernels::use_fused(&dev) { "fused" } else { "reference" },
+        "kernels": kernel_kind(&dev, if bf16 { DType::BF16 } else { DType::F32 })?,
+        "precision": if bf16 { "bf16" } else { "f32" },
         "threads": rayon_threads(),
         "device": a.device,
     });
@@ -204,4 +221,17 @@ pub fn run(a: Args) -> Result<()> {
 
 fn rayon_threads() -> usize {
     std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Which attention kernels run: the fused CPU ones, the GPU ones, or the plain reference ops.
+fn kernel_kind(dev: &candle_core::Device, dtype: DType) -> Result<&'static str> {
+    use linear_attention_transformer::kernels::{use_fused, use_gpu};
+    let probe = Tensor::zeros(1, dtype, dev)?;
+    Ok(if use_fused(&probe) {
+        "fused"
+    } else if use_gpu(&probe) {
+        "gpu"
+    } else {
+        "reference"
+    })
 }

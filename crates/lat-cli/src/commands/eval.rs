@@ -1,13 +1,12 @@
-//! `lat eval --model M [--data PATH] [--split validation|test] [--json]`
+//! `lat eval --model M [--data PATH] [--split validation|test] [--device cpu|cuda] [--json]`
 
 use std::path::PathBuf;
 
-use candle_core::Device;
 use linear_attention_transformer::checkpoint;
 use linear_attention_transformer::train::data::{Corpus, Split};
 use linear_attention_transformer::train::evaluate;
 
-use super::{corpus, usage, Result};
+use super::{corpus, device, usage, Result};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,6 +29,8 @@ pub struct Args {
     /// Print {"bpc": x, "tokens": n}.
     #[arg(long)]
     json: bool,
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -39,7 +40,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let file = checkpoint::read(&a.model)?;
     let trained_len = file.metadata.get("lat.seq_len").and_then(|s| s.parse::<usize>().ok());
-    let model = checkpoint::load(&a.model, &Device::Cpu, false)?;
+    let model = checkpoint::load(&a.model, &device::parse(&a.device)?, false)?;
     let config = model.config();
     if config.num_tokens < 256 || config.return_embeddings {
         return Err(usage("lat eval measures bits per byte: the model needs num_tokens >= 256 and logits"));

@@ -1,4 +1,4 @@
-//! `lat logits --model MODEL.safetensors --tokens IN.safetensors --out OUT.safetensors`
+//! `lat logits --model MODEL.safetensors --tokens IN.safetensors --out OUT.safetensors [--device cpu|cuda]`
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use candle_core::Device;
 use linear_attention_transformer::{checkpoint, Inputs, Pass};
 
-use super::{usage, Result};
+use super::{device, usage, Result};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -21,14 +21,20 @@ pub struct Args {
     /// return_embeddings).
     #[arg(long)]
     out: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let model = checkpoint::load(&a.model, &Device::Cpu, false)?;
-    let input = checkpoint::read_tensors(&a.tokens)?;
+    let dev = device::parse(&a.device)?;
+    let model = checkpoint::load(&a.model, &dev, false)?;
+    let mut input = checkpoint::read_tensors(&a.tokens)?;
+    for t in input.values_mut() {
+        *t = t.to_device(&dev)?;
+    }
     let tokens = input.get("tokens").ok_or_else(|| usage(format!("{}: no tensor named \"tokens\"", a.tokens.display())))?;
     let inputs = Inputs { input_mask: input.get("mask"), context: input.get("context"), context_mask: input.get("context_mask") };
-    let logits = model.forward(tokens, &inputs, &Pass::eval())?;
+    let logits = model.forward(tokens, &inputs, &Pass::eval())?.to_device(&Device::Cpu)?;
     checkpoint::write_safetensors(&a.out, &[("logits".to_string(), logits)], &HashMap::new())?;
     Ok(())
 }

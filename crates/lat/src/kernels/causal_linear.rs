@@ -32,7 +32,9 @@ pub fn causal_linear_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<
     if bucket == 0 || n % bucket != 0 {
         candle_core::bail!("causal linear attention: length {n} is not a multiple of the bucket size {bucket}");
     }
-    if super::use_fused(q.device()) {
+    let e = q.dim(3)?;
+    let on_gpu = super::use_gpu(q) && (super::gpu::Causal { b, n, h, e, ev, bucket }).supported();
+    if super::use_fused(q) || on_gpu {
         let keep = mask.map(|m| m.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()).transpose()?;
         let op = CausalLinear { bucket, keep };
         let flat = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
@@ -382,6 +384,12 @@ impl CausalLinear {
         let _ = ks;
         Ok((qs, vs))
     }
+
+    #[cfg(feature = "cuda")]
+    fn gpu_dims(&self, ql: &Layout, kl: &Layout, vl: &Layout) -> Result<super::gpu::Causal> {
+        let (qs, vs) = self.shapes(ql, kl, vl)?;
+        Ok(super::gpu::Causal { b: qs.b, n: qs.n, h: qs.h, e: qs.e, ev: vs.e, bucket: self.bucket })
+    }
 }
 
 impl CustomOp3 for CausalLinear {
@@ -417,6 +425,22 @@ impl CustomOp3 for CausalLinear {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = self.gpu_dims(ql, kl, vl)?;
+        super::gpu::cuda::forward(self.name(), [(q, ql), (k, kl), (v, vl)], self.keep.as_deref(), |gpu, elem, [q, k, v, keep]| {
+            dims.forward(gpu, elem, q, k, v, keep)
+        })
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -425,6 +449,13 @@ impl CustomOp3 for CausalLinear {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            let dims = self.gpu_dims(q.layout(), k.layout(), v.layout())?;
+            return super::gpu::cuda::backward(self.name(), [q, k, v], &[res, grad], self.keep.as_deref(), |gpu, elem, [q, k, v, keep], x| {
+                dims.backward(gpu, elem, q, k, v, keep, x[0], x[1])
+            });
+        }
         let (qs, vs) = self.shapes(q.layout(), k.layout(), v.layout())?;
         let grad = grad.contiguous()?;
         let out_len = vs.b * vs.n * vs.h * vs.e;

@@ -18,7 +18,7 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     if let Some(t) = targets.iter().find(|&&t| t != IGNORE && t as usize >= classes) {
         candle_core::bail!("cross entropy: target {t} is not below the number of classes {classes}");
     }
-    if super::use_fused(logits.device()) {
+    if super::use_fused(logits) {
         logits.contiguous()?.apply_op1(CrossEntropy { targets: targets.to_vec() })
     } else {
         reference(logits, targets)

@@ -15,7 +15,7 @@ pub fn embedding_bag(weights: &Tensor, table: &Tensor, index: &[u32]) -> Result<
     if index.len() != rows * slots || index.iter().any(|&i| i as usize >= entries) {
         candle_core::bail!("embedding bag: {} indices (each below {entries}) needed for [{rows}, {slots}] weights", rows * slots);
     }
-    if super::use_fused(weights.device()) {
+    if super::use_fused(weights) {
         weights.contiguous()?.apply_op2(&table.contiguous()?, EmbeddingBag { index: index.to_vec() })
     } else {
         reference(weights, table, index)

@@ -8,7 +8,7 @@ use super::{read, slice, tensor, with_float, Elem};
 /// `gelu(x + bias)` with the exact GELU `0.5 z (1 + erf(z / sqrt 2))`; `bias` spans the last
 /// dimension of `x`.
 pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if super::use_fused(x.device()) {
+    if super::use_fused(x) {
         x.contiguous()?.apply_op2(&bias.contiguous()?, BiasGelu)
     } else {
         reference(x, bias)

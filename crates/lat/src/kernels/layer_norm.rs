@@ -7,7 +7,7 @@ use super::{read, slice, tensor, with_float, Elem};
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension of `x`.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if super::use_fused(x.device()) {
+    if super::use_fused(x) {
         x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNorm { eps })
     } else {
         reference(x, weight, bias, eps)

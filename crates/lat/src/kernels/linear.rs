@@ -16,7 +16,9 @@ use super::{gemm, read, slice, softmax_rows, softmax_rows_backward, with_float, 
 /// `q`: [batch, n, heads, e]; `k`: [batch, m, heads, e]; `v`: [batch, m, heads, ev];
 /// `kv_mask`: [batch, m], nonzero = keep. Returns [batch, n, heads, ev].
 pub fn linear_attention(q: &Tensor, k: &Tensor, v: &Tensor, kv_mask: Option<&Tensor>) -> Result<Tensor> {
-    if super::use_fused(q.device()) {
+    let ((b, n, h, e), (m, ev)) = (q.dims4()?, (k.dim(1)?, v.dim(3)?));
+    let on_gpu = super::use_gpu(q) && (super::gpu::Linear { b, n, m, h, e, ev }).supported();
+    if super::use_fused(q) || on_gpu {
         let keep = kv_mask.map(|m| m.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()).transpose()?;
         q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Linear { keep })
     } else {
@@ -173,6 +175,12 @@ impl Linear {
         }
         Ok((qs, ks, vs))
     }
+
+    #[cfg(feature = "cuda")]
+    fn gpu_dims(&self, ql: &Layout, kl: &Layout, vl: &Layout) -> Result<super::gpu::Linear> {
+        let (qs, ks, vs) = self.shapes(ql, kl, vl)?;
+        Ok(super::gpu::Linear { b: qs.b, n: qs.n, m: ks.n, h: qs.h, e: qs.e, ev: vs.e })
+    }
 }
 
 impl CustomOp3 for Linear {
@@ -204,6 +212,23 @@ impl CustomOp3 for Linear {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = self.gpu_dims(ql, kl, vl)?;
+        let (out, _) = super::gpu::cuda::forward(self.name(), [(q, ql), (k, kl), (v, vl)], self.keep.as_deref(), |gpu, elem, [q, k, v, keep]| {
+            d.forward(gpu, elem, q, k, v, keep)
+        })?;
+        Ok((out, Shape::from((d.b, d.n, d.h, d.ev))))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -212,6 +237,13 @@ impl CustomOp3 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            let dims = self.gpu_dims(q.layout(), k.layout(), v.layout())?;
+            return super::gpu::cuda::backward(self.name(), [q, k, v], &[grad], self.keep.as_deref(), |gpu, elem, [q, k, v, keep], x| {
+                dims.backward(gpu, elem, q, k, v, keep, x[0])
+            });
+        }
         let (qs, ks, vs) = self.shapes(q.layout(), k.layout(), v.layout())?;
         let os = Heads { n: qs.n, e: vs.e, stride: qs.h * vs.e, ..qs };
         let grad = grad.contiguous()?;

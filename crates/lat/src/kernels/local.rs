@@ -69,7 +69,9 @@ pub fn local_attention(
     if windows.size == 0 || n % windows.size != 0 {
         candle_core::bail!("local attention: length {n} is not a multiple of the window {}", windows.size);
     }
-    if super::use_fused(q.device()) {
+    let dims = super::gpu::Local { b, n, h, e, window: windows.size, causal: windows.causal };
+    let on_gpu = super::use_gpu(q) && dims.supported() && dropout.is_none();
+    if super::use_fused(q) || on_gpu {
         let keep = mask.map(|m| m.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()).transpose()?;
         let op = Local { params: LocalParams { windows, dropout }, keep };
         let flat = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
@@ -338,6 +340,16 @@ impl Local {
         }
         Ok(hs)
     }
+
+    #[cfg(feature = "cuda")]
+    fn gpu_dims(&self, ql: &Layout, kl: &Layout, vl: &Layout) -> Result<super::gpu::Local> {
+        let hs = self.shapes(ql, kl, vl)?;
+        if self.params.dropout.is_some() {
+            candle_core::bail!("local attention: the GPU kernels take no attention dropout");
+        }
+        let w = self.params.windows;
+        Ok(super::gpu::Local { b: hs.b, n: hs.n, h: hs.h, e: hs.e, window: w.size, causal: w.causal })
+    }
 }
 
 impl CustomOp3 for Local {
@@ -373,6 +385,22 @@ impl CustomOp3 for Local {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = self.gpu_dims(ql, kl, vl)?;
+        super::gpu::cuda::forward(self.name(), [(q, ql), (k, kl), (v, vl)], self.keep.as_deref(), |gpu, elem, [q, k, v, keep]| {
+            dims.forward(gpu, elem, q, k, v, keep)
+        })
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -381,6 +409,13 @@ impl CustomOp3 for Local {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            let dims = self.gpu_dims(q.layout(), k.layout(), v.layout())?;
+            return super::gpu::cuda::backward(self.name(), [q, k, v], &[res, grad], self.keep.as_deref(), |gpu, elem, [q, k, v, keep], x| {
+                dims.backward(gpu, elem, q, k, v, keep, x[0], x[1])
+            });
+        }
         let hs = self.shapes(q.layout(), k.layout(), v.layout())?;
         let grad = grad.contiguous()?;
         let out_len = hs.b * hs.n * hs.h * hs.e;

@@ -10,6 +10,7 @@ pub mod causal_linear;
 pub mod cross_entropy;
 pub mod embedding_bag;
 pub mod gelu;
+pub mod gpu;
 pub mod layer_norm;
 pub mod linear;
 pub mod local;
@@ -130,10 +131,22 @@ macro_rules! with_float {
 }
 pub(crate) use with_float;
 
-/// The fused kernels run on the CPU unless `LAT_KERNELS=reference` asks for the plain versions.
-pub fn use_fused(device: &Device) -> bool {
+/// Whether `LAT_KERNELS=reference` asks for the plain versions everywhere.
+fn reference_requested() -> bool {
     static REFERENCE: OnceLock<bool> = OnceLock::new();
-    device.is_cpu() && !*REFERENCE.get_or_init(|| std::env::var("LAT_KERNELS").is_ok_and(|v| v == "reference"))
+    *REFERENCE.get_or_init(|| std::env::var("LAT_KERNELS").is_ok_and(|v| v == "reference"))
+}
+
+/// The fused kernels take f32 and f64 tensors on the CPU, unless `LAT_KERNELS=reference` asks
+/// for the plain versions.
+pub fn use_fused(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64) && !reference_requested()
+}
+
+/// Whether the GPU kernels take a call for `x`'s device and dtype: CUDA builds, f32 or bf16,
+/// unless `LAT_KERNELS=reference` asks for the plain versions.
+pub fn use_gpu(x: &Tensor) -> bool {
+    cfg!(feature = "cuda") && x.device().is_cuda() && gpu::Elem::of(x.dtype()).is_some() && !reference_requested()
 }
 
 pub(crate) fn dtype_of(s: &CpuStorage) -> candle_core::DType {

@@ -84,7 +84,7 @@ pub fn rotary(x: &Tensor, table: &Arc<RotaryTable>, offset: usize) -> Result<Ten
     if e != table.dim || offset + n > table.len {
         candle_core::bail!("rotary: table of {} positions x {} cannot rotate {n} positions of width {e} from {offset}", table.len, table.dim);
     }
-    if super::use_fused(x.device()) {
+    if super::use_fused(x) {
         x.contiguous()?.apply_op1(Rotary { table: table.clone(), offset, inverse: false })
     } else {
         reference(x, table, offset)

@@ -48,7 +48,7 @@ pub fn self_attention(qkv: &Tensor, spec: HeadSpec, mask: Option<&Tensor>, rotar
     if spec.causal && spec.local_heads < spec.heads && n % spec.bucket.max(1) != 0 {
         candle_core::bail!("self-attention: length {n} is not a multiple of the bucket {}", spec.bucket);
     }
-    if super::use_fused(qkv.device()) {
+    if super::use_fused(qkv) {
         let op = Fused::new(spec, mask, rotary, dropout)?;
         if op.keep.as_ref().is_some_and(|k| k.len() != b * n) {
             candle_core::bail!("self-attention: the mask must be [{b}, {n}]");
@@ -56,7 +56,7 @@ pub fn self_attention(qkv: &Tensor, spec: HeadSpec, mask: Option<&Tensor>, rotar
         let flat = qkv.contiguous()?.apply_op1(op)?;
         flat.narrow(0, 0, b * n * he)?.reshape((b, n, he))
     } else {
-        reference(qkv, spec, mask, rotary, dropout)
+        composed(qkv, spec, mask, rotary, dropout, false)
     }
 }
 
@@ -78,6 +78,12 @@ pub(crate) fn backward(qkv: &Tensor, flat: &Tensor, dout: &Tensor, spec: HeadSpe
 
 /// Plain version: split, rotate, and the three plain kernels.
 pub fn reference(qkv: &Tensor, spec: HeadSpec, mask: Option<&Tensor>, rotary: Option<(&Arc<RotaryTable>, usize)>, dropout: Option<Dropout>) -> Result<Tensor> {
+    composed(qkv, spec, mask, rotary, dropout, true)
+}
+
+/// Split, rotate, and the three attention forms: their plain versions, or (`plain` false) each
+/// form's own dispatch, which picks the GPU kernels where they apply.
+fn composed(qkv: &Tensor, spec: HeadSpec, mask: Option<&Tensor>, rotary: Option<(&Arc<RotaryTable>, usize)>, dropout: Option<Dropout>, plain: bool) -> Result<Tensor> {
     let (b, n, _) = qkv.dims3()?;
     let (h, e, l) = (spec.heads, spec.dim_head, spec.local_heads);
     let part = |i: usize| qkv.narrow(2, i * h * e, h * e)?.reshape((b, n, h, e));
@@ -90,12 +96,18 @@ pub fn reference(qkv: &Tensor, spec: HeadSpec, mask: Option<&Tensor>, rotary: Op
     if l > 0 {
         let heads = |t: &Tensor| t.narrow(2, 0, l);
         let w = Windows { size: spec.window, causal: spec.causal };
-        outs.push(local::reference(&heads(&q)?, &heads(&k)?, &heads(&v)?, mask, w, dropout)?);
+        let (q, k, v) = (heads(&q)?, heads(&k)?, heads(&v)?);
+        outs.push(if plain { local::reference(&q, &k, &v, mask, w, dropout)? } else { local::local_attention(&q, &k, &v, mask, w, dropout)? });
     }
     if l < h {
         let heads = |t: &Tensor| t.narrow(2, l, h - l);
         let (q, k, v) = (heads(&q)?, heads(&k)?, heads(&v)?);
-        outs.push(if spec.causal { causal_linear::reference(&q, &k, &v, mask, spec.bucket)? } else { linear::reference(&q, &k, &v, mask)? });
+        outs.push(match (spec.causal, plain) {
+            (true, true) => causal_linear::reference(&q, &k, &v, mask, spec.bucket)?,
+            (true, false) => causal_linear::causal_linear_attention(&q, &k, &v, mask, spec.bucket)?,
+            (false, true) => linear::reference(&q, &k, &v, mask)?,
+            (false, false) => linear::linear_attention(&q, &k, &v, mask)?,
+        });
     }
     Tensor::cat(&outs, 2)?.reshape((b, n, h * e))
 }

@@ -73,6 +73,21 @@ pub struct TrainSettings {
     pub checkpoint_every: u64,
     /// Consecutive steps with a non-finite loss or gradient before the run stops.
     pub max_bad_steps: u32,
+    /// What the training steps compute in (the weights and optimizer state stay f32).
+    pub precision: Precision,
+}
+
+/// Arithmetic of the training steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// float32 throughout.
+    #[default]
+    F32,
+    /// Mixed precision: forward and backward in bfloat16 against a bfloat16 copy of the f32
+    /// master weights, loss in f32, gradients accumulated into the f32 weights. bfloat16 has
+    /// float32's exponent range, so no loss scaling is needed.
+    Bf16,
 }
 
 impl Default for TrainSettings {
@@ -99,6 +114,7 @@ impl Default for TrainSettings {
             sample_prompt: "\n".into(),
             checkpoint_every: 250,
             max_bad_steps: 5,
+            precision: Precision::F32,
         }
     }
 }
@@ -463,13 +479,17 @@ impl Trainer {
         let mut grads: Option<candle_core::backprop::GradStore> = None;
         let mut loss_sum = 0.0;
         let mut finite = true;
+        let model = match t.precision {
+            Precision::F32 => self.model.clone(),
+            Precision::Bf16 => self.model.cast(DType::BF16)?,
+        };
         for micro in 0..t.grad_accum as u64 {
             let index = self.step * t.grad_accum as u64 + micro;
             let mut rng = Rng::new(derive(t.seed, index));
             let (x, y) = random_windows(data, t.batch_size, t.seq_len, &mut rng)?;
             let tokens = Tensor::from_vec(x, (t.batch_size, t.seq_len), self.model.device())?;
             let pass = Pass::train(derive(t.seed ^ 0xD50F, index));
-            let logits = self.model.forward(&tokens, &Inputs::default(), &pass)?;
+            let logits = model.forward(&tokens, &Inputs::default(), &pass)?.to_dtype(DType::F32)?;
             let loss = (summed_loss(&logits, &y)? / (t.batch_size * t.seq_len) as f64)?;
             let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             loss_sum += value;
@@ -477,7 +497,10 @@ impl Trainer {
                 finite = false;
                 break;
             }
-            let g = pass.backward(&loss)?;
+            let g = match t.precision {
+                Precision::F32 => pass.backward(&loss)?,
+                Precision::Bf16 => self.model.grads_from(&model, pass.backward(&loss)?)?,
+            };
             grads = Some(match grads.take() {
                 None => g,
                 Some(mut acc) => {

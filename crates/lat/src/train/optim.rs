@@ -38,7 +38,7 @@ struct Slot {
 }
 
 fn fused(var: &Var) -> bool {
-    kernels::use_fused(var.device()) && var.dtype() == DType::F32
+    kernels::use_fused(var) && var.dtype() == DType::F32
 }
 
 /// The optimizer and its state.
@@ -170,7 +170,7 @@ pub fn schedule(step: u64, lr: f64, min_lr: f64, warmup: u64, total: u64) -> f64
 
 /// Σ x² of a tensor.
 pub fn sum_squares(t: &Tensor) -> Result<f64> {
-    if kernels::use_fused(t.device()) && t.dtype() == DType::F32 {
+    if kernels::use_fused(t) && t.dtype() == DType::F32 {
         let t = t.contiguous()?;
         Ok(kernels::read::<f32, _>(&[&t], |s| s[0].par_chunks(1 << 14).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum())?)
     } else {
