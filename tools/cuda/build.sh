@@ -3,7 +3,7 @@
 # from PyPI wheels, and a stub of libcuda (the driver, which no wheel ships) satisfies the linker.
 # The stub is used at link time only; at run time the GPU machine's own driver is loaded.
 #
-#     tools/cuda/build.sh            # -> dist/cuda/lat (stripped), built for compute capability 90
+#     tools/cuda/build.sh            # -> dist/cuda/lat (stripped) and lat.xz, for compute capability 90
 #     CUDA_COMPUTE_CAP=80 tools/cuda/build.sh
 #
 # Everything it downloads or builds stays in .cuda/ and target/cuda/ (both git-ignored).
@@ -49,4 +49,6 @@ cargo build --release -p lat-cli --features cuda --target-dir target/cuda
 mkdir -p dist/cuda
 cp target/cuda/release/lat dist/cuda/lat
 strip dist/cuda/lat
-echo "built dist/cuda/lat ($(du -h dist/cuda/lat | cut -f1)) for compute capability $CUDA_COMPUTE_CAP"
+# Compressed for travel: most of the binary is PTX text.
+xz -T0 -6 -c dist/cuda/lat > dist/cuda/lat.xz
+echo "built dist/cuda/lat ($(du -h dist/cuda/lat | cut -f1); $(du -h dist/cuda/lat.xz | cut -f1) compressed) for compute capability $CUDA_COMPUTE_CAP"

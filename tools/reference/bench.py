@@ -2,12 +2,15 @@
 configurations and prints the same JSON records.
 
     python tools/reference/bench.py --preset seed --mode forward|train|generate --seq-len N \
-        [--batch B] [--steps K] [--warmup W] [--new-tokens 256] [--threads 2] [--json]
+        [--batch B] [--steps K] [--warmup W] [--new-tokens 256] [--threads 2] \
+        [--device cpu|cuda] [--precision f32|bf16] [--json]
     python tools/reference/bench.py --preset seed --seq-len N --export DIR   # state_dict + config for `lat import`
 
 `train` is one step of zero_grad, forward, cross-entropy, backward and AdamW (as in
 BASELINES.md); `generate` is AutoregressiveWrapper.generate from a prompt of --seq-len tokens, which
-recomputes the whole sequence for every new token. The process's peak RSS is reported.
+recomputes the whole sequence for every new token. The process's peak RSS is reported, and on a
+GPU the peak of torch's allocations. `--precision bf16` runs under torch.autocast (bfloat16),
+the usual mixed precision of PyTorch users.
 """
 
 import argparse
@@ -49,6 +52,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=["f32", "bf16"], default="f32")
     ap.add_argument("--export", help="write state_dict.pt and config.json of the model here and exit")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
@@ -60,7 +65,7 @@ def main():
     for s in a.set:
         k, v = s.split("=", 1)
         kw[k] = json.loads(v)
-    model = LinearAttentionTransformerLM(**kw)
+    model = LinearAttentionTransformerLM(**kw).to(a.device)
     if a.export:
         os.makedirs(a.export, exist_ok=True)
         torch.save(model.state_dict(), os.path.join(a.export, "state_dict.pt"))
@@ -71,23 +76,30 @@ def main():
     times = []
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0) if a.mode == "train" else None
     wrapper = AutoregressiveWrapper(model) if a.mode == "generate" else None
+    gpu = a.device.startswith("cuda")
+    autocast = torch.autocast(device_type="cuda" if gpu else "cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16")
     for i in range(a.warmup + a.steps):
-        x = torch.randint(0, v, (a.batch, a.seq_len))
+        x = torch.randint(0, v, (a.batch, a.seq_len), device=a.device)
+        if gpu:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         if a.mode == "forward":
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 model(x)
         elif a.mode == "train":
             model.train()
             opt.zero_grad()
-            logits = model(x)
-            loss = F.cross_entropy(logits.reshape(-1, v), ((x + 1) % v).reshape(-1))
+            with autocast:
+                logits = model(x)
+            loss = F.cross_entropy(logits.float().reshape(-1, v), ((x + 1) % v).reshape(-1))
             loss.backward()
             opt.step()
         else:
             # Greedy, through the reference's own top-k filter with k = 1.
             wrapper.generate(x, a.new_tokens, filter_thres=1.0 - 1.0 / v, temperature=1.0)
+        if gpu:
+            torch.cuda.synchronize()
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
     med = statistics.median(times)
@@ -104,7 +116,11 @@ def main():
         "parameters": sum(p.numel() for p in model.parameters()),
         "threads": a.threads,
         "implementation": "reference",
+        "device": a.device,
+        "precision": a.precision,
     }
+    if gpu:
+        record["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if a.json:
         print(json.dumps(record))
     else:

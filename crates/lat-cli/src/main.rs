@@ -29,6 +29,10 @@ enum Command {
     Bench(commands::bench::Args),
     /// Train an encoder-decoder on the toy copy task and report held-out accuracy.
     CopyTask(commands::copy_task::Args),
+    /// Check the kernels and the model on a device against the plain CPU reference.
+    Check(commands::check::CheckArgs),
+    /// Time one attention kernel, forward and backward.
+    KernelBench(commands::check::KernelBenchArgs),
 }
 
 /// Training allocates and frees the same large tensors every step. By default glibc serves
@@ -74,6 +78,8 @@ fn main() -> ExitCode {
         Command::Generate(a) => commands::generate::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::CopyTask(a) => commands::copy_task::run(a),
+        Command::Check(a) => commands::check::check(a),
+        Command::KernelBench(a) => commands::check::kernel_bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! One module per `lat` command.
 
 pub mod bench;
+pub mod check;
 pub mod copy_task;
 pub mod corpus;
 pub mod device;
