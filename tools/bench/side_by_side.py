@@ -3,18 +3,21 @@ machine and writes a dated markdown table of times, tokens/s, peak memory and ra
 
     python tools/bench/side_by_side.py [--lengths 1024 2048 4096 8192 16384] [--modes forward train]
         [--rounds 3] [--steps 3] [--threads 2] [--variant seed] [--variant blindspot1]
-        [--generate] [--scaling] [--out benchmarks/YYYY-MM-DD.md]
+        [--generate] [--scaling [VARIANT ...]] [--resume LOG] [--out benchmarks/YYYY-MM-DD.md]
 
 Each measurement is its own process (so that its peak RSS is its own), both implementations use
 the same number of threads, the two alternate (which one goes first swaps every round), every
-process warms up before it times, the script waits for a quiet machine (1-minute load average below
---quiet-load) before each measurement, and the table reports medians over the rounds.
+process warms up before it times, the script waits for a quiet machine (CPU busy share below
+--quiet-load) before each measurement, and the table reports medians over the rounds. Every finished
+measurement is printed as one line; --resume takes such output from an interrupted run and skips
+what it already measured.
 
 Needs the release build of `lat` (cargo build --release) and a Python with the pinned packages of
 tools/reference/requirements.txt (--python).
 """
 
 import argparse
+import ast
 import datetime
 import json
 import os
@@ -74,10 +77,11 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--generate", action="store_true", help="also generation: 256 new tokens after 512, and per-token time at long contexts")
-    ap.add_argument("--scaling", action="store_true", help="also lat at 32k tokens (and the reference, if it can)")
+    ap.add_argument("--scaling", nargs="*", metavar="VARIANT", help="also 32k tokens (ours, and the reference if it can), for these variants (default: all)")
     ap.add_argument("--quiet-load", type=float, default=0.15, help="busy CPU share below which the machine counts as quiet")
     ap.add_argument("--max-wait", type=float, default=600)
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--resume", help="output of an earlier, interrupted run: its measurements are reused")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", f"{datetime.date.today()}.md"))
     a = ap.parse_args()
     variants = a.variant or ["seed", "blindspot1"]
@@ -86,9 +90,14 @@ def main():
     ref = os.path.join(ROOT, "tools", "reference", "bench.py")
     rows = []
     noisy = 0
+    done = load_resumed(a.resume) if a.resume else {}
 
     def measure(label, ours_cmd, ref_cmd):
         nonlocal noisy
+        if label in done:
+            rows.append((label, done[label]))
+            print(label, "reused", flush=True)
+            return
         results = {"ours": [], "ref": []}
         for r in range(a.rounds):
             order = [("ours", ours_cmd), ("ref", ref_cmd)]
@@ -115,7 +124,7 @@ def main():
                     ours = [a.lat, "bench", "--config", cfg] + common
                     theirs = [a.python, ref, "--config", cfg, "--threads", str(a.threads)] + common
                     measure((variant, mode, n), ours, theirs)
-            if a.scaling:
+            if a.scaling is not None and (not a.scaling or variant in a.scaling):
                 for mode in a.modes:
                     n = 32768
                     cfg = lat_cfg(n)
@@ -143,6 +152,20 @@ def main():
     with open(a.out, "w") as f:
         f.write(render(a, rows, noisy))
     print("wrote", a.out)
+
+
+def load_resumed(path):
+    """Measurements printed by an earlier run, `(variant, mode, n) {summary json}` per line; each
+    summary stands in for its runs (the median of one value is that value)."""
+    done = {}
+    with open(path) as f:
+        for line in f:
+            if not line.startswith("(") or ") {" not in line:
+                continue
+            label, summary = line.split(") ", 1)
+            parsed = json.loads(summary)
+            done[ast.literal_eval(label + ")")] = {k: [v] if v.get("error") != "not run" else [] for k, v in parsed.items()}
+    return done
 
 
 def config_for(a, tmp, variant, sets, n, env):
@@ -202,7 +225,7 @@ def render(a, rows, noisy):
         o, r = summarize(results["ours"]), summarize(results["ref"]) if results["ref"] else {"error": "not run"}
         def cell(s, key, fmt):
             return fmt.format(s[key]) if key in s else s.get("error", "")
-        speed = f"{r['median_s'] / o['median_s']:.2f}x" if "median_s" in o and "median_s" in r else ""
+        speed = f"{o['tokens_per_s'] / r['tokens_per_s']:.2f}x" if "tokens_per_s" in o and "tokens_per_s" in r else ""
         mem = f"{o['peak_rss_mib'] / r['peak_rss_mib']:.2f}x" if "peak_rss_mib" in o and "peak_rss_mib" in r else ""
         lines.append(
             f"| {variant} | {mode} | {n} | {cell(o, 'median_s', '{:.3f}')} | {cell(r, 'median_s', '{:.3f}')} | {speed} | "
@@ -211,8 +234,10 @@ def render(a, rows, noisy):
         )
     lines += [
         "",
-        "Speed ratio = reference time / our time (above 1: we are faster). Memory ratio = our peak / the reference's peak.",
-        "For generate, tokens are new tokens (greedy); `decode` rows time 64 new tokens after a context of that many tokens.",
+        "Speed ratio = our tokens/s / the reference's (above 1: we are faster). Memory ratio = our peak / the reference's peak.",
+        "For generate, tokens are new tokens (greedy), and the time includes reading the prompt. `decode` rows continue a context",
+        "of that many tokens: ours for 64 new tokens, the reference for 8 (each of its tokens re-runs the whole sequence, so its",
+        "rate does not depend on how many), and the reference not beyond 4 k tokens.",
         "",
     ]
     return "\n".join(lines)

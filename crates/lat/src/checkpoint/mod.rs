@@ -126,7 +126,7 @@ pub fn read(path: impl AsRef<Path>) -> Result<ModelFile> {
 /// Parses the bytes of a model file; `path` names it in errors.
 pub fn parse(path: &Path, bytes: &[u8]) -> Result<ModelFile> {
     let bad = |m: String| Error::file(path, m);
-    let (header_len, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let (header_len, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     let mut metadata = header.metadata().clone().unwrap_or_default();
     verify(path, bytes, header_len, &metadata)?;
     metadata.remove(CHECKSUM_KEY);

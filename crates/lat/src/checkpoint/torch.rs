@@ -426,7 +426,7 @@ fn materialise<R: Read + Seek>(zip: &mut zip::ZipArchive<R>, prefix: &str, t: &T
     let count = t.size.iter().try_fold(1usize, |a, &s| a.checked_mul(s)).ok_or_else(|| Error::input("an impossible size"))?;
     if count > 0 {
         let last = t.size.iter().zip(&t.stride).try_fold(t.offset, |a, (&s, &st)| (s - 1).checked_mul(st).and_then(|x| a.checked_add(x)));
-        if !last.is_some_and(|l| l < numel) {
+        if last.is_none_or(|l| l >= numel) {
             return Err(Error::input(format!("its view (offset {}, size {:?}, stride {:?}) exceeds its storage of {numel} elements", t.offset, t.size, t.stride)));
         }
     }

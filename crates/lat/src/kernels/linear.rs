@@ -51,7 +51,7 @@ pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor, kv_mask: Option<&Tensor>) -
     if let Some(m) = kv_mask {
         let (b, len) = m.dims2()?;
         let keep = m.to_dtype(DType::U8)?.reshape((b, 1, len, 1))?;
-        let fill = Tensor::full(f32::MAX, (), q.device())?.to_dtype(q.dtype())?.neg()?;
+        let fill = super::most_negative(q.dtype(), q.device())?;
         k = keep.broadcast_as(k.shape())?.where_cond(&k, &fill.broadcast_as(k.shape())?)?;
         v = v.broadcast_mul(&keep.to_dtype(v.dtype())?)?;
     }

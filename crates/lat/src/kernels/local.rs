@@ -138,7 +138,7 @@ pub fn reference(
     }
     let shape = (b * h, nw, w, slots);
     let visible = Tensor::from_vec(visible, shape, dev)?;
-    let fill = Tensor::full(f32::MAX, shape, dev)?.to_dtype(sim.dtype())?.neg()?;
+    let fill = super::most_negative(sim.dtype(), dev)?.broadcast_as(shape)?;
     let sim = visible.where_cond(&sim, &fill)?;
     let attn = candle_nn::ops::softmax(&sim, D::Minus1)?;
     let attn = (attn * Tensor::from_vec(factors, shape, dev)?.to_dtype(q.dtype())?)?;
@@ -543,7 +543,7 @@ mod tests {
                 let mask: Vec<u8> = (0..24).map(|i| (i % 5 != 2) as u8).collect();
                 case(12, 4, causal, Some(mask), None, dtype);
                 // A fully masked window: those rows get uniform weights over every slot.
-                let mask: Vec<u8> = (0..24).map(|i| (i < 4 || i >= 12) as u8).collect();
+                let mask: Vec<u8> = (0..24).map(|i| !(4..12).contains(&i) as u8).collect();
                 case(12, 4, causal, Some(mask), None, dtype);
                 case(12, 4, causal, None, Some(Dropout { p: 0.3, seed: 5 }), dtype);
             }

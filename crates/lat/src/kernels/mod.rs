@@ -131,6 +131,17 @@ macro_rules! with_float {
 }
 pub(crate) use with_float;
 
+/// The most negative finite value of a float dtype: what masked logits are filled with (the
+/// reference uses float32's, which rounds to -inf in bfloat16 and float16).
+pub(crate) fn most_negative(dtype: candle_core::DType, device: &Device) -> candle_core::Result<Tensor> {
+    let v = match dtype {
+        candle_core::DType::BF16 => half::bf16::MAX.to_f64(),
+        candle_core::DType::F16 => half::f16::MAX.to_f64(),
+        _ => f32::MAX as f64,
+    };
+    Tensor::full(-v, (), device)?.to_dtype(dtype)
+}
+
 /// Whether `LAT_KERNELS=reference` asks for the plain versions everywhere.
 fn reference_requested() -> bool {
     static REFERENCE: OnceLock<bool> = OnceLock::new();

@@ -217,7 +217,7 @@ impl Fused {
         with_float!(qkv.dtype(), "self-attention", T => {
             let mut dqkv = vec![T::ZERO; qkv.elem_count()];
             let shared = SharedOut::new(&mut dqkv);
-            read::<T, _>(&[qkv, res, &grad], |s| {
+            read::<T, _>(&[qkv, res, grad], |s| {
                 let (x, res, grad) = (s[0], s[1], s[2]);
                 (0..b * h).into_par_iter().for_each(|t| {
                     let (q, k, v) = self.rows(x, (qs, ks, vs), t);

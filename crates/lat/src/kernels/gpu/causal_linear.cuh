@@ -35,6 +35,21 @@ __device__ __forceinline__ float denominator_floor(float sigma) {
     return fmaxf(EPS * expf(-sigma), FLT_TINY);
 }
 
+// out = [aᵀb (e x ev), aᵀw (e)] over `rows` rows of a (rows x e) and b (rows x ev) in shared
+// memory; w null means ones.
+__device__ __forceinline__ void state_sums(const float* a, const float* b, const float* w, int rows, int e, int ev, float* out) {
+    for (int x = threadIdx.x; x < e * ev + e; x += THREADS) {
+        float acc = 0.f;
+        if (x < e * ev) {
+            int f = x / ev, col = x % ev;
+            for (int j = 0; j < rows; j++) acc += a[j * e + f] * b[j * ev + col];
+        } else {
+            for (int j = 0; j < rows; j++) acc += a[j * e + x - e * ev] * (w ? w[j] : 1.f);
+        }
+        out[x] = acc;
+    }
+}
+
 template <typename T>
 __device__ void cla_chunk_sums(const Args a) {
     SHARED_FLOATS(sm);
@@ -53,17 +68,7 @@ __device__ void cla_chunk_sums(const Args a) {
         kh[x] = (j < rows && lm > -INFINITY && kept(a, t, a.n, i0 + j)) ? expf(kh[x] - lm) : 0.f;
     }
     __syncthreads();
-    float* out = a.s0 + ((long)t * nc + c) * sz;
-    for (int x = threadIdx.x; x < sz; x += THREADS) {
-        float acc = 0.f;
-        if (x < e * ev) {
-            int f = x / ev, col = x % ev;
-            for (int j = 0; j < rows; j++) acc += kh[j * e + f] * vv[j * ev + col];
-        } else {
-            for (int j = 0; j < rows; j++) acc += kh[j * e + x - e * ev];
-        }
-        out[x] = acc;
-    }
+    state_sums(kh, vv, nullptr, rows, e, ev, a.s0 + ((long)t * nc + c) * sz);
     if (threadIdx.x == 0) a.s1[(long)t * nc + c] = lm;
 }
 
@@ -169,17 +174,7 @@ __device__ void cla_query_sums(const Args a) {
     softmax_rows(qh, rows, e, rsqrtf((float)e));
     output_grads<T>(a, t, i0, rows, sigma, gn, gd);
     __syncthreads();
-    float* out = a.s4 + ((long)t * nc + c) * sz;
-    for (int x = threadIdx.x; x < sz; x += THREADS) {
-        float acc = 0.f;
-        if (x < e * ev) {
-            int f = x / ev, col = x % ev;
-            for (int i = 0; i < rows; i++) acc += qh[i * e + f] * gn[i * ev + col];
-        } else {
-            for (int i = 0; i < rows; i++) acc += qh[i * e + x - e * ev] * gd[i];
-        }
-        out[x] = acc;
-    }
+    state_sums(qh, gn, gd, rows, e, ev, a.s4 + ((long)t * nc + c) * sz);
 }
 
 // grid (ceil(sz / THREADS), BH). Walks the chunks backwards, replacing each chunk's query sums

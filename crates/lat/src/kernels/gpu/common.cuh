@@ -95,3 +95,12 @@ __device__ __forceinline__ void load_rows(const Args& a, const void* src, int t,
         dst[x] = (i0 + i < len) ? ld(p[row(a, t, len, i0 + i, d) + f]) : 0.f;
     }
 }
+
+// acc[r] += (aᵀb)[x] for this thread's entries x = threadIdx.x + r * THREADS of the e x ev
+// product of a (rows x e) and b (rows x ev), both in shared memory.
+__device__ __forceinline__ void add_outer(float* acc, const float* a, const float* b, int rows, int e, int ev) {
+    for (int r = 0, x = threadIdx.x; x < e * ev; r++, x += THREADS) {
+        int f = x / ev, col = x % ev;
+        for (int j = 0; j < rows; j++) acc[r] += a[j * e + f] * b[j * ev + col];
+    }
+}

@@ -71,10 +71,7 @@ __device__ void lin_context(const Args a) {
     for (int j0 = lo; j0 < hi; j0 += TILE) {
         int rows = min(TILE, hi - j0);
         load_keys<T>(a, t, j0, rows, kh, vv);
-        for (int r = 0, x = threadIdx.x; x < e * ev; r++, x += THREADS) {
-            int f = x / ev, col = x % ev;
-            for (int j = 0; j < rows; j++) acc[r] += kh[j * e + f] * vv[j * ev + col];
-        }
+        add_outer(acc, kh, vv, rows, e, ev);
         __syncthreads();
     }
     for (int r = 0, x = threadIdx.x; x < e * ev; r++, x += THREADS) atomicAdd(a.s1 + (long)t * e * ev + x, acc[r]);
@@ -119,10 +116,7 @@ __device__ void lin_context_grad(const Args a) {
         int rows = min(TILE, hi - i0);
         load_rows<T>(a, a.g, t, a.n, i0, rows, ev, gg);
         load_queries<T>(a, t, i0, rows, qh);
-        for (int r = 0, x = threadIdx.x; x < e * ev; r++, x += THREADS) {
-            int f = x / ev, col = x % ev;
-            for (int i = 0; i < rows; i++) acc[r] += qh[i * e + f] * gg[i * ev + col];
-        }
+        add_outer(acc, qh, gg, rows, e, ev);
         __syncthreads();
     }
     for (int r = 0, x = threadIdx.x; x < e * ev; r++, x += THREADS) atomicAdd(a.s2 + (long)t * e * ev + x, acc[r]);

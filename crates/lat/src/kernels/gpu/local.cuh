@@ -40,6 +40,14 @@ __device__ __forceinline__ void load_scaled(const Args& a, int t, int i0, int ro
     for (int x = threadIdx.x; x < rows * a.e; x += THREADS) qs[x] *= scale;
 }
 
+// Key and value rows [j0, j0 + rows) into shared memory, ready for every thread.
+template <typename T>
+__device__ __forceinline__ void load_key_tile(const Args& a, int t, int j0, int rows, float* ks, float* vs) {
+    load_rows<T>(a, a.k, t, a.n, j0, rows, a.e, ks);
+    load_rows<T>(a, a.v, t, a.n, j0, rows, a.e, vs);
+    __syncthreads();
+}
+
 // grid (ceil(n / TILE), BH).
 template <typename T>
 __device__ void loc_forward(const Args a) {
@@ -54,9 +62,7 @@ __device__ void loc_forward(const Args a) {
     key_range(a, i0, rows, &lo, &hi);
     for (int j0 = lo; j0 < hi; j0 += TILE) {
         int krows = min(TILE, hi - j0);
-        load_rows<T>(a, a.k, t, a.n, j0, krows, e, ks);
-        load_rows<T>(a, a.v, t, a.n, j0, krows, e, vs);
-        __syncthreads();
+        load_key_tile<T>(a, t, j0, krows, ks, vs);
         for (int x = threadIdx.x; x < TILE * TILE; x += THREADS) {
             int i = x / TILE, jj = x % TILE;
             float s = -INFINITY;
@@ -143,9 +149,7 @@ __device__ void loc_query_grad(const Args a) {
     key_range(a, i0, rows, &lo, &hi);
     for (int j0 = lo; j0 < hi; j0 += TILE) {
         int krows = min(TILE, hi - j0);
-        load_rows<T>(a, a.k, t, a.n, j0, krows, e, ks);
-        load_rows<T>(a, a.v, t, a.n, j0, krows, e, vs);
-        __syncthreads();
+        load_key_tile<T>(a, t, j0, krows, ks, vs);
         for (int x = threadIdx.x; x < TILE * TILE; x += THREADS) {
             int i = x / TILE, jj = x % TILE;
             float ds = 0.f;
