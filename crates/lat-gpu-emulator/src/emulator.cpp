@@ -20,6 +20,15 @@ struct Entry {
 #define ENTRIES(name) {#name "_f32", [](const Args a) { name<float>(a); }}, {#name "_bf16", [](const Args a) { name<bf16>(a); }},
 static const Entry KERNELS[] = {LAT_KERNELS(ENTRIES)};
 
+// The kernels' compile-time sizes, which the Rust launch plans must agree with:
+// THREADS, CHUNK, MAX_DIM, TILE.
+extern "C" void lat_kernel_constants(unsigned* out) {
+    out[0] = THREADS;
+    out[1] = CHUNK;
+    out[2] = MAX_DIM;
+    out[3] = TILE;
+}
+
 // Runs kernel `name` on a gx x gy grid of blocks of `threads` threads. Shared memory starts as
 // NaN so that reading what no thread wrote shows in the results. Returns 0, or -1 for an
 // unknown kernel.

@@ -1,6 +1,7 @@
 // Runs CUDA kernels written for kernels.cu on the CPU: every GPU thread of a block is an OS
 // thread, __syncthreads is a barrier, and dynamic shared memory is one buffer per block. Slow,
-// but it runs the very same kernel source, so races and out-of-bounds indexing show up too.
+// but it runs the very same kernel source; shared memory starts as NaN, so a read of what no
+// thread wrote (a missing barrier, a wrong offset) shows up in the results.
 #pragma once
 #include <algorithm>
 #include <atomic>

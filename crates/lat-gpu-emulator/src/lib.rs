@@ -11,6 +11,15 @@ use linear_attention_transformer::kernels::gpu::{Args, Elem, Gpu, THREADS};
 
 extern "C" {
     fn lat_emulate(name: *const c_char, gx: u32, gy: u32, threads: u32, shared_floats: usize, args: *const Args) -> c_int;
+    fn lat_kernel_constants(out: *mut u32);
+}
+
+/// The sizes the kernel source is compiled with: `[THREADS, CHUNK, MAX_DIM, TILE]`.
+pub fn kernel_constants() -> [u32; 4] {
+    let mut out = [0u32; 4];
+    // SAFETY: the function writes exactly four values.
+    unsafe { lat_kernel_constants(out.as_mut_ptr()) };
+    out
 }
 
 /// The emulated device.

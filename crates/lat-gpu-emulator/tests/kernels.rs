@@ -5,20 +5,15 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use lat_gpu_emulator::{Buffer, Emulator};
-use linear_attention_transformer::kernels::gpu::{Causal, Elem, Gpu, Linear, Local};
+use linear_attention_transformer::kernels::gpu::{Causal, Elem, Gpu, Linear, Local, CHUNK, MAX_DIM, THREADS, TILE};
 use linear_attention_transformer::kernels::local::Windows;
 use linear_attention_transformer::kernels::{causal_linear, linear, local};
+use linear_attention_transformer::rng::Rng;
 
 /// Deterministic pseudo-random normals.
 fn randn(len: usize, scale: f32, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut uniform = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    (0..len).map(|_| ((-2.0 * uniform().ln()).sqrt() * (std::f64::consts::TAU * uniform()).cos()) as f32 * scale).collect()
+    let mut rng = Rng::new(seed);
+    (0..len).map(|_| rng.normal() as f32 * scale).collect()
 }
 
 /// Rounds through the element type, so that the reference sees what the kernel sees.
@@ -191,7 +186,7 @@ fn linear_attention_matches_the_reference() {
 }
 
 fn local_case(b: usize, n: usize, h: usize, e: usize, window: usize, causal: bool, mask: Option<Vec<u8>>, elem: Elem) {
-    let dims = Local { b, n, h, e, window, causal };
+    let dims = Local { b, n, h, e, window, causal, dropout: false };
     let mut case = Case::new(b * n * h * e, b * n * h * e, b * n * h * e, b * n * h * e, None, elem, (n + window) as u64);
     case.keep = mask;
     let mask = case.keep.as_ref().map(|x| Tensor::from_vec(x.clone(), (b, n), &Device::Cpu).unwrap());
@@ -227,4 +222,11 @@ fn local_attention_matches_the_reference() {
     for causal in [true, false] {
         local_case(1, 40, 1, 8, 10, causal, Some(keep.clone()), Elem::F32);
     }
+}
+
+/// The launch plans size grids and shared memory from the Rust constants; the kernels index
+/// with the C ones.
+#[test]
+fn kernel_and_launch_plan_constants_agree() {
+    assert_eq!(lat_gpu_emulator::kernel_constants(), [THREADS, CHUNK as u32, MAX_DIM as u32, TILE as u32]);
 }

@@ -326,6 +326,9 @@ impl LinearAttentionTransformerLM {
     /// this model is trainable the copy's weights are variables of their own; carry their
     /// gradients back with [`LinearAttentionTransformerLM::grads_from`].
     pub fn cast(&self, dtype: DType) -> Result<Self> {
+        if dtype == self.dtype {
+            return Ok(self.clone());
+        }
         let tensors = self.params.iter().map(|p| (p.name.clone(), p.tensor.detach())).collect();
         let trainable = self.params.iter().any(|p| p.tensor.is_variable());
         Self::from_tensors(&self.config, tensors, &self.device, dtype, trainable)

@@ -14,6 +14,7 @@ use linear_attention_transformer::generate::Sampling;
 use linear_attention_transformer::kernels::cross_entropy::cross_entropy_rows;
 use linear_attention_transformer::rng::Rng;
 use linear_attention_transformer::train::optim::{AdamW, AdamWConfig};
+use linear_attention_transformer::train::Precision;
 use linear_attention_transformer::{checkpoint, Config, Inputs, LinearAttentionTransformerLM, LocalHeads, Pass};
 
 use super::{device, generate::run_generation, usage, Result};
@@ -23,12 +24,6 @@ pub enum Mode {
     Forward,
     Train,
     Generate,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Arithmetic {
-    F32,
-    Bf16,
 }
 
 #[derive(clap::Args)]
@@ -68,8 +63,8 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// bf16: forward in bfloat16; train in mixed precision (bfloat16 compute, f32 weights).
-    #[arg(long, value_enum, default_value = "f32")]
-    precision: Arithmetic,
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
 }
 
 /// The named configurations, with `max_seq_len` set to the benchmark length.
@@ -114,7 +109,7 @@ pub fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
@@ -143,11 +138,11 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         None
     };
-    let bf16 = a.precision == Arithmetic::Bf16;
+    let bf16 = a.precision == Precision::Bf16;
     if bf16 && a.mode == Mode::Generate {
         return Err(usage("--precision bf16 applies to forward and train"));
     }
-    let inference = if bf16 && a.mode == Mode::Forward { model.cast(DType::BF16)? } else { model.clone() };
+    let inference = model.cast(a.precision.dtype())?;
     let mut times = Vec::with_capacity(a.steps);
     for i in 0..a.warmup + a.steps {
         let x = tokens(a.seq_len)?;
@@ -162,11 +157,11 @@ pub fn run(a: Args) -> Result<()> {
                 let y: Vec<u32> = x.flatten_all()?.to_vec1::<u32>()?.iter().map(|&t| (t + 1) % v as u32).collect();
                 let pass = Pass::train(i as u64);
                 // Mixed precision: a bfloat16 copy of the f32 weights per step, as `lat train` does.
-                let step_model = if bf16 { model.cast(DType::BF16)? } else { model.clone() };
+                let step_model = model.cast(a.precision.dtype())?;
                 let logits = step_model.forward(&x, &Inputs::default(), &pass)?.to_dtype(DType::F32)?;
                 let (b, n, _) = logits.dims3()?;
                 let loss = cross_entropy_rows(&logits.reshape((b * n, v))?, &y)?.mean_all()?;
-                let grads = if bf16 { model.grads_from(&step_model, pass.backward(&loss)?)? } else { pass.backward(&loss)? };
+                let grads = model.grads_from(&step_model, pass.backward(&loss)?)?;
                 opt.as_mut().expect("training mode has an optimizer").step(&grads, 1e-4, 1.0)?;
                 loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             }

@@ -69,9 +69,8 @@ pub fn local_attention(
     if windows.size == 0 || n % windows.size != 0 {
         candle_core::bail!("local attention: length {n} is not a multiple of the window {}", windows.size);
     }
-    let dims = super::gpu::Local { b, n, h, e, window: windows.size, causal: windows.causal };
-    let on_gpu = super::use_gpu(q) && dims.supported() && dropout.is_none();
-    if super::use_fused(q) || on_gpu {
+    let dims = super::gpu::Local { b, n, h, e, window: windows.size, causal: windows.causal, dropout: dropout.is_some() };
+    if super::use_fused(q) || (super::use_gpu(q) && dims.supported()) {
         let keep = mask.map(|m| m.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()).transpose()?;
         let op = Local { params: LocalParams { windows, dropout }, keep };
         let flat = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
@@ -344,11 +343,12 @@ impl Local {
     #[cfg(feature = "cuda")]
     fn gpu_dims(&self, ql: &Layout, kl: &Layout, vl: &Layout) -> Result<super::gpu::Local> {
         let hs = self.shapes(ql, kl, vl)?;
-        if self.params.dropout.is_some() {
-            candle_core::bail!("local attention: the GPU kernels take no attention dropout");
-        }
         let w = self.params.windows;
-        Ok(super::gpu::Local { b: hs.b, n: hs.n, h: hs.h, e: hs.e, window: w.size, causal: w.causal })
+        let dims = super::gpu::Local { b: hs.b, n: hs.n, h: hs.h, e: hs.e, window: w.size, causal: w.causal, dropout: self.params.dropout.is_some() };
+        if !dims.supported() {
+            candle_core::bail!("local attention: the GPU kernels do not take this shape or attention dropout");
+        }
+        Ok(dims)
     }
 }
 

@@ -90,6 +90,28 @@ pub enum Precision {
     Bf16,
 }
 
+impl Precision {
+    /// The dtype the steps compute in.
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(format!("unknown precision `{s}`: use f32 or bf16")),
+        }
+    }
+}
+
 impl Default for TrainSettings {
     fn default() -> Self {
         Self {
@@ -479,10 +501,7 @@ impl Trainer {
         let mut grads: Option<candle_core::backprop::GradStore> = None;
         let mut loss_sum = 0.0;
         let mut finite = true;
-        let model = match t.precision {
-            Precision::F32 => self.model.clone(),
-            Precision::Bf16 => self.model.cast(DType::BF16)?,
-        };
+        let model = self.model.cast(t.precision.dtype())?;
         for micro in 0..t.grad_accum as u64 {
             let index = self.step * t.grad_accum as u64 + micro;
             let mut rng = Rng::new(derive(t.seed, index));
@@ -497,10 +516,7 @@ impl Trainer {
                 finite = false;
                 break;
             }
-            let g = match t.precision {
-                Precision::F32 => pass.backward(&loss)?,
-                Precision::Bf16 => self.model.grads_from(&model, pass.backward(&loss)?)?,
-            };
+            let g = self.model.grads_from(&model, pass.backward(&loss)?)?;
             grads = Some(match grads.take() {
                 None => g,
                 Some(mut acc) => {

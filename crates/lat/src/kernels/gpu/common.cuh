@@ -20,7 +20,7 @@ template <> __device__ __forceinline__ bf16 st<bf16>(float x) { return __float2b
 #define CHUNK 32
 // Largest head dimension the kernels hold in shared memory.
 #define MAX_DIM 64
-// Queries and keys per tile of the local kernels.
+// Rows per tile of the local and non-causal kernels.
 #define TILE 32
 #define EPS 1e-3f
 #define FLT_TINY 1.17549435e-38f

@@ -305,12 +305,14 @@ pub struct Local {
     pub e: usize,
     pub window: usize,
     pub causal: bool,
+    /// Dropout on the probabilities, which the kernels do not implement.
+    pub dropout: bool,
 }
 
 impl Local {
-    /// Whether the kernels handle this shape (dropout on the probabilities is not supported).
+    /// Whether the kernels handle this shape (and no dropout).
     pub fn supported(&self) -> bool {
-        self.e <= MAX_DIM && self.window > 0 && self.n > 0 && self.n % self.window == 0
+        self.e <= MAX_DIM && self.window > 0 && self.n > 0 && self.n % self.window == 0 && !self.dropout
     }
 
     fn tasks(&self) -> usize {
