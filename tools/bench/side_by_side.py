@@ -195,12 +195,13 @@ def summarize(results):
     ok = [r for r in results if "error" not in r]
     if not ok:
         return {"error": results[0]["error"] if results else "not run"}
-    return {
-        "median_s": statistics.median(r["median_s"] for r in ok),
-        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in ok),
-        "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in ok),
-        "runs": len(ok),
+    summary = {
+        key: statistics.median(r[key] for r in ok)
+        for key in ["median_s", "tokens_per_s", "peak_rss_mib", "first_token_s", "per_token_ms"]
+        if all(r.get(key) is not None for r in ok)
     }
+    summary["runs"] = len(ok)
+    return summary
 
 
 def render(a, rows, noisy):
@@ -232,6 +233,23 @@ def render(a, rows, noisy):
             f"{cell(o, 'tokens_per_s', '{:.0f}')} | {cell(r, 'tokens_per_s', '{:.0f}')} | {cell(o, 'peak_rss_mib', '{:.0f}')} | "
             f"{cell(r, 'peak_rss_mib', '{:.0f}')} | {mem} |"
         )
+    decoding = [(n, summarize(res["ours"]), summarize(res["ref"])) for (_, mode, n), res in rows if mode == "decode"]
+    if decoding:
+        lines += [
+            "",
+            "Decoding after a context of n tokens: our time to the first new token (reading the context in one pass) and",
+            "per token after it; the reference's per token (each of its tokens re-runs the whole sequence).",
+            "",
+            "| context | ours first token s | ours ms/token | reference ms/token | per-token ratio |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for n, o, r in decoding:
+            ours = o.get("per_token_ms")
+            ref = r.get("per_token_ms")
+            lines.append(
+                f"| {n} | {o.get('first_token_s', float('nan')):.3f} | {ours if ours is not None else float('nan'):.1f} | "
+                f"{f'{ref:.0f}' if ref is not None else 'not run'} | {f'{ref / ours:.0f}x' if ours and ref else ''} |"
+            )
     lines += [
         "",
         "Speed ratio = our tokens/s / the reference's (above 1: we are faster). Memory ratio = our peak / the reference's peak.",

@@ -119,6 +119,9 @@ def main():
         "device": a.device,
         "precision": a.precision,
     }
+    if a.mode == "generate":
+        # Every new token re-runs the whole sequence: the average is the per-token time.
+        record["per_token_ms"] = med / a.new_tokens * 1000
     if gpu:
         record["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if a.json:

@@ -4,7 +4,8 @@
 //! Times one configuration in this process: `forward` (inference), `train` (forward,
 //! cross-entropy, backward and an AdamW step, like the reference's training step) or `generate`
 //! (a prompt of `--seq-len` tokens, then `--new-tokens` tokens). Prints the median over
-//! `--steps` timed repetitions after `--warmup` untimed ones, and the process's peak RSS.
+//! `--steps` timed repetitions after `--warmup` untimed ones, and the process's peak RSS; for
+//! `generate` also the time to the first new token and the time per token after it.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -144,6 +145,8 @@ pub fn run(a: Args) -> Result<()> {
     }
     let inference = model.cast(a.precision.dtype())?;
     let mut times = Vec::with_capacity(a.steps);
+    // Generation: time to the first new token (reading the prompt) and per token after it.
+    let (mut first_token, mut per_token) = (Vec::new(), Vec::new());
     for i in 0..a.warmup + a.steps {
         let x = tokens(a.seq_len)?;
         let t0 = Instant::now();
@@ -167,7 +170,18 @@ pub fn run(a: Args) -> Result<()> {
             }
             Mode::Generate => {
                 let prompts: Vec<Vec<u32>> = x.to_vec2::<u32>()?;
-                run_generation(&model, &prompts, a.new_tokens, &Sampling::greedy(), 0, None, a.no_cache, &mut |_, _| {})?;
+                let mut stamps = Vec::with_capacity(a.new_tokens);
+                run_generation(&model, &prompts, a.new_tokens, &Sampling::greedy(), 0, None, a.no_cache, &mut |row, _| {
+                    if row == 0 {
+                        stamps.push(t0.elapsed().as_secs_f64());
+                    }
+                })?;
+                if let (true, Some(&first), Some(&last)) = (i >= a.warmup, stamps.first(), stamps.last()) {
+                    first_token.push(first);
+                    if stamps.len() > 1 {
+                        per_token.push((last - first) / (stamps.len() - 1) as f64 * 1e3);
+                    }
+                }
             }
         }
         if i >= a.warmup {
@@ -192,6 +206,8 @@ pub fn run(a: Args) -> Result<()> {
         "parameters": model.num_parameters(),
         "new_tokens": if a.mode == Mode::Generate { Some(a.new_tokens) } else { None },
         "cache": if a.mode == Mode::Generate { Some(!a.no_cache) } else { None },
+        "first_token_s": (!first_token.is_empty()).then(|| median(first_token)),
+        "per_token_ms": (!per_token.is_empty()).then(|| median(per_token)),
         "kernels": kernel_kind(&dev, if bf16 { DType::BF16 } else { DType::F32 })?,
         "precision": if bf16 { "bf16" } else { "f32" },
         "threads": rayon_threads(),
