@@ -1,6 +1,7 @@
 //! `lat`: train, evaluate, sample from, import and benchmark linear attention transformers.
 
 mod commands;
+mod metrics;
 
 use std::process::ExitCode;
 
@@ -15,8 +16,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Convert a PyTorch state_dict of the reference implementation into a model file.
+    /// Convert a state dict of the reference implementation (any torch.save file, a training
+    /// checkpoint, or safetensors) into a model file.
     Import(commands::import::Args),
+    /// Write a model's state dict for the reference (safetensors or .pt) and its keyword arguments.
+    Export(commands::export::Args),
     /// Write the logits of a model for the tokens of a safetensors file.
     Logits(commands::logits::Args),
     /// Train a byte-level language model (by default on the bundled Shakespeare).
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Import(a) => commands::import::run(a),
+        Command::Export(a) => commands::export::run(a),
         Command::Logits(a) => commands::logits::run(a),
         Command::Train(a) => commands::train::run(a),
         Command::Eval(a) => commands::eval::run(a),

@@ -81,10 +81,27 @@ fn pytorch_files() {
     case("state dict of another shape", &["import", "--torch", &fixture("causal_masked.pt"), "--config", &config, "--out", &out], "has shape");
     let garbage = p(dir.path(), "garbage.pt");
     std::fs::write(&garbage, b"PK\x03\x04 not really").unwrap();
-    case("not a zip archive", &["import", "--torch", &garbage, "--config", &fixture("causal_masked.json"), "--out", &out], "not a PyTorch file");
-    let legacy = p(dir.path(), "legacy.pt");
-    std::fs::write(&legacy, b"\x80\x02cos\nsystem\nq\x00X\x02\x00\x00\x00lsq\x01\x85q\x02Rq\x03.").unwrap();
-    case("legacy pickle", &["import", "--torch", &legacy, "--config", &fixture("causal_masked.json"), "--out", &out], "not a PyTorch file");
+    case("not a zip archive", &["import", "--torch", &garbage, "--config", &fixture("causal_masked.json"), "--out", &out], "not a PyTorch checkpoint");
+    let raw = p(dir.path(), "raw.pkl");
+    std::fs::write(&raw, b"\x80\x02cos\nsystem\nq\x00X\x02\x00\x00\x00lsq\x01\x85q\x02Rq\x03.").unwrap();
+    case("a bare pickle", &["import", "--torch", &raw, "--config", &fixture("causal_masked.json"), "--out", &out], "neither a PyTorch checkpoint");
+    // The forms a checkpoint must not take (tests/fixtures/checkpoints/, written by torch.save).
+    let ckpt = |name: &str| fixture(&format!("checkpoints/{name}"));
+    let kwargs = ckpt("model.json");
+    case("a pickled module", &["import", "--torch", &ckpt("whole_module.pt"), "--config", &kwargs, "--out", &out], "refused");
+    case("code in the pickle", &["import", "--torch", &ckpt("code.pt"), "--config", &kwargs, "--out", &out], "posix.system, which is refused");
+    case("no state dict", &["import", "--torch", &ckpt("no_state_dict.pt"), "--config", &kwargs, "--out", &out], "no state dict found");
+    case("a state dict under another key", &["import", "--torch", &ckpt("custom_key.pt"), "--config", &kwargs, "--out", &out], "--key");
+    case("a key that is not there", &["import", "--torch", &ckpt("training.pt"), "--key", "ema", "--config", &kwargs, "--out", &out], "no entry ema");
+    // Exports.
+    let m = p(dir.path(), "model.safetensors");
+    assert!(lat(&["import", "--torch", &ckpt("legacy.pt"), "--config", &kwargs, "--out", &m]).status.success());
+    case("an export of unknown format", &["export", "--model", &m, "--out", &p(dir.path(), "sd.npz")], ".safetensors, or .pt");
+    case("an export over its own arguments", &["export", "--model", &m, "--out", &p(dir.path(), "sd.json")], "--kwargs must differ");
+    case("an export of what is not a model", &["export", "--model", &kwargs, "--out", &p(dir.path(), "sd.pt")], "not a valid safetensors file");
+    for name in ["sd.npz", "sd.json", "sd.pt"] {
+        assert!(!dir.path().join(name).exists(), "{name} was written");
+    }
     std::fs::write(&config, "{ not json").unwrap();
     case("bad config JSON", &["import", "--torch", &fixture("causal_masked.pt"), "--config", &config, "--out", &out], "invalid configuration");
     assert!(!Path::new(&out).exists());

@@ -52,6 +52,27 @@ fn import_then_logits_reproduces_the_reference() {
 }
 
 #[test]
+fn training_checkpoints_import_and_models_export_for_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = |name: &str| fixture(&format!("checkpoints/{name}"));
+    let (model, back) = (path(dir.path(), "m.safetensors"), path(dir.path(), "back.safetensors"));
+    let o = lat(&["import", "--torch", &ckpt("tutorial.pt"), "--config", &ckpt("model.json"), "--out", &model]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (pt, kwargs) = (path(dir.path(), "sd.pt"), path(dir.path(), "sd.json"));
+    let o = lat(&["export", "--model", &model, "--out", &pt]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The keyword arguments land beside the state dict, and the export imports back unchanged.
+    let o = lat(&["import", "--torch", &pt, "--config", &kwargs, "--out", &back]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a = candle_core::safetensors::load(&model, &Device::Cpu).unwrap();
+    let b = candle_core::safetensors::load(&back, &Device::Cpu).unwrap();
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{name}");
+    }
+}
+
+#[test]
 fn bad_files_and_arguments_give_one_line_errors_and_no_output() {
     let dir = tempfile::tempdir().unwrap();
     let out = path(dir.path(), "out.safetensors");

@@ -88,7 +88,7 @@ fn lat_fuzz_target(target: &str, input: &[u8]) -> Result<(), String> {
     use linear_attention_transformer::checkpoint;
     match target {
         "model-file" => checkpoint::parse(Path::new("<fuzz>"), input).map(|_| ()).map_err(|e| e.to_string()),
-        "torch" => checkpoint::torch::read(std::io::Cursor::new(input), input.len() as u64).map(|_| ()).map_err(|e| e.to_string()),
+        "torch" => checkpoint::torch::state_dict(input, None).map(|_| ()).map_err(|e| e.to_string()),
         "pickle" => checkpoint::torch::parse_pickle(input).map(|_| ()).map_err(|e| e.to_string()),
         _ => {
             let text = String::from_utf8_lossy(input);

@@ -30,7 +30,7 @@ fn main() -> linear_attention_transformer::Result<()> {
         let pass = Pass::train(step);
         let logits = model.forward(&inputs, &Inputs::default(), &pass)?;
         let loss = cross_entropy_rows(&logits.reshape((n, 256))?, &ids[1..])?.mean_all()?;
-        opt.step(&pass.backward(&loss)?, 3e-3, 1.0)?;
+        opt.step(&loss.backward()?, 3e-3, 1.0)?;
         if step % 10 == 0 {
             println!("step {step}: loss {:.3}", loss.to_scalar::<f32>()?);
         }

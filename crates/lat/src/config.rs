@@ -5,6 +5,7 @@
 //! [`crate::LinearAttentionTransformer`] stack, whose only difference in defaults is `dim_head`
 //! (`None`, i.e. `dim / heads`, instead of 64).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -118,26 +119,12 @@ fn default_bucket_size() -> usize {
     64
 }
 
-/// The arguments of `LinearAttentionTransformerLM`. Field names and defaults are the reference's.
-///
-/// ```
-/// use linear_attention_transformer::Config;
-///
-/// // The JSON object of the Python keyword arguments; omitted ones take the reference's defaults.
-/// let config = Config::from_json_str(r#"{"num_tokens": 256, "dim": 512, "depth": 6, "max_seq_len": 4096,
-///     "causal": true, "n_local_attn_heads": [4, 4, 4, 4, 4, 4], "blindspot_size": 64}"#)?;
-/// assert_eq!((config.heads, config.dim_head), (8, Some(64)));
-/// // Invalid combinations are refused with the field to change.
-/// let err = Config::from_json_str(r#"{"num_tokens": 256, "dim": 512, "depth": 2, "max_seq_len": 4096,
-///     "causal": true, "linformer_settings": [64]}"#).unwrap_err();
-/// assert!(err.to_string().contains("linformer_settings"));
-/// # Ok::<(), linear_attention_transformer::Error>(())
-/// ```
+/// The keyword arguments that `LinearAttentionTransformerLM` passes on to its
+/// `LinearAttentionTransformer`: every argument of the stack except `dim_head`, whose default
+/// differs between the two, and the unused `bucket_size`. [`Config`] and [`TransformerConfig`]
+/// both hold one and dereference to it, so `config.heads` reads like the Python keyword.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Config {
-    /// Vocabulary size: rows of the token embedding and width of the logits.
-    pub num_tokens: usize,
+pub struct StackArgs {
     /// Width of the residual stream inside the transformer.
     pub dim: usize,
     /// Number of main layers.
@@ -147,15 +134,9 @@ pub struct Config {
     #[serde(default = "default_heads")]
     /// Attention heads per layer.
     pub heads: usize,
-    /// Per-head width; `None` means `dim / heads`.
-    #[serde(default = "default_lm_dim_head")]
-    pub dim_head: Option<usize>,
     #[serde(default)]
     /// Autoregressive: a position sees only itself and earlier positions.
     pub causal: bool,
-    /// Embedding width when it differs from `dim` (factorised embeddings).
-    #[serde(default)]
-    pub emb_dim: Option<usize>,
     #[serde(default)]
     /// RevNet coupling: the backward pass reconstructs activations instead of storing them.
     pub reversible: bool,
@@ -183,9 +164,6 @@ pub struct Config {
     #[serde(default = "default_window", alias = "local_attn_window")]
     /// Window of the local heads; also the axial positions' factor and the axial fold.
     pub local_attn_window_size: usize,
-    #[serde(default)]
-    /// Return the final normalised embeddings instead of logits.
-    pub return_embeddings: bool,
     #[serde(default)]
     /// Add a cross-attention layer after each layer, attending to the `context` input.
     pub receives_context: bool,
@@ -205,17 +183,12 @@ pub struct Config {
     #[serde(default)]
     /// Replace cross-attention by Linformer attention.
     pub context_linformer_settings: Option<LinformerContextSettings>,
-    #[serde(default = "yes")]
-    /// Axial positional embedding (else learned absolute positions).
-    pub use_axial_pos_emb: bool,
-    #[serde(default)]
-    /// Rotary embeddings on queries and keys, plus a fixed sinusoid on the tokens.
-    pub use_rotary_emb: bool,
     #[serde(default)]
     /// Shift segments of the features by one position before attention and feed-forward.
     pub shift_tokens: bool,
-    /// One key/value head shared by every query head (the reference's releases before 0.17).
-    /// Written only when set, so that the JSON stays valid keyword arguments for 0.19.1.
+    /// One key/value head shared by the local heads and one by the global heads (the
+    /// reference's releases before 0.17). Written only when set, so that the JSON stays valid
+    /// keyword arguments for 0.19.1.
     #[serde(default, skip_serializing_if = "is_false")]
     pub one_kv_head: bool,
 }
@@ -224,93 +197,149 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
-/// The arguments of `LinearAttentionTransformer`, the stack without embeddings and head.
+/// The arguments of `LinearAttentionTransformerLM`. Field names and defaults are the reference's;
+/// the arguments it shares with the stack are in [`StackArgs`], which this dereferences to.
+///
+/// ```
+/// use linear_attention_transformer::Config;
+///
+/// // The JSON object of the Python keyword arguments; omitted ones take the reference's defaults.
+/// let config = Config::from_json_str(r#"{"num_tokens": 256, "dim": 512, "depth": 6, "max_seq_len": 4096,
+///     "causal": true, "n_local_attn_heads": [4, 4, 4, 4, 4, 4], "blindspot_size": 64}"#)?;
+/// assert_eq!((config.heads, config.dim_head), (8, Some(64)));
+/// // Invalid combinations are refused with the field to change.
+/// let err = Config::from_json_str(r#"{"num_tokens": 256, "dim": 512, "depth": 2, "max_seq_len": 4096,
+///     "causal": true, "linformer_settings": [64]}"#).unwrap_err();
+/// assert!(err.to_string().contains("linformer_settings"));
+/// # Ok::<(), linear_attention_transformer::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TransformerConfig {
-    /// Width of the residual stream.
-    pub dim: usize,
-    /// Number of layers.
-    pub depth: usize,
-    /// Sizes positional embeddings and Linformer projections.
-    pub max_seq_len: usize,
-    #[serde(default = "default_heads")]
-    /// Attention heads per layer.
-    pub heads: usize,
-    #[serde(default)]
+#[serde(try_from = "ConfigFields")]
+pub struct Config {
+    /// Vocabulary size: rows of the token embedding and width of the logits.
+    pub num_tokens: usize,
     /// Per-head width; `None` means `dim / heads`.
     pub dim_head: Option<usize>,
-    /// Accepted for compatibility; unused by the reference too.
-    #[serde(default = "default_bucket_size")]
-    pub bucket_size: usize,
-    #[serde(default)]
-    /// Autoregressive: a position sees only itself and earlier positions.
-    pub causal: bool,
-    #[serde(default = "one")]
-    /// Feed-forward layers run in this many pieces along the sequence (memory only).
-    pub ff_chunks: usize,
-    #[serde(default)]
-    /// Gated feed-forward layers (`gelu(a) * v`); here in every layer, unlike the reference.
-    pub ff_glu: bool,
-    #[serde(default)]
-    /// Dropout on the feed-forward hidden activations.
-    pub ff_dropout: f64,
-    #[serde(default)]
-    /// Dropout on each attention layer's output.
-    pub attn_layer_dropout: f64,
-    #[serde(default)]
-    /// Dropout on the local heads' attention probabilities (and Linformer's).
-    pub attn_dropout: f64,
-    #[serde(default)]
-    /// RevNet coupling: the backward pass reconstructs activations instead of storing them.
-    pub reversible: bool,
-    #[serde(default = "one")]
-    /// Causal global heads see only complete buckets of this many earlier positions (1 = every earlier position and itself).
-    pub blindspot_size: usize,
-    #[serde(default)]
-    /// How many heads of each layer are local (windowed softmax) heads.
-    pub n_local_attn_heads: LocalHeads,
-    #[serde(default = "default_window", alias = "local_attn_window")]
-    /// Window of the local heads; also the axial positions' factor and the axial fold.
-    pub local_attn_window_size: usize,
-    #[serde(default)]
-    /// Add a cross-attention layer after each layer, attending to the `context` input.
-    pub receives_context: bool,
-    #[serde(default)]
-    /// Add an axial (strided) attention layer after each layer.
-    pub attend_axially: bool,
-    #[serde(default)]
-    /// 1-based layers whose feed-forward layer is a product-key memory.
-    pub pkm_layers: Vec<usize>,
-    #[serde(default = "default_pkm_num_keys")]
-    /// Accepted for compatibility; the reference ignores it too.
-    pub pkm_num_keys: usize,
-    #[serde(default)]
-    /// Replace self-attention by Linformer attention (non-causal only).
-    pub linformer_settings: Option<LinformerSettings>,
-    #[serde(default)]
-    /// Replace cross-attention by Linformer attention.
-    pub context_linformer_settings: Option<LinformerContextSettings>,
-    #[serde(default)]
-    /// Shift segments of the features by one position before attention and feed-forward.
-    pub shift_tokens: bool,
-    #[serde(default, skip_serializing_if = "is_false")]
-    /// One key/value head shared by the local heads and one by the global heads.
-    pub one_kv_head: bool,
+    /// Embedding width when it differs from `dim` (factorised embeddings).
+    pub emb_dim: Option<usize>,
+    /// Return the final normalised embeddings instead of logits.
+    pub return_embeddings: bool,
+    /// Axial positional embedding (else learned absolute positions).
+    pub use_axial_pos_emb: bool,
+    /// Rotary embeddings on queries and keys, plus a fixed sinusoid on the tokens.
+    pub use_rotary_emb: bool,
+    /// The arguments passed on to the transformer stack.
+    #[serde(flatten)]
+    pub stack: StackArgs,
 }
 
-impl Config {
-    /// A configuration with the reference's defaults for every optional argument.
-    pub fn new(num_tokens: usize, dim: usize, depth: usize, max_seq_len: usize) -> Self {
+/// What a [`Config`] is read from: its fields, and any others, which are refused.
+#[derive(Deserialize)]
+struct ConfigFields {
+    num_tokens: usize,
+    #[serde(default = "default_lm_dim_head")]
+    dim_head: Option<usize>,
+    #[serde(default)]
+    emb_dim: Option<usize>,
+    #[serde(default)]
+    return_embeddings: bool,
+    #[serde(default = "yes")]
+    use_axial_pos_emb: bool,
+    #[serde(default)]
+    use_rotary_emb: bool,
+    #[serde(flatten)]
+    stack: StackArgs,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, serde::de::IgnoredAny>,
+}
+
+impl TryFrom<ConfigFields> for Config {
+    type Error = String;
+
+    fn try_from(f: ConfigFields) -> std::result::Result<Self, String> {
+        no_unknown_fields(&f.unknown)?;
+        let ConfigFields { num_tokens, dim_head, emb_dim, return_embeddings, use_axial_pos_emb, use_rotary_emb, stack, .. } = f;
+        Ok(Self { num_tokens, dim_head, emb_dim, return_embeddings, use_axial_pos_emb, use_rotary_emb, stack })
+    }
+}
+
+fn no_unknown_fields(unknown: &BTreeMap<String, serde::de::IgnoredAny>) -> std::result::Result<(), String> {
+    match unknown.keys().next() {
+        Some(field) => Err(format!("unknown field `{field}`")),
+        None => Ok(()),
+    }
+}
+
+impl std::ops::Deref for Config {
+    type Target = StackArgs;
+    fn deref(&self) -> &StackArgs {
+        &self.stack
+    }
+}
+
+impl std::ops::DerefMut for Config {
+    fn deref_mut(&mut self) -> &mut StackArgs {
+        &mut self.stack
+    }
+}
+
+/// The arguments of `LinearAttentionTransformer`, the stack without embeddings and head; it
+/// dereferences to its [`StackArgs`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "TransformerConfigFields")]
+pub struct TransformerConfig {
+    /// Per-head width; `None` (the default here) means `dim / heads`.
+    pub dim_head: Option<usize>,
+    /// Accepted for compatibility; unused by the reference too.
+    pub bucket_size: usize,
+    /// The other arguments, shared with [`Config`].
+    #[serde(flatten)]
+    pub stack: StackArgs,
+}
+
+#[derive(Deserialize)]
+struct TransformerConfigFields {
+    #[serde(default)]
+    dim_head: Option<usize>,
+    #[serde(default = "default_bucket_size")]
+    bucket_size: usize,
+    #[serde(flatten)]
+    stack: StackArgs,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, serde::de::IgnoredAny>,
+}
+
+impl TryFrom<TransformerConfigFields> for TransformerConfig {
+    type Error = String;
+
+    fn try_from(f: TransformerConfigFields) -> std::result::Result<Self, String> {
+        no_unknown_fields(&f.unknown)?;
+        Ok(Self { dim_head: f.dim_head, bucket_size: f.bucket_size, stack: f.stack })
+    }
+}
+
+impl std::ops::Deref for TransformerConfig {
+    type Target = StackArgs;
+    fn deref(&self) -> &StackArgs {
+        &self.stack
+    }
+}
+
+impl std::ops::DerefMut for TransformerConfig {
+    fn deref_mut(&mut self) -> &mut StackArgs {
+        &mut self.stack
+    }
+}
+
+impl StackArgs {
+    /// The reference's defaults for every optional argument.
+    pub fn new(dim: usize, depth: usize, max_seq_len: usize) -> Self {
         Self {
-            num_tokens,
             dim,
             depth,
             max_seq_len,
             heads: default_heads(),
-            dim_head: default_lm_dim_head(),
             causal: false,
-            emb_dim: None,
             reversible: false,
             ff_chunks: 1,
             ff_glu: false,
@@ -320,156 +349,15 @@ impl Config {
             blindspot_size: 1,
             n_local_attn_heads: LocalHeads::Uniform(0),
             local_attn_window_size: default_window(),
-            return_embeddings: false,
             receives_context: false,
             pkm_layers: vec![],
             pkm_num_keys: default_pkm_num_keys(),
             attend_axially: false,
             linformer_settings: None,
             context_linformer_settings: None,
-            use_axial_pos_emb: true,
-            use_rotary_emb: false,
             shift_tokens: false,
             one_kv_head: false,
         }
-    }
-
-    /// Parses the JSON object of keyword arguments and validates it.
-    pub fn from_json_str(s: &str) -> Result<Self> {
-        let c: Self = serde_json::from_str(s).map_err(|e| Error::config("json", e.to_string()))?;
-        c.validate()?;
-        Ok(c)
-    }
-
-    /// Parses a TOML table of keyword arguments and validates it.
-    pub fn from_toml_str(s: &str) -> Result<Self> {
-        let c: Self = toml::from_str(s).map_err(|e| Error::config("toml", e.to_string()))?;
-        c.validate()?;
-        Ok(c)
-    }
-
-    /// Reads a `.json` or `.toml` file of keyword arguments.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let parsed = match path.extension().and_then(|e| e.to_str()) {
-            Some("toml") => Self::from_toml_str(&text),
-            _ => Self::from_json_str(&text),
-        };
-        parsed.map_err(|e| Error::file(path, e.to_string()))
-    }
-
-    /// The JSON object of keyword arguments, as stored in model files.
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).expect("a Config always serialises")
-    }
-
-    /// Embedding width: `emb_dim`, or `dim` when unset.
-    pub fn emb_dim(&self) -> usize {
-        self.emb_dim.unwrap_or(self.dim)
-    }
-
-    /// The transformer stack inside this language model.
-    pub fn transformer(&self) -> TransformerConfig {
-        TransformerConfig {
-            dim: self.dim,
-            depth: self.depth,
-            max_seq_len: self.max_seq_len,
-            heads: self.heads,
-            dim_head: self.dim_head,
-            bucket_size: default_bucket_size(),
-            causal: self.causal,
-            ff_chunks: self.ff_chunks,
-            ff_glu: self.ff_glu,
-            ff_dropout: self.ff_dropout,
-            attn_layer_dropout: self.attn_layer_dropout,
-            attn_dropout: self.attn_dropout,
-            reversible: self.reversible,
-            blindspot_size: self.blindspot_size,
-            n_local_attn_heads: self.n_local_attn_heads.clone(),
-            local_attn_window_size: self.local_attn_window_size,
-            receives_context: self.receives_context,
-            attend_axially: self.attend_axially,
-            pkm_layers: self.pkm_layers.clone(),
-            pkm_num_keys: self.pkm_num_keys,
-            linformer_settings: self.linformer_settings,
-            context_linformer_settings: self.context_linformer_settings,
-            shift_tokens: self.shift_tokens,
-            one_kv_head: self.one_kv_head,
-        }
-    }
-
-    /// The longest sequence the positional embedding covers (after padding).
-    pub fn max_positions(&self) -> usize {
-        if self.use_axial_pos_emb && !self.use_rotary_emb {
-            self.max_seq_len.div_ceil(self.local_attn_window_size) * self.local_attn_window_size
-        } else {
-            self.max_seq_len
-        }
-    }
-
-    /// Checks every argument and combination; the error names the argument and what to change.
-    pub fn validate(&self) -> Result<()> {
-        if self.num_tokens == 0 {
-            return Err(Error::config("num_tokens", "must be at least 1"));
-        }
-        if self.emb_dim == Some(0) {
-            return Err(Error::config("emb_dim", "must be at least 1 (or unset to use dim)"));
-        }
-        self.transformer().validate()?;
-        if self.n_local_attn_heads.any() && self.max_seq_len % self.local_attn_window_size != 0 {
-            return Err(Error::config(
-                "max_seq_len",
-                format!(
-                    "{} must be a multiple of local_attn_window_size {} when there are local heads",
-                    self.max_seq_len, self.local_attn_window_size
-                ),
-            ));
-        }
-        if self.use_rotary_emb {
-            let dh = self.transformer().dim_head();
-            if dh % 2 != 0 {
-                return Err(Error::config("dim_head", format!("rotary embeddings need an even head width, got {dh}")));
-            }
-            if self.emb_dim() % 2 != 0 {
-                return Err(Error::config(
-                    "emb_dim",
-                    format!("rotary embeddings need an even embedding width, got {}", self.emb_dim()),
-                ));
-            }
-            if self.attend_axially {
-                return Err(Error::config(
-                    "use_rotary_emb",
-                    "rotary embeddings cannot be combined with attend_axially (the reference crashes on it); turn one off",
-                ));
-            }
-        }
-        if let Some(ctx) = self.context_linformer_settings {
-            if !self.receives_context {
-                return Err(Error::config(
-                    "context_linformer_settings",
-                    "only has an effect with receives_context = true",
-                ));
-            }
-            if ctx.k == 0 || ctx.seq_len == 0 {
-                return Err(Error::config("context_linformer_settings", "seq_len and k must be at least 1"));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl TransformerConfig {
-    /// A configuration with the reference's defaults for every optional argument.
-    pub fn new(dim: usize, depth: usize, max_seq_len: usize) -> Self {
-        let mut c = Config::new(1, dim, depth, max_seq_len).transformer();
-        c.dim_head = None;
-        c
-    }
-
-    /// Per-head width of the main attention.
-    pub fn dim_head(&self) -> usize {
-        self.dim_head.unwrap_or(self.dim / self.heads.max(1))
     }
 
     /// Local heads of layer `layer` (0-based).
@@ -488,14 +376,15 @@ impl TransformerConfig {
         lcm(bucket, window)
     }
 
-    /// Checks every argument and combination; the error names the argument and what to change.
-    pub fn validate(&self) -> Result<()> {
+    /// Checks every argument and combination for heads of width `dim_head` (None: dim / heads);
+    /// the error names the argument and what to change.
+    fn validate(&self, dim_head: Option<usize>) -> Result<()> {
         for (field, v) in [("dim", self.dim), ("depth", self.depth), ("max_seq_len", self.max_seq_len), ("heads", self.heads)] {
             if v == 0 {
                 return Err(Error::config(field, "must be at least 1"));
             }
         }
-        match self.dim_head {
+        match dim_head {
             Some(0) => return Err(Error::config("dim_head", "must be at least 1 (or null for dim / heads)")),
             None if self.dim % self.heads != 0 => {
                 return Err(Error::config(
@@ -583,7 +472,138 @@ impl TransformerConfig {
                 ));
             }
         }
+        if let Some(ctx) = self.context_linformer_settings {
+            if !self.receives_context {
+                return Err(Error::config(
+                    "context_linformer_settings",
+                    "only has an effect with receives_context = true",
+                ));
+            }
+            if ctx.k == 0 || ctx.seq_len == 0 {
+                return Err(Error::config("context_linformer_settings", "seq_len and k must be at least 1"));
+            }
+        }
         Ok(())
+    }
+}
+
+impl Config {
+    /// A configuration with the reference's defaults for every optional argument.
+    pub fn new(num_tokens: usize, dim: usize, depth: usize, max_seq_len: usize) -> Self {
+        Self {
+            num_tokens,
+            dim_head: default_lm_dim_head(),
+            emb_dim: None,
+            return_embeddings: false,
+            use_axial_pos_emb: true,
+            use_rotary_emb: false,
+            stack: StackArgs::new(dim, depth, max_seq_len),
+        }
+    }
+
+    /// Parses the JSON object of keyword arguments and validates it.
+    pub fn from_json_str(s: &str) -> Result<Self> {
+        let c: Self = serde_json::from_str(s).map_err(|e| Error::config("json", e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Parses a TOML table of keyword arguments and validates it.
+    pub fn from_toml_str(s: &str) -> Result<Self> {
+        let c: Self = toml::from_str(s).map_err(|e| Error::config("toml", e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Reads a `.json` or `.toml` file of keyword arguments.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let parsed = match path.extension().and_then(|e| e.to_str()) {
+            Some("toml") => Self::from_toml_str(&text),
+            _ => Self::from_json_str(&text),
+        };
+        parsed.map_err(|e| Error::file(path, e.to_string()))
+    }
+
+    /// The JSON object of keyword arguments, as stored in model files.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a Config always serialises")
+    }
+
+    /// Embedding width: `emb_dim`, or `dim` when unset.
+    pub fn emb_dim(&self) -> usize {
+        self.emb_dim.unwrap_or(self.dim)
+    }
+
+    /// The transformer stack inside this language model.
+    pub fn transformer(&self) -> TransformerConfig {
+        TransformerConfig { dim_head: self.dim_head, bucket_size: default_bucket_size(), stack: self.stack.clone() }
+    }
+
+    /// The longest sequence the positional embedding covers (after padding).
+    pub fn max_positions(&self) -> usize {
+        if self.use_axial_pos_emb && !self.use_rotary_emb {
+            self.max_seq_len.div_ceil(self.local_attn_window_size) * self.local_attn_window_size
+        } else {
+            self.max_seq_len
+        }
+    }
+
+    /// Checks every argument and combination; the error names the argument and what to change.
+    pub fn validate(&self) -> Result<()> {
+        if self.num_tokens == 0 {
+            return Err(Error::config("num_tokens", "must be at least 1"));
+        }
+        if self.emb_dim == Some(0) {
+            return Err(Error::config("emb_dim", "must be at least 1 (or unset to use dim)"));
+        }
+        self.stack.validate(self.dim_head)?;
+        if self.n_local_attn_heads.any() && self.max_seq_len % self.local_attn_window_size != 0 {
+            return Err(Error::config(
+                "max_seq_len",
+                format!(
+                    "{} must be a multiple of local_attn_window_size {} when there are local heads",
+                    self.max_seq_len, self.local_attn_window_size
+                ),
+            ));
+        }
+        if self.use_rotary_emb {
+            let dh = self.transformer().dim_head();
+            if dh % 2 != 0 {
+                return Err(Error::config("dim_head", format!("rotary embeddings need an even head width, got {dh}")));
+            }
+            if self.emb_dim() % 2 != 0 {
+                return Err(Error::config(
+                    "emb_dim",
+                    format!("rotary embeddings need an even embedding width, got {}", self.emb_dim()),
+                ));
+            }
+            if self.attend_axially {
+                return Err(Error::config(
+                    "use_rotary_emb",
+                    "rotary embeddings cannot be combined with attend_axially (the reference crashes on it); turn one off",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TransformerConfig {
+    /// A configuration with the reference's defaults for every optional argument.
+    pub fn new(dim: usize, depth: usize, max_seq_len: usize) -> Self {
+        Self { dim_head: None, bucket_size: default_bucket_size(), stack: StackArgs::new(dim, depth, max_seq_len) }
+    }
+
+    /// Per-head width of the main attention.
+    pub fn dim_head(&self) -> usize {
+        self.dim_head.unwrap_or(self.dim / self.heads.max(1))
+    }
+
+    /// Checks every argument and combination; the error names the argument and what to change.
+    pub fn validate(&self) -> Result<()> {
+        self.stack.validate(self.dim_head)
     }
 }
 

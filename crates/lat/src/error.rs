@@ -49,19 +49,23 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn config(field: &'static str, message: impl Into<String>) -> Self {
+    /// A configuration error on `field`.
+    pub fn config(field: &'static str, message: impl Into<String>) -> Self {
         Error::Config { field, message: message.into() }
     }
 
-    pub(crate) fn input(message: impl Into<String>) -> Self {
+    /// Input that does not fit.
+    pub fn input(message: impl Into<String>) -> Self {
         Error::Input(message.into())
     }
 
-    pub(crate) fn file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+    /// A file that is unreadable or wrong.
+    pub fn file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Error::File { path: path.into(), message: message.into() }
     }
 
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// An operating-system error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }
 }

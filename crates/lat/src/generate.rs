@@ -103,13 +103,113 @@ impl Sampling {
     }
 }
 
-/// The next-token logits of one row the reference's way: the whole sequence (its last
-/// `max_seq_len` tokens, positions restarting at 0 once the window slides) in one forward pass.
-fn uncached_logits(model: &LinearAttentionTransformerLM, seq: &[u32]) -> Result<Vec<f32>> {
-    let ctx = &seq[seq.len().saturating_sub(model.config().max_seq_len)..];
-    let tokens = Tensor::from_slice(ctx, (1, ctx.len()), model.device())?;
-    let logits = model.forward(&tokens, &Inputs::default(), &Pass::eval())?;
-    Ok(logits.narrow(1, ctx.len() - 1, 1)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+/// The batch's inputs besides the tokens: the reference's input mask (nonzero = real), and a
+/// decoder's context [batch, m, dim] with its mask [batch, m].
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Extras<'a> {
+    /// Per row, one entry per prompt token; tokens added later are real.
+    pub input_mask: Option<&'a [Vec<u8>]>,
+    /// What cross-attention attends to, one row per sequence.
+    pub context: Option<&'a Tensor>,
+    /// Which context positions are real.
+    pub context_mask: Option<&'a Tensor>,
+}
+
+/// The next-token logits of a batch of growing sequences: from the recurrent state while it
+/// holds (prefill, then one batched step per token), else the reference's way (the last
+/// `max_seq_len` tokens re-run for every token, positions restarting at 0 once the window
+/// slides). Both give the same logits up to float rounding.
+pub(crate) struct Continuation<'a> {
+    model: &'a LinearAttentionTransformerLM,
+    seqs: Vec<Vec<u32>>,
+    masks: Option<Vec<Vec<u8>>>,
+    extras: Extras<'a>,
+    state: Option<DecodeState>,
+}
+
+impl<'a> Continuation<'a> {
+    /// Starts from `prompts` and returns the logits after each.
+    pub fn start(model: &'a LinearAttentionTransformerLM, prompts: &[Vec<u32>], extras: Extras<'a>, cache: bool) -> Result<(Self, Vec<Vec<f32>>)> {
+        if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+            return Err(Error::input("every prompt needs at least one token"));
+        }
+        if let Some(&t) = prompts.iter().flatten().find(|&&t| t as usize >= model.config().num_tokens) {
+            return Err(Error::input(format!("prompt token {t} is out of range: the vocabulary has {} tokens", model.config().num_tokens)));
+        }
+        let masks = extras.input_mask.map(|m| m.to_vec());
+        if let Some(m) = &masks {
+            if m.len() != prompts.len() || m.iter().zip(prompts).any(|(m, p)| m.len() != p.len()) {
+                return Err(Error::input("the input mask must have one entry per prompt token"));
+            }
+        }
+        let limit = model.decode_limit();
+        // A mask with padding in it, or a prompt beyond the model's positions, needs the full
+        // forward pass at every step.
+        let fits = prompts.iter().all(|p| p.len() <= limit) && masks.as_ref().is_none_or(|m| m.iter().flatten().all(|&k| k != 0));
+        let mut c = Self { model, seqs: prompts.to_vec(), masks, extras, state: None };
+        let logits = if cache && fits && model.config().causal && !model.config().return_embeddings {
+            let mut states = Vec::with_capacity(prompts.len());
+            let mut first = Vec::with_capacity(prompts.len());
+            for (r, p) in prompts.iter().enumerate() {
+                let (context, context_mask) = c.context_row(r)?;
+                let (l, st) = model.prefill_with(p, &Inputs { context: context.as_ref(), context_mask: context_mask.as_ref(), ..Inputs::default() })?;
+                first.extend(rows(&l)?);
+                states.push(st);
+            }
+            c.state = Some(DecodeState::concat(&states)?);
+            first
+        } else {
+            (0..prompts.len()).map(|r| c.uncached(r)).collect::<Result<_>>()?
+        };
+        Ok((c, logits))
+    }
+
+    /// Appends each row's token and returns the next logits; a finished row (`None`) takes no
+    /// token and gets zeros.
+    pub fn push(&mut self, tokens: &[Option<u32>]) -> Result<Vec<Vec<f32>>> {
+        for (r, t) in tokens.iter().enumerate() {
+            if let Some(t) = *t {
+                self.seqs[r].push(t);
+                if let Some(m) = &mut self.masks {
+                    m[r].push(1);
+                }
+            }
+        }
+        // The state holds while the reference would still see the whole sequence.
+        if self.state.is_some() && self.seqs.iter().any(|s| s.len() > self.model.decode_limit()) {
+            self.state = None;
+        }
+        let vocab = self.model.config().num_tokens;
+        match &mut self.state {
+            // A finished row's state steps on with a filler token; its logits are not used.
+            Some(st) => {
+                let mut logits = rows(&self.model.step(&tokens.iter().map(|t| t.unwrap_or(0)).collect::<Vec<_>>(), st)?)?;
+                logits.iter_mut().zip(tokens).filter(|(_, t)| t.is_none()).for_each(|(l, _)| l.fill(0.0));
+                Ok(logits)
+            }
+            None => (0..self.seqs.len()).map(|r| if tokens[r].is_some() { self.uncached(r) } else { Ok(vec![0.0; vocab]) }).collect(),
+        }
+    }
+
+    fn context_row(&self, r: usize) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let row = |t: Option<&Tensor>| t.map(|t| t.narrow(0, r, 1)).transpose();
+        Ok((row(self.extras.context)?, row(self.extras.context_mask)?))
+    }
+
+    /// Row `r`'s next-token logits the reference's way: its last `max_seq_len` tokens (and mask)
+    /// in one forward pass.
+    fn uncached(&self, r: usize) -> Result<Vec<f32>> {
+        let seq = &self.seqs[r];
+        let from = seq.len().saturating_sub(self.model.config().max_seq_len);
+        let ctx = &seq[from..];
+        let device = self.model.device();
+        let tokens = Tensor::from_slice(ctx, (1, ctx.len()), device)?;
+        let mask = self.masks.as_ref().map(|m| Tensor::from_slice(&m[r][from..], (1, ctx.len()), device)).transpose()?;
+        let (context, context_mask) = self.context_row(r)?;
+        let inputs = Inputs { input_mask: mask.as_ref(), context: context.as_ref(), context_mask: context_mask.as_ref() };
+        let logits = self.model.forward(&tokens, &inputs, &Pass::eval())?;
+        Ok(logits.narrow(1, ctx.len() - 1, 1)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+    }
 }
 
 fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
@@ -138,8 +238,8 @@ fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
 /// the same, whatever the length so far (the recurrent form); without it, every token re-runs
 /// the whole sequence as the reference does. Both give the same logits up to float rounding.
 /// Once a sequence outgrows `max_seq_len` the reference slides its window and restarts the
-/// positions; generation then continues the reference's way, as it does for models whose layers
-/// have no recurrent form (axial attention).
+/// positions; generation then continues the reference's way. Decoders with cross-attention
+/// generate through [`crate::AutoregressiveWrapper::generate`], which takes the context.
 ///
 /// Each row draws from its own stream (`seed`, row), so a row's output does not depend on the
 /// others. A row stops after emitting `eos` (which is included); `on_token(row, token)` sees
@@ -156,55 +256,29 @@ pub fn generate(
     on_token: &mut dyn FnMut(usize, u32),
 ) -> Result<Vec<Vec<u32>>> {
     sampling.validate()?;
-    if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
-        return Err(Error::input("every prompt needs at least one token"));
-    }
-    if let Some(&t) = prompts.iter().flatten().find(|&&t| t as usize >= model.config().num_tokens) {
-        return Err(Error::input(format!("prompt token {t} is out of range: the vocabulary has {} tokens", model.config().num_tokens)));
-    }
     let b = prompts.len();
     let mut rngs: Vec<Rng> = (0..b).map(|r| Rng::new(derive(seed, r as u64))).collect();
-    let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
+    let (mut run, mut logits) = Continuation::start(model, prompts, Extras::default(), cache)?;
+    let mut out = vec![vec![]; b];
     let mut done = vec![false; b];
-    let limit = model.decode_limit();
-    let mut state = None;
-    let mut logits = if cache && model.decodes_recurrently() && seqs.iter().all(|s| s.len() <= limit) {
-        let mut states = Vec::with_capacity(b);
-        let mut first = Vec::with_capacity(b);
-        for p in prompts {
-            let (l, st) = model.prefill(p)?;
-            first.extend(rows(&l)?);
-            states.push(st);
-        }
-        state = Some(DecodeState::concat(&states)?);
-        first
-    } else {
-        seqs.iter().map(|s| uncached_logits(model, s)).collect::<Result<_>>()?
-    };
     for step in 0..max_new {
-        let mut last = Vec::with_capacity(b);
+        let mut next = vec![None; b];
         for r in 0..b {
-            let t = if done[r] { eos.unwrap_or(0) } else { sampling.sample(&logits[r], &mut rngs[r]) };
-            if !done[r] {
-                seqs[r].push(t);
-                on_token(r, t);
-                done[r] = eos == Some(t);
+            if done[r] {
+                continue;
             }
-            last.push(t);
+            let t = sampling.sample(&logits[r], &mut rngs[r]);
+            out[r].push(t);
+            on_token(r, t);
+            done[r] = eos == Some(t);
+            next[r] = Some(t).filter(|_| !done[r]);
         }
         if step + 1 == max_new || done.iter().all(|&d| d) {
             break;
         }
-        // The cache holds while the reference would still see the whole sequence.
-        if state.is_some() && seqs.iter().any(|s| s.len() > limit) {
-            state = None;
-        }
-        logits = match &mut state {
-            Some(st) => rows(&model.step(&last, st)?)?,
-            None => (0..b).map(|r| if done[r] { Ok(vec![0.0; model.config().num_tokens]) } else { uncached_logits(model, &seqs[r]) }).collect::<Result<_>>()?,
-        };
+        logits = run.push(&next)?;
     }
-    Ok(seqs.iter().zip(prompts).map(|(s, p)| s[p.len()..].to_vec()).collect())
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -155,18 +155,14 @@ impl ImageLinearAttention {
 
     /// Fresh, trainable weights drawn from `seed` as PyTorch initialises them.
     pub fn new(config: &ImageAttentionConfig, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
-        let b = Builder::init(seed, device, dtype);
-        let mut m = Self::build(&b, config)?;
-        m.params = b.finish()?;
-        Ok(m)
+        let (m, params) = Builder::init(seed, device, dtype).build(|b| Self::build(b, config))?;
+        Ok(Self { params, ..m })
     }
 
     /// Weights named as the reference's `state_dict` (`to_q.weight`, …).
     pub fn from_tensors(config: &ImageAttentionConfig, tensors: HashMap<String, Tensor>, device: &Device, dtype: DType, trainable: bool) -> Result<Self> {
-        let b = Builder::load(tensors, device, dtype, trainable);
-        let mut m = Self::build(&b, config)?;
-        m.params = b.finish()?;
-        Ok(m)
+        let (m, params) = Builder::load(tensors, device, dtype, trainable).build(|b| Self::build(b, config))?;
+        Ok(Self { params, ..m })
     }
 
     /// The configuration.

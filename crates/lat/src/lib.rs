@@ -25,30 +25,53 @@
 //! # Ok::<(), linear_attention_transformer::Error>(())
 //! ```
 //!
-//! Start with [`Config`] and [`LinearAttentionTransformerLM`]; [`generate`] has constant-time
-//! generation, [`checkpoint`] model files and the PyTorch import, [`train`] the training program
-//! behind `lat train`.
+//! The public API: [`Config`] and [`LinearAttentionTransformerLM`] (and the bare stack,
+//! [`TransformerConfig`] and [`LinearAttentionTransformer`]); [`generate`] and
+//! [`DecodeState`] for constant-time decoding; [`train`] for the training program behind
+//! `lat train`; [`checkpoint`] for model files and the PyTorch import; [`Error`]. Gradients
+//! come from candle's own `backward()`, so the model also trains from any candle program:
+//!
+//! ```
+//! # use candle_core::{DType, Device, Tensor};
+//! # use linear_attention_transformer::{Config, Inputs, LinearAttentionTransformerLM, Pass};
+//! use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+//! # let mut config = Config::new(256, 32, 2, 64);
+//! # config.causal = true;
+//! let model = LinearAttentionTransformerLM::new(&config, 0, &Device::Cpu, DType::F32)?;
+//! let vars = model.vars().into_iter().map(|(_, v)| v).collect();
+//! let mut opt = AdamW::new(vars, ParamsAdamW::default())?;
+//! let tokens = Tensor::zeros((1, 16), DType::U32, &Device::Cpu)?;
+//! let logits = model.forward(&tokens, &Inputs::default(), &Pass::train(0))?;
+//! let loss = candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &tokens.flatten_all()?)?;
+//! opt.backward_step(&loss)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! [`kernels`] is the one low-level module: the fused ops, for checks and benchmarks. How the
+//! crate is laid out is in ARCHITECTURE.md.
 
 #![warn(missing_docs)]
 
-pub mod attention;
-mod backprop;
+pub mod autoregressive;
+mod block;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;
+mod graph;
 pub mod image;
 pub mod kernels;
 mod layers;
 pub mod model;
-pub mod nn;
+mod nn;
 mod params;
 pub mod pass;
 pub mod rng;
+mod stack;
 pub mod train;
-mod vjp;
 
-pub use config::{Config, LinformerContextSettings, LinformerSettings, LocalHeads, TransformerConfig};
+pub use autoregressive::{AutoregressiveWrapper, Filter, GenerateArgs};
+pub use config::{Config, LinformerContextSettings, LinformerSettings, LocalHeads, StackArgs, TransformerConfig};
 pub use error::{Error, Result};
 pub use model::{DecodeState, Inputs, LinearAttentionTransformer, LinearAttentionTransformerLM};
 pub use params::Param;

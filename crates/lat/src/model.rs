@@ -8,16 +8,16 @@ use std::sync::Arc;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::attention::AttentionInputs;
+use crate::block::BlockState;
 use crate::config::{Config, TransformerConfig};
 use crate::error::{Error, Result};
 use crate::kernels::rotary::RotaryTable;
-use crate::layers::{build_pairs, BlockState, Pair};
+use crate::layers::{self, StackInputs, Step};
 use crate::nn::positional::{rotary_table, PositionalEmbedding};
 use crate::nn::{Embedding, LayerNorm, Linear};
 use crate::params::{Builder, Param};
 use crate::pass::Pass;
-use crate::backprop;
+use crate::stack::Stack;
 
 /// Optional inputs of a forward pass besides the tokens (or embeddings).
 #[derive(Clone, Debug, Default)]
@@ -80,7 +80,7 @@ fn autopad(x: &Tensor, mask: Option<Tensor>, unit: usize) -> Result<(Tensor, Opt
 #[derive(Clone, Debug)]
 pub struct LinearAttentionTransformer {
     config: TransformerConfig,
-    pub(crate) pairs: Arc<Vec<Pair>>,
+    pub(crate) stack: Stack,
     trainable: bool,
     params: Vec<Param>,
 }
@@ -88,24 +88,20 @@ pub struct LinearAttentionTransformer {
 impl LinearAttentionTransformer {
     pub(crate) fn build(b: &Builder, config: &TransformerConfig) -> Result<Self> {
         config.validate()?;
-        let pairs = build_pairs(b, config)?;
-        Ok(Self { config: config.clone(), pairs: Arc::new(pairs), trainable: b.trainable(), params: vec![] })
+        let stack = Stack::new(layers::pairs(b, config)?, config.reversible);
+        Ok(Self { config: config.clone(), stack, trainable: b.trainable(), params: vec![] })
     }
 
     /// A freshly initialised stack (trainable), parameters drawn from `seed`.
     pub fn new(config: &TransformerConfig, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
-        let b = Builder::init(seed, device, dtype);
-        let mut m = Self::build(&b, config)?;
-        m.params = b.finish()?;
-        Ok(m)
+        let (m, params) = Builder::init(seed, device, dtype).build(|b| Self::build(b, config))?;
+        Ok(Self { params, ..m })
     }
 
     /// A stack with the given tensors, named as the reference's `state_dict` (`layers.…`).
     pub fn from_tensors(config: &TransformerConfig, tensors: HashMap<String, Tensor>, device: &Device, dtype: DType, trainable: bool) -> Result<Self> {
-        let b = Builder::load(tensors, device, dtype, trainable);
-        let mut m = Self::build(&b, config)?;
-        m.params = b.finish()?;
-        Ok(m)
+        let (m, params) = Builder::load(tensors, device, dtype, trainable).build(|b| Self::build(b, config))?;
+        Ok(Self { params, ..m })
     }
 
     /// The stack's configuration.
@@ -127,11 +123,11 @@ impl LinearAttentionTransformer {
         }
         let mask = check_mask(inputs.input_mask, b, n, "input_mask", x.device())?;
         let (x, mask) = autopad(x, mask, self.config.pad_to_multiple())?;
-        let attn = self.attention_inputs(mask, inputs, b, None)?;
-        self.forward_padded(&x, &attn, pass)?.narrow(1, 0, n).map_err(Into::into)
+        let stack_inputs = self.stack_inputs(mask, inputs, b, None)?;
+        self.forward_padded(&x, &stack_inputs, pass)?.narrow(1, 0, n).map_err(Into::into)
     }
 
-    pub(crate) fn attention_inputs(&self, mask: Option<Tensor>, inputs: &Inputs, b: usize, rotary: Option<(Arc<RotaryTable>, usize)>) -> Result<AttentionInputs> {
+    pub(crate) fn stack_inputs(&self, mask: Option<Tensor>, inputs: &Inputs, b: usize, rotary: Option<(Arc<RotaryTable>, usize)>) -> Result<StackInputs> {
         let (context, context_mask) = match (self.config.receives_context, inputs.context) {
             (true, Some(c)) => {
                 let (cb, m, cd) = c.dims3().map_err(|_| Error::input(format!("context must be [batch, m, dim], got {:?}", c.dims())))?;
@@ -144,94 +140,55 @@ impl LinearAttentionTransformer {
             (false, Some(_)) => return Err(Error::input("this model does not receive context (receives_context = false)")),
             (false, None) => (None, None),
         };
-        Ok(AttentionInputs { mask, rotary, context, context_mask })
-    }
-
-    /// The stack over a padded prompt whose first `n` positions are real, and the decoding
-    /// state it leaves.
-    pub(crate) fn prefill_padded(&self, x: &Tensor, inputs: &AttentionInputs, n: usize) -> Result<(Tensor, Vec<(BlockState, BlockState)>)> {
-        let mut states = Vec::with_capacity(self.pairs.len());
-        let (mut x1, mut x2) = (x.clone(), x.clone());
-        for pair in self.pairs.iter() {
-            if self.config.reversible {
-                let (fx, fs) = pair.f.prefill(&x2, inputs, n)?;
-                let y1 = (&x1 + fx)?;
-                let (gy, gs) = pair.g.prefill(&y1, inputs, n)?;
-                (x1, x2) = (y1, (&x2 + gy)?);
-                states.push((fs, gs));
-            } else {
-                let (fx, fs) = pair.f.prefill(&x1, inputs, n)?;
-                let h = (&x1 + fx)?;
-                let (gy, gs) = pair.g.prefill(&h, inputs, n)?;
-                x1 = (&h + gy)?;
-                states.push((fs, gs));
-            }
-        }
-        let out = if self.config.reversible { ((x1 + x2)? * 0.5)? } else { x1 };
-        Ok((out, states))
-    }
-
-    /// One decoding step of the stack on `x` [batch, 1, dim].
-    pub(crate) fn step(&self, x: &Tensor, states: &mut [(BlockState, BlockState)], rotary: Option<&RotaryTable>, positions: &[usize]) -> Result<Tensor> {
-        let (mut x1, mut x2) = (x.clone(), x.clone());
-        for (pair, (fs, gs)) in self.pairs.iter().zip(states.iter_mut()) {
-            if self.config.reversible {
-                let y1 = (&x1 + pair.f.step(&x2, fs, rotary, positions)?)?;
-                let y2 = (&x2 + pair.g.step(&y1, gs, rotary, positions)?)?;
-                (x1, x2) = (y1, y2);
-            } else {
-                let h = (&x1 + pair.f.step(&x1, fs, rotary, positions)?)?;
-                x1 = (&h + pair.g.step(&h, gs, rotary, positions)?)?;
-            }
-        }
-        Ok(if self.config.reversible { ((x1 + x2)? * 0.5)? } else { x1 })
+        Ok(StackInputs { mask, rotary, context, context_mask })
     }
 
     /// The stack on an already padded input.
-    pub(crate) fn forward_padded(&self, x: &Tensor, inputs: &AttentionInputs, pass: &Pass) -> Result<Tensor> {
-        if self.config.reversible {
-            return backprop::reversible(&self.pairs, x, inputs, pass, self.trainable);
-        }
-        let mut x = x.clone();
-        for (j, pair) in self.pairs.iter().enumerate() {
-            x = backprop::residual(&pair.f, &x, inputs, pass, j, self.trainable)?;
-            x = backprop::residual(&pair.g, &x, inputs, pass, j, self.trainable)?;
-        }
-        Ok(x)
+    pub(crate) fn forward_padded(&self, x: &Tensor, inputs: &StackInputs, pass: &Pass) -> Result<Tensor> {
+        self.stack.forward(x, inputs, pass, self.trainable)
     }
 }
 
-/// What a causal language model carries from one decoding step to the next: per layer, the
-/// global heads' running sums, the local heads' key/value windows and the previous position's
-/// features for token shifting; and each row's position. Cloning it snapshots a generation,
-/// which can later continue from there.
+/// What a causal language model carries from one decoding step to the next, per row (stream):
+/// its position, and per layer the global heads' running sums, the local heads' key/value
+/// windows, the cross-attention's context summaries and the previous position's features for
+/// token shifting. Its size does not grow with the sequence. Cloning it snapshots a
+/// generation, which can later continue from there.
 #[derive(Clone, Debug)]
 pub struct DecodeState {
-    pairs: Vec<(BlockState, BlockState)>,
-    positions: Vec<usize>,
+    rows: Vec<Stream>,
+}
+
+/// One row of a [`DecodeState`].
+#[derive(Clone, Debug)]
+struct Stream {
+    position: usize,
+    blocks: Vec<Box<dyn BlockState>>,
 }
 
 impl DecodeState {
     /// Rows in the batch.
     pub fn batch(&self) -> usize {
-        self.positions.len()
+        self.rows.len()
     }
 
     /// The position of each row's next token (its length so far).
-    pub fn positions(&self) -> &[usize] {
-        &self.positions
+    pub fn positions(&self) -> Vec<usize> {
+        self.rows.iter().map(|r| r.position).collect()
     }
 
     /// One batch state from several (each of any batch size), rows in order.
     pub fn concat(states: &[DecodeState]) -> Result<Self> {
-        let first = states.first().ok_or_else(|| Error::input("no states to concatenate"))?;
-        let mut pairs = Vec::with_capacity(first.pairs.len());
-        for j in 0..first.pairs.len() {
-            let f: Vec<BlockState> = states.iter().map(|s| s.pairs[j].0.clone()).collect();
-            let g: Vec<BlockState> = states.iter().map(|s| s.pairs[j].1.clone()).collect();
-            pairs.push((BlockState::concat(&f)?, BlockState::concat(&g)?));
+        if states.is_empty() {
+            return Err(Error::input("no states to concatenate"));
         }
-        Ok(Self { pairs, positions: states.iter().flat_map(|s| s.positions.iter().copied()).collect() })
+        Ok(Self { rows: states.iter().flat_map(|s| s.rows.iter().cloned()).collect() })
+    }
+
+    /// Bytes of memory the state holds (the same at every position for models without local
+    /// heads; with them, at most two windows of keys and values per local head).
+    pub fn bytes(&self) -> usize {
+        self.rows.iter().flat_map(|r| &r.blocks).map(|b| b.bytes()).sum()
     }
 }
 
@@ -291,20 +248,16 @@ impl LinearAttentionTransformerLM {
     /// A freshly initialised model (trainable), parameters drawn from `seed` the way PyTorch
     /// initialises the reference.
     pub fn new(config: &Config, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
-        let b = Builder::init(seed, device, dtype);
-        let mut m = Self::build(&b, config)?;
-        m.params = b.finish()?;
-        Ok(m)
+        let (m, params) = Builder::init(seed, device, dtype).build(|b| Self::build(b, config))?;
+        Ok(Self { params, ..m })
     }
 
     /// A model with the given tensors, named exactly as the reference's `state_dict` for this
     /// configuration (see [`crate::checkpoint`] for the other accepted spellings). Every tensor
     /// must be present with the right shape, and none may be left over.
     pub fn from_tensors(config: &Config, tensors: HashMap<String, Tensor>, device: &Device, dtype: DType, trainable: bool) -> Result<Self> {
-        let b = Builder::load(tensors, device, dtype, trainable);
-        let mut m = Self::build(&b, config)?;
-        m.params = b.finish()?;
-        Ok(m)
+        let (m, params) = Builder::load(tensors, device, dtype, trainable).build(|b| Self::build(b, config))?;
+        Ok(Self { params, ..m })
     }
 
     /// The configuration.
@@ -389,25 +342,29 @@ impl LinearAttentionTransformerLM {
 
     fn check_generation(&self) -> Result<()> {
         let c = &self.config;
-        if !c.causal || c.return_embeddings || c.receives_context {
-            return Err(Error::input("generation needs a causal language model (causal = true, logits, no context)"));
-        }
-        if !self.decodes_recurrently() {
-            return Err(Error::input("this model has layers without a recurrent form (attend_axially); generate without the cache"));
+        if !c.causal || c.return_embeddings {
+            return Err(Error::input("generation needs a causal language model (causal = true, logits)"));
         }
         Ok(())
     }
 
     /// Whether [`LinearAttentionTransformerLM::prefill`] and [`LinearAttentionTransformerLM::step`]
-    /// work: every layer has a recurrent form.
+    /// work: a causal model with logits that needs no context (decoders with cross-attention
+    /// decode from [`LinearAttentionTransformerLM::prefill_with`]).
     pub fn decodes_recurrently(&self) -> bool {
         let c = &self.config;
-        c.causal && !c.receives_context && !c.attend_axially
+        c.causal && !c.return_embeddings && !c.receives_context
     }
 
     /// Runs the parallel form over `prompt` (one row) and returns the logits of its last
     /// position [1, num_tokens] and the state to continue from.
     pub fn prefill(&self, prompt: &[u32]) -> Result<(Tensor, DecodeState)> {
+        self.prefill_with(prompt, &Inputs::default())
+    }
+
+    /// [`LinearAttentionTransformerLM::prefill`] with the inputs besides the tokens: the
+    /// context (and its mask) of a decoder with cross-attention, which the state keeps.
+    pub fn prefill_with(&self, prompt: &[u32], inputs: &Inputs) -> Result<(Tensor, DecodeState)> {
         self.check_generation()?;
         let n = prompt.len();
         if n == 0 {
@@ -416,17 +373,21 @@ impl LinearAttentionTransformerLM {
         if n > self.decode_limit() {
             return Err(Error::input(format!("the prompt has {n} tokens, more than the model's {} positions", self.decode_limit())));
         }
+        if inputs.input_mask.is_some() {
+            return Err(Error::input("decoding takes no input mask: every prompt token is real"));
+        }
         let tokens = self.check_tokens(&Tensor::from_slice(prompt, (1, n), &self.device)?)?;
-        let (tokens, mask) = autopad(&tokens, None, self.config.transformer().pad_to_multiple())?;
+        let (tokens, mask) = autopad(&tokens, None, self.config.pad_to_multiple())?;
         let padded = tokens.dim(1)?;
         let mut h = self.token_emb.forward(&tokens)?.broadcast_add(&self.pos_emb.forward(0, padded)?)?;
-        let attn = self.transformer.attention_inputs(mask, &Inputs::default(), 1, self.layer_rotary.clone().map(|t| (t, 0)))?;
+        let stack_inputs = self.transformer.stack_inputs(mask, inputs, 1, self.layer_rotary.clone().map(|t| (t, 0)))?;
         if let Some(p) = &self.project_in {
             h = p.forward(&h)?;
         }
-        let (h, pairs) = self.transformer.prefill_padded(&h, &attn, n)?;
+        let (h, mut rows) = self.transformer.stack.prefill(&h, &stack_inputs, n)?;
         let logits = self.head(&h.narrow(1, n - 1, 1)?)?.squeeze(1)?;
-        Ok((logits, DecodeState { pairs, positions: vec![n] }))
+        let blocks = rows.pop().ok_or_else(|| Error::input("the prompt left no state"))?;
+        Ok((logits, DecodeState { rows: vec![Stream { position: n, blocks }] }))
     }
 
     /// Feeds one token per row at the state's positions and returns the next logits
@@ -442,27 +403,57 @@ impl LinearAttentionTransformerLM {
     /// let (logits, mut state) = model.prefill(&[5, 6, 7])?;      // one parallel pass
     /// let next = logits.argmax(1)?.to_vec1::<u32>()?;
     /// let logits = model.step(&next, &mut state)?;                // constant time per token
-    /// assert_eq!((logits.dims(), state.positions()), (&[1, 100][..], &[4][..]));
+    /// assert_eq!((logits.dims(), state.positions()), (&[1, 100][..], vec![4]));
     /// # Ok::<(), linear_attention_transformer::Error>(())
     /// ```
     pub fn step(&self, tokens: &[u32], state: &mut DecodeState) -> Result<Tensor> {
+        self.step_streams(tokens, &mut [state])
+    }
+
+    /// One decoding step of several independent states at once, one token per row of each, in
+    /// order: the weights are read once for all of them (what a server batching its streams
+    /// does). Returns the next logits [rows, num_tokens].
+    pub fn step_streams(&self, tokens: &[u32], states: &mut [&mut DecodeState]) -> Result<Tensor> {
+        let mut rows: Vec<&mut Stream> = states.iter_mut().flat_map(|s| s.rows.iter_mut()).collect();
+        if tokens.len() != rows.len() {
+            return Err(Error::input(format!("{} tokens for a batch of {}", tokens.len(), rows.len())));
+        }
+        self.advance(&mut rows, tokens, 1)
+    }
+
+    /// Feeds several tokens to a one-row state at once (a prompt read in pieces) and returns
+    /// the logits after the last [1, num_tokens]. The same as stepping token by token.
+    pub fn extend(&self, tokens: &[u32], state: &mut DecodeState) -> Result<Tensor> {
+        if state.batch() != 1 {
+            return Err(Error::input(format!("extend takes a state of one row, got {}", state.batch())));
+        }
+        if tokens.is_empty() {
+            return Err(Error::input("nothing to extend the state with: give at least one token"));
+        }
+        let mut rows: Vec<&mut Stream> = state.rows.iter_mut().collect();
+        self.advance(&mut rows, tokens, tokens.len())
+    }
+
+    /// Advances every row by `t` tokens (`tokens` holds each row's in turn); the logits after
+    /// each row's last token.
+    fn advance(&self, rows: &mut [&mut Stream], tokens: &[u32], t: usize) -> Result<Tensor> {
         self.check_generation()?;
-        let b = state.batch();
-        if tokens.len() != b {
-            return Err(Error::input(format!("{} tokens for a batch of {b}", tokens.len())));
+        let b = rows.len();
+        if let Some(row) = rows.iter().find(|r| r.position + t > self.decode_limit()) {
+            return Err(Error::input(format!("position {} is beyond the model's {} positions", row.position + t - 1, self.decode_limit())));
         }
-        if let Some(&p) = state.positions.iter().find(|&&p| p >= self.decode_limit()) {
-            return Err(Error::input(format!("position {p} is beyond the model's {} positions", self.decode_limit())));
-        }
-        let ids = self.check_tokens(&Tensor::from_slice(tokens, (b, 1), &self.device)?)?;
-        let pos = Tensor::cat(&state.positions.iter().map(|&p| self.pos_emb.forward(p, 1)).collect::<Result<Vec<_>>>()?, 0)?;
-        let mut h = self.token_emb.forward(&ids)?.broadcast_add(&pos.unsqueeze(1)?)?;
+        let positions: Vec<usize> = rows.iter().map(|r| r.position).collect();
+        let ids = self.check_tokens(&Tensor::from_slice(tokens, (b, t), &self.device)?)?;
+        let pos = Tensor::stack(&positions.iter().map(|&p| self.pos_emb.forward(p, t)).collect::<Result<Vec<_>>>()?, 0)?;
+        let mut h = self.token_emb.forward(&ids)?.broadcast_add(&pos)?;
         if let Some(p) = &self.project_in {
             h = p.forward(&h)?;
         }
-        let h = self.transformer.step(&h, &mut state.pairs, self.layer_rotary.as_deref(), &state.positions)?;
-        state.positions.iter_mut().for_each(|p| *p += 1);
-        Ok(self.head(&h)?.squeeze(1)?)
+        let mut blocks: Vec<&mut Vec<Box<dyn BlockState>>> = rows.iter_mut().map(|r| &mut r.blocks).collect();
+        let step = Step { rotary: self.layer_rotary.as_deref(), positions: &positions };
+        let h = self.transformer.stack.step(&h, &mut blocks, &step)?;
+        rows.iter_mut().for_each(|r| r.position += t);
+        Ok(self.head(&h.narrow(1, t - 1, 1)?)?.squeeze(1)?)
     }
 
     /// project_out, the final norm and the logits layer.
@@ -485,15 +476,15 @@ impl LinearAttentionTransformerLM {
         let tokens = self.check_tokens(tokens)?;
         let (b, n) = tokens.dims2()?;
         let mask = check_mask(inputs.input_mask, b, n, "input_mask", &self.device)?;
-        let (tokens, mask) = autopad(&tokens, mask, self.config.transformer().pad_to_multiple())?;
+        let (tokens, mask) = autopad(&tokens, mask, self.config.pad_to_multiple())?;
         let padded = tokens.dim(1)?;
         let mut h = self.token_emb.forward(&tokens)?.broadcast_add(&self.pos_emb.forward(0, padded)?)?;
         let rotary = self.layer_rotary.clone().map(|t| (t, 0));
-        let attn = self.transformer.attention_inputs(mask, inputs, b, rotary)?;
+        let stack_inputs = self.transformer.stack_inputs(mask, inputs, b, rotary)?;
         if let Some(p) = &self.project_in {
             h = p.forward(&h)?;
         }
-        h = self.transformer.forward_padded(&h, &attn, pass)?;
+        h = self.transformer.forward_padded(&h, &stack_inputs, pass)?;
         Ok(self.head(&h)?.narrow(1, 0, n)?)
     }
 }

@@ -194,8 +194,14 @@ impl Builder {
         Ok(t)
     }
 
+    /// Builds a module with `build`, and returns it with every tensor it named (in order).
+    pub fn build<T>(self, build: impl FnOnce(&Builder) -> Result<T>) -> Result<(T, Vec<Param>)> {
+        let module = build(&self)?;
+        Ok((module, self.finish()?))
+    }
+
     /// Ends construction: every loaded tensor must have been used.
-    pub fn finish(self) -> Result<Vec<Param>> {
+    fn finish(self) -> Result<Vec<Param>> {
         let mut st = self.state.borrow_mut();
         if let Source::Load(map) = &st.source {
             let mut extra: Vec<&String> = map.keys().filter(|k| !st.used.contains(*k)).collect();

@@ -146,3 +146,85 @@ fn state_snapshots_resume_generation() {
     let m = LinearAttentionTransformerLM::new(&nc, 1, &Device::Cpu, DType::F32).unwrap();
     assert!(m.prefill(&[1, 2]).is_err());
 }
+
+#[test]
+fn axial_and_cross_attention_layers_decode_recurrently() {
+    let mut axial = base();
+    axial.attend_axially = true;
+    axial.n_local_attn_heads = LocalHeads::Uniform(2);
+    for prefix in [1, 5, 8, 16] {
+        check("axial", &axial, prefix);
+    }
+    let mut r = axial.clone();
+    r.reversible = true;
+    r.shift_tokens = true;
+    check("axial, reversible, shift", &r, 9);
+
+    // A decoder's cross-attention: the state keeps the context's summary.
+    for linformer in [false, true] {
+        let mut c = base();
+        c.receives_context = true;
+        c.n_local_attn_heads = LocalHeads::Uniform(1);
+        if linformer {
+            c.context_linformer_settings = Some(linear_attention_transformer::LinformerContextSettings { seq_len: 12, k: 4 });
+        }
+        let model = LinearAttentionTransformerLM::new(&c, 3, &Device::Cpu, DType::F32).unwrap();
+        let context = Tensor::randn(0f32, 1.0, (1, 7, c.dim), &Device::Cpu).unwrap();
+        let context_mask = Tensor::from_vec(vec![1u8, 1, 1, 0, 1, 1, 0], (1, 7), &Device::Cpu).unwrap();
+        let inputs = Inputs { context: Some(&context), context_mask: Some(&context_mask), ..Inputs::default() };
+        let n = 30;
+        let seq: Vec<u32> = (0..n).map(|i| (i * 7 % 40) as u32).collect();
+        let full = model.forward(&Tensor::from_slice(&seq, (1, n), &Device::Cpu).unwrap(), &inputs, &Pass::eval()).unwrap();
+        let full = full.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        let (first, mut state) = model.prefill_with(&seq[..4], &inputs).unwrap();
+        let mut got = first.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+        for i in 3..n {
+            let worst = got.iter().zip(&full[i]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst <= 1e-4, "cross-attention (linformer {linformer}), position {i}: max abs difference {worst}");
+            if i + 1 < n {
+                got = model.step(&[seq[i + 1]], &mut state).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+            }
+        }
+        assert!(model.prefill(&seq[..4]).is_err(), "a decoder with cross-attention needs its context");
+    }
+}
+
+#[test]
+fn batched_steps_and_extensions_equal_one_stream_at_a_time() {
+    let mut c = base();
+    c.n_local_attn_heads = LocalHeads::Uniform(2);
+    c.blindspot_size = 4;
+    c.shift_tokens = true;
+    c.use_rotary_emb = true;
+    let model = LinearAttentionTransformerLM::new(&c, 5, &Device::Cpu, DType::F32).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3], vec![4; 11], vec![9, 8, 7, 6, 5, 4, 3]];
+    let next: Vec<Vec<u32>> = (0..3).map(|r| (0..6).map(|i| ((r * 13 + i * 5) % 40) as u32).collect()).collect();
+    // Alone.
+    let mut alone = vec![];
+    for (p, toks) in prompts.iter().zip(&next) {
+        let (_, mut s) = model.prefill(p).unwrap();
+        let rows: Vec<Vec<f32>> = toks.iter().map(|&t| model.step(&[t], &mut s).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap()).collect();
+        alone.push(rows);
+    }
+    // Together, each stream its own state.
+    let mut states: Vec<_> = prompts.iter().map(|p| model.prefill(p).unwrap().1).collect();
+    for i in 0..6 {
+        let toks: Vec<u32> = next.iter().map(|t| t[i]).collect();
+        let mut refs: Vec<&mut _> = states.iter_mut().collect();
+        let logits = model.step_streams(&toks, &mut refs).unwrap().to_vec2::<f32>().unwrap();
+        for (r, row) in logits.iter().enumerate() {
+            let worst = row.iter().zip(&alone[r][i]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst <= 1e-5, "stream {r}, step {i}: {worst}");
+        }
+    }
+    // A prompt read in pieces ends where reading it whole does.
+    let whole: Vec<u32> = prompts[1].iter().chain(&next[1]).copied().collect();
+    let (expected, _) = model.prefill(&whole).unwrap();
+    let (_, mut s) = model.prefill(&whole[..5]).unwrap();
+    model.extend(&whole[5..9], &mut s).unwrap();
+    let got = model.extend(&whole[9..], &mut s).unwrap();
+    let worst = got.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().zip(expected.flatten_all().unwrap().to_vec1::<f32>().unwrap()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(worst <= 1e-4, "extend: {worst}");
+    assert_eq!(s.positions(), vec![whole.len()]);
+    assert!(s.bytes() > 0);
+}

@@ -27,7 +27,7 @@ fn check(name: &str, c: &Config) {
         cross_entropy_rows(&logits.reshape((b * n, c.num_tokens)).unwrap(), &targets).unwrap().mean_all().unwrap()
     };
     let pass = Pass::eval();
-    let grads = pass.backward(&loss(&pass)).unwrap();
+    let grads = loss(&pass).backward().unwrap();
     let mut checked = 0;
     for p in model.params().iter().filter(|p| p.trainable) {
         let var = Var::from_tensor(&p.tensor).unwrap();

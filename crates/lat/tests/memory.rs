@@ -49,7 +49,7 @@ fn step_peak(depth: usize, reversible: bool) -> usize {
     let pass = Pass::train(1);
     let logits = model.forward(&tokens, &Inputs::default(), &pass).unwrap();
     let loss = cross_entropy_rows(&logits.reshape((2 * n, 256)).unwrap(), &ids).unwrap().mean_all().unwrap();
-    let grads = pass.backward(&loss).unwrap();
+    let grads = loss.backward().unwrap();
     assert!(grads.get(&model.params()[0].tensor).is_some());
     PEAK.load(SeqCst) - before
 }

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use linear_attention_transformer::kernels::cross_entropy::cross_entropy_rows;
+use linear_attention_transformer::train::data::Corpus;
 use linear_attention_transformer::train::{RunConfig, Trainer};
 use linear_attention_transformer::{Config, Inputs, LinearAttentionTransformerLM, LocalHeads, Pass};
 
@@ -14,7 +15,7 @@ fn grads(model: &LinearAttentionTransformerLM, compute: &LinearAttentionTransfor
     let logits = compute.forward(tokens, &Inputs::default(), &pass).unwrap().to_dtype(DType::F32).unwrap();
     let (b, n, v) = logits.dims3().unwrap();
     let loss = cross_entropy_rows(&logits.reshape((b * n, v)).unwrap(), targets).unwrap().mean_all().unwrap();
-    let store = model.grads_from(compute, pass.backward(&loss).unwrap()).unwrap();
+    let store = model.grads_from(compute, loss.backward().unwrap()).unwrap();
     model
         .vars()
         .into_iter()
@@ -82,7 +83,7 @@ fn a_mixed_precision_run_learns() {
     ] {
         run.set(s).unwrap();
     }
-    let mut trainer = Trainer::start(run, &data, &dir.path().join("out"), false, &Device::Cpu).unwrap();
+    let mut trainer = Trainer::start(run, Corpus::map(&data).unwrap(), &dir.path().join("out"), false, &Device::Cpu).unwrap();
     let first = trainer.train_step().unwrap().loss;
     let mut last = first;
     for _ in 1..40 {

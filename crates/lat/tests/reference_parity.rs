@@ -1,5 +1,5 @@
 //! Parity with the Python reference: every fixture of tests/fixtures (written by
-//! tools/reference/make_fixtures.py) is loaded through `checkpoint::import_torch`, the code
+//! tools/reference/make_fixtures.py) is loaded through `checkpoint::import`, the code
 //! behind `lat import`, and must reproduce the reference's outputs (relative error <= 1e-4) and
 //! the gradient of the same loss for every parameter and input (relative error <= 1e-3).
 
@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use linear_attention_transformer::checkpoint::{canonical_names, import_torch, read_torch};
+use linear_attention_transformer::checkpoint::{canonical_names, import, read_state_dict};
 use linear_attention_transformer::kernels::cross_entropy::cross_entropy_rows;
 use linear_attention_transformer::{Config, Inputs, LinearAttentionTransformer, Pass, TransformerConfig};
 
@@ -49,7 +49,7 @@ fn check_grads(name: &str, d: &HashMap<String, Tensor>, params: &[linear_attenti
 
 fn lm_case(name: &str) {
     let config = Config::from_file(fixtures().join(format!("{name}.json"))).unwrap();
-    let model = import_torch(fixtures().join(format!("{name}.pt")), &config, &Device::Cpu, true).unwrap();
+    let model = import(fixtures().join(format!("{name}.pt")), None, &config, &Device::Cpu, true).unwrap();
     // Gradients are named like the fixture's state dict: spell them as the import does.
     let mut d = data(name);
     let grads: HashMap<String, Tensor> = d.iter().filter_map(|(k, t)| Some((k.strip_prefix("grad.")?.to_string(), t.clone()))).collect();
@@ -83,7 +83,7 @@ fn lm_case(name: &str) {
     let want_loss = d["loss"].to_vec1::<f32>().unwrap()[0];
     let got_loss = loss.to_scalar::<f32>().unwrap();
     assert!((got_loss - want_loss).abs() <= 1e-4 * want_loss.abs().max(1.0), "{name}: loss {got_loss} vs {want_loss}");
-    let grads = pass.backward(&loss).unwrap();
+    let grads = loss.backward().unwrap();
     check_grads(name, &d, model.params(), &grads);
     if let Some(c) = &context {
         let err = rel_err(grads.get(c.as_tensor()).unwrap(), &d["grad_context"]);
@@ -137,7 +137,7 @@ fn image_case(name: &str) {
     use linear_attention_transformer::image::{ImageAttentionConfig, ImageLinearAttention};
     let text = std::fs::read_to_string(fixtures().join(format!("{name}.json"))).unwrap();
     let config: ImageAttentionConfig = serde_json::from_str(&text).unwrap();
-    let model = ImageLinearAttention::from_tensors(&config, read_torch(fixtures().join(format!("{name}.pt"))).unwrap(), &Device::Cpu, DType::F32, true).unwrap();
+    let model = ImageLinearAttention::from_tensors(&config, read_state_dict(fixtures().join(format!("{name}.pt")), None).unwrap(), &Device::Cpu, DType::F32, true).unwrap();
     let d = data(name);
     let x = candle_core::Var::from_tensor(&d["x"]).unwrap();
     let context = d.get("context").map(|c| candle_core::Var::from_tensor(c).unwrap());
@@ -170,7 +170,7 @@ fn image_kernel3_unnormed() {
 fn stack_case(name: &str) {
     let text = std::fs::read_to_string(fixtures().join(format!("{name}.json"))).unwrap();
     let config: TransformerConfig = serde_json::from_str(&text).unwrap();
-    let model = LinearAttentionTransformer::from_tensors(&config, read_torch(fixtures().join(format!("{name}.pt"))).unwrap(), &Device::Cpu, DType::F32, true).unwrap();
+    let model = LinearAttentionTransformer::from_tensors(&config, read_state_dict(fixtures().join(format!("{name}.pt")), None).unwrap(), &Device::Cpu, DType::F32, true).unwrap();
     let d = data(name);
     let x = candle_core::Var::from_tensor(&d["x"]).unwrap();
     let pass = Pass::eval();
@@ -178,7 +178,7 @@ fn stack_case(name: &str) {
     let err = rel_err(&out, &d["output"]);
     assert!(err <= 1e-4, "{name}: output differs by {err:.2e}");
     let loss = (out * &d["probe"]).unwrap().sum_all().unwrap();
-    let grads = pass.backward(&loss).unwrap();
+    let grads = loss.backward().unwrap();
     let err = rel_err(grads.get(x.as_tensor()).unwrap(), &d["grad_x"]);
     assert!(err <= 1e-3, "{name}: input gradient differs by {err:.2e}");
     check_grads(name, &d, model.params(), &grads);

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use candle_core::Device;
+use linear_attention_transformer::train::data::Corpus;
 use linear_attention_transformer::train::{peek_checkpoint, RunConfig, Trainer};
 
 fn tiny() -> RunConfig {
@@ -48,17 +49,17 @@ fn resuming_repeats_the_uninterrupted_run() {
         let data = corpus(dir.path());
         let mut run = tiny();
         run.model.reversible = reversible;
-        let mut straight = Trainer::start(run.clone(), &data, &dir.path().join("a"), false, &Device::Cpu).unwrap();
+        let mut straight = Trainer::start(run.clone(), Corpus::map(&data).unwrap(), &dir.path().join("a"), false, &Device::Cpu).unwrap();
         let losses_a: Vec<f64> = (0..8).map(|_| straight.train_step().unwrap().loss).collect();
         assert!(losses_a[7] < losses_a[0], "the loss did not fall: {losses_a:?}");
 
         let out_b = dir.path().join("b");
-        let mut first = Trainer::start(run.clone(), &data, &out_b, false, &Device::Cpu).unwrap();
+        let mut first = Trainer::start(run.clone(), Corpus::map(&data).unwrap(), &out_b, false, &Device::Cpu).unwrap();
         let mut losses_b: Vec<f64> = (0..4).map(|_| first.train_step().unwrap().loss).collect();
         first.save(1.0).unwrap();
         drop(first);
         assert_eq!(peek_checkpoint(&out_b.join("checkpoint.safetensors")).unwrap().step, 4);
-        let mut second = Trainer::start(run, &data, &out_b, true, &Device::Cpu).unwrap();
+        let mut second = Trainer::start(run, Corpus::map(&data).unwrap(), &out_b, true, &Device::Cpu).unwrap();
         assert_eq!(second.step, 4);
         losses_b.extend((0..4).map(|_| second.train_step().unwrap().loss));
         for (a, b) in losses_a.iter().zip(&losses_b) {
@@ -75,20 +76,20 @@ fn an_interrupted_checkpoint_write_leaves_the_previous_one() {
     let dir = tempfile::tempdir().unwrap();
     let data = corpus(dir.path());
     let out = dir.path().join("run");
-    let mut t = Trainer::start(tiny(), &data, &out, false, &Device::Cpu).unwrap();
+    let mut t = Trainer::start(tiny(), Corpus::map(&data).unwrap(), &out, false, &Device::Cpu).unwrap();
     t.train_step().unwrap();
     t.save(1.0).unwrap();
     // A write killed before its rename leaves only its temporary file behind.
     let tmp = out.join(format!(".checkpoint.safetensors.tmp-{}", 999_999));
     std::fs::write(&tmp, b"half a checkpoint").unwrap();
     drop(t);
-    let resumed = Trainer::start(tiny(), &data, &out, true, &Device::Cpu).unwrap();
+    let resumed = Trainer::start(tiny(), Corpus::map(&data).unwrap(), &out, true, &Device::Cpu).unwrap();
     assert_eq!(resumed.step, 1);
     // A checkpoint damaged in place is refused with a clear error, not loaded.
     let ck = out.join("checkpoint.safetensors");
     let bytes = std::fs::read(&ck).unwrap();
     std::fs::write(&ck, &bytes[..bytes.len() / 2]).unwrap();
-    let err = Trainer::start(tiny(), &data, &out, true, &Device::Cpu).err().expect("a truncated checkpoint must not load").to_string();
+    let err = Trainer::start(tiny(), Corpus::map(&data).unwrap(), &out, true, &Device::Cpu).err().expect("a truncated checkpoint must not load").to_string();
     assert!(err.contains("checkpoint.safetensors"), "{err}");
 }
 
@@ -102,7 +103,7 @@ fn divergence_stops_the_run_instead_of_saving_garbage() {
     run.train.warmup_steps = 0;
     run.train.grad_clip = 0.0;
     run.train.max_bad_steps = 2;
-    let mut t = Trainer::start(run, &data, &dir.path().join("run"), false, &Device::Cpu).unwrap();
+    let mut t = Trainer::start(run, Corpus::map(&data).unwrap(), &dir.path().join("run"), false, &Device::Cpu).unwrap();
     let mut outcome = Ok(());
     for _ in 0..20 {
         match t.train_step() {

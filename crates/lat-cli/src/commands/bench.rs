@@ -164,7 +164,7 @@ pub fn run(a: Args) -> Result<()> {
                 let logits = step_model.forward(&x, &Inputs::default(), &pass)?.to_dtype(DType::F32)?;
                 let (b, n, _) = logits.dims3()?;
                 let loss = cross_entropy_rows(&logits.reshape((b * n, v))?, &y)?.mean_all()?;
-                let grads = model.grads_from(&step_model, pass.backward(&loss)?)?;
+                let grads = model.grads_from(&step_model, loss.backward()?)?;
                 opt.as_mut().expect("training mode has an optimizer").step(&grads, 1e-4, 1.0)?;
                 loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             }

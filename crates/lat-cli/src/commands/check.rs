@@ -146,7 +146,7 @@ fn check_model(dev: &Device, report: &mut Report) -> Result<()> {
         let pass = Pass::eval();
         let logits = m.forward(&tokens.to_device(m.device())?, &Inputs::default(), &pass)?;
         let loss = cross_entropy_rows(&logits.reshape((2 * 512, 256))?, &targets)?.mean_all()?;
-        let grads = pass.backward(&loss)?;
+        let grads = loss.backward()?;
         let g = m.vars().into_iter().filter_map(|(name, var)| grads.get(var.as_tensor()).map(|g| (name, g.clone()))).collect();
         Ok((logits, g))
     };

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use linear_attention_transformer::checkpoint;
-use linear_attention_transformer::train::data::{Corpus, Split};
+use linear_attention_transformer::train::data::Split;
 use linear_attention_transformer::train::evaluate;
 
 use super::{corpus, device, usage, Result};
@@ -50,8 +50,7 @@ pub fn run(a: Args) -> Result<()> {
         return Err(usage(format!("--seq-len {seq_len} must be between 1 and the model's {} positions", config.max_positions())));
     }
     let scratch = tempfile::tempdir().map_err(|e| usage(format!("cannot create a temporary folder: {e}")))?;
-    let data = corpus::resolve(a.data.as_deref(), scratch.path())?;
-    let corpus = Corpus::open(&data, &scratch.path().join("corpus.bin"))?;
+    let (data, corpus) = corpus::open(a.data.as_deref(), scratch.path(), &scratch.path().join("corpus.bin"))?;
     let bytes = match split {
         None => corpus.bytes(),
         Some(s) => corpus.split(s),

@@ -6,6 +6,7 @@ pub mod copy_task;
 pub mod corpus;
 pub mod device;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod import;
 pub mod logits;

@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use linear_attention_transformer::train::data::Split;
-use linear_attention_transformer::train::metrics::{plot, read_records, MetricsLog};
 use linear_attention_transformer::train::{peek_checkpoint, RunConfig, RunFiles, Trainer};
 use serde_json::json;
 
 use super::{corpus, device, usage, Result};
+use crate::metrics::{plot, read_records, MetricsLog};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -80,8 +80,8 @@ pub fn run(a: Args) -> Result<()> {
     }
     run.validate()?;
 
-    let data = corpus::resolve(a.data.as_deref(), &a.out)?;
-    let mut trainer = Trainer::start(run.clone(), &data, &a.out, a.resume, &device)?;
+    let (data, corpus) = corpus::open(a.data.as_deref(), &a.out, &files.corpus_cache())?;
+    let mut trainer = Trainer::start(run.clone(), corpus, &a.out, a.resume, &device)?;
     linear_attention_transformer::checkpoint::write_atomic(&files.config(), run.to_toml().as_bytes())?;
     let t = run.train.clone();
     println!("# resolved configuration (also in {})", files.config().display());

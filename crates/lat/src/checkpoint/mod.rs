@@ -5,10 +5,13 @@
 //! object of the Python keyword arguments. Files are written atomically (a temporary file,
 //! synced, then renamed): a crash leaves the previous file intact.
 //!
-//! Loading accepts the spellings the reference's versions and wrappers produce: reversible
-//! (`layers.blocks.j.f.net.…`) and sequential (`layers.layers.j.0.…`) pair names, the axial
-//! embedding's (`pos_emb.weights.0`, `weights_0` with the 2021 dependencies, `axial_pos_emb.…`
-//! before 0.17), and the `net.net.` prefix of `AutoregressiveWrapper`.
+//! Importing reads the state dicts users keep: `torch.save` archives (PyTorch 1.6 and later) and
+//! the format before them, `safetensors.torch.save_file` files, and training checkpoints that
+//! hold the state dict beside the optimizer's (under `--key` or one of the usual keys); see
+//! [`read_state_dict`]. It accepts the spellings the reference's versions and wrappers
+//! produce: reversible (`layers.blocks.j.f.net.…`) and sequential (`layers.layers.j.0.…`) pair
+//! names, the axial embedding's (`pos_emb.weights.0`, `weights_0` with the 2021 dependencies,
+//! `axial_pos_emb.…` before 0.17), and the prefixes of the usual wrappers ([`WRAPPER_PREFIXES`]).
 
 use std::collections::HashMap;
 use std::fs;
@@ -44,16 +47,23 @@ fn verify(path: &Path, bytes: &[u8], header_len: usize, metadata: &HashMap<Strin
     Ok(())
 }
 
+/// Prefixes that wrappers put before every name of the model's state dict: `AutoregressiveWrapper`
+/// (`net.net.`), `nn.DataParallel` and DDP (`module.`), `torch.compile` (`_orig_mod.`), and a
+/// training module holding the model as `model` (`model.`). Each is stripped when every name
+/// carries it, repeatedly (a compiled model inside DataParallel has both).
+pub const WRAPPER_PREFIXES: [&str; 4] = ["net.net.", "module.", "_orig_mod.", "model."];
+
+/// Strips the wrappers' prefixes shared by every name.
+pub fn strip_wrappers(mut tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    while let Some(prefix) = WRAPPER_PREFIXES.iter().find(|p| !tensors.is_empty() && tensors.keys().all(|k| k.starts_with(*p))) {
+        tensors = tensors.into_iter().map(|(k, v)| (k[prefix.len()..].to_string(), v)).collect();
+    }
+    tensors
+}
+
 /// Renames `tensors` from any accepted spelling to the one `config` uses.
 pub fn canonical_names(config: &Config, tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
-    let wrapped = !tensors.is_empty() && tensors.keys().all(|k| k.starts_with("net.net."));
-    tensors
-        .into_iter()
-        .map(|(k, v)| {
-            let k = if wrapped { k["net.net.".len()..].to_string() } else { k };
-            (respell(&k, config.reversible), v)
-        })
-        .collect()
+    strip_wrappers(tensors).into_iter().map(|(k, v)| (respell(&k, config.reversible), v)).collect()
 }
 
 /// One key in the spelling of a reversible (`blocks.j.f.net`) or sequential (`layers.j.0`) stack.
@@ -85,23 +95,52 @@ fn respell(key: &str, reversible: bool) -> String {
     head.iter().chain(middle.iter()).chain(rest.iter()).copied().collect::<Vec<_>>().join(".")
 }
 
-/// Reads every tensor of a `torch.save(state_dict)` file, safely (see [`torch`]).
-pub fn read_torch(path: impl AsRef<Path>) -> Result<HashMap<String, Tensor>> {
+/// The state dict in a checkpoint file, read safely (see [`torch`]): a `torch.save` file (the
+/// zip archive, or the format before PyTorch 1.6) or a safetensors file; the dictionary itself,
+/// or inside a training checkpoint the entry `key` or the first of [`torch::USUAL_KEYS`] that
+/// holds one. Wrapper prefixes are stripped.
+pub fn read_state_dict(path: impl AsRef<Path>, key: Option<&str>) -> Result<HashMap<String, Tensor>> {
     let path = path.as_ref();
     let f = fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
-    torch::read(std::io::BufReader::new(f), len).map_err(|e| match e {
+    // SAFETY: read-only; a file truncated by another process while mapped would fault, as for
+    // any reader of a file being rewritten.
+    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
+    let in_file = |e: Error| match e {
         Error::Input(m) => Error::file(path, m),
         e => e,
-    })
+    };
+    let tensors = if torch::looks_like_torch(&map) {
+        torch::state_dict(&map, key).map_err(in_file)?
+    } else if looks_like_safetensors(&map) {
+        if let Some(k) = key {
+            return Err(Error::file(path, format!("--key {k}: a safetensors file holds one flat state dict; leave --key out")));
+        }
+        candle_core::safetensors::load_buffer(&map, &Device::Cpu).map_err(|e| Error::file(path, format!("an unreadable safetensors file: {e}")))?
+    } else {
+        let head: String = map.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        return Err(Error::file(path, format!("neither a PyTorch checkpoint (torch.save) nor a safetensors file (it starts with bytes {head}); save the state dict with torch.save or safetensors.torch.save_file")));
+    };
+    if tensors.is_empty() {
+        return Err(Error::file(path, "the state dict holds no tensors"));
+    }
+    Ok(strip_wrappers(tensors))
 }
 
-/// Builds a model from a reference `state_dict` file and its keyword arguments: `lat import`.
-pub fn import_torch(state_dict: impl AsRef<Path>, config: &Config, device: &Device, trainable: bool) -> Result<LinearAttentionTransformerLM> {
+/// Whether `bytes` start like a safetensors file: a little-endian header length, then JSON.
+fn looks_like_safetensors(bytes: &[u8]) -> bool {
+    bytes.len() > 9 && u64::from_le_bytes(bytes[..8].try_into().expect("eight bytes")).checked_add(8).is_some_and(|end| end <= bytes.len() as u64) && bytes[8] == b'{'
+}
+
+/// Builds a model from a reference state dict (any form [`read_state_dict`] reads) and its
+/// keyword arguments: `lat import`.
+pub fn import(state_dict: impl AsRef<Path>, key: Option<&str>, config: &Config, device: &Device, trainable: bool) -> Result<LinearAttentionTransformerLM> {
     let path = state_dict.as_ref();
-    let tensors = canonical_names(config, read_torch(path)?);
+    let tensors = canonical_names(config, read_state_dict(path, key)?);
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let found = format!("the file's {} tensors are named {}{}", names.len(), names.iter().take(3).map(|n| n.as_str()).collect::<Vec<_>>().join(", "), if names.len() > 3 { ", …" } else { "" });
     LinearAttentionTransformerLM::from_tensors(config, tensors, device, DType::F32, trainable).map_err(|e| match e {
-        Error::Input(m) => Error::file(path, m),
+        Error::Input(m) => Error::file(path, format!("{m}; {found}: is the configuration the one the model was built with?")),
         e => e,
     })
 }
@@ -187,6 +226,26 @@ pub fn save(model: &LinearAttentionTransformerLM, path: impl AsRef<Path>, metada
     let mut meta = metadata.clone();
     meta.insert(CONFIG_KEY.to_string(), model.config().to_json());
     write_safetensors(path.as_ref(), &tensors, &meta)
+}
+
+/// Writes `model`'s state dict, named and shaped exactly as the reference's `state_dict()` for
+/// the model's configuration (buffers included, in its order), to `path`: a safetensors file, or
+/// with the extension `.pt` a `torch.save` archive. The reference loads either with
+/// `load_state_dict(strict=True)` (safetensors through `safetensors.torch.load_file`). Returns
+/// the keyword arguments to build it with, as JSON.
+pub fn export(model: &LinearAttentionTransformerLM, path: &Path) -> Result<String> {
+    let tensors: Vec<(String, Tensor)> = model.params().iter().map(|p| (p.name.clone(), p.tensor.detach())).collect();
+    let bytes = match path.extension().and_then(|e| e.to_str()) {
+        Some("pt" | "pth" | "bin") => torch::write_state_dict(&tensors)?,
+        Some("safetensors") => {
+            let cpu = tensors.iter().map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?))).collect::<Result<Vec<_>>>()?;
+            let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+            safetensors::tensor::serialize(cpu.iter().map(|(n, t)| (n.clone(), t)), Some(meta)).map_err(|e| Error::file(path, format!("cannot serialise: {e}")))?
+        }
+        _ => return Err(Error::file(path, "the export's extension says its format: .safetensors, or .pt for a torch.save archive")),
+    };
+    write_atomic(path, &bytes)?;
+    Ok(model.config().to_json())
 }
 
 /// Serialises named tensors (as f32, or their own integer types) with metadata and the CRC-32

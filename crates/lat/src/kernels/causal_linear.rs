@@ -531,6 +531,11 @@ impl LinearState {
         st
     }
 
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        (self.s.capacity() + self.z.capacity() + self.pending_k.capacity() + self.pending_v.capacity()) * 4
+    }
+
     fn fold(&mut self, k: &[f32], v: &[f32]) {
         let mk = k.iter().fold(self.m, |a, &b| a.max(b));
         if mk > self.m {

@@ -162,6 +162,39 @@ impl<T: Elem> Task<T> {
     }
 }
 
+/// The recurrent form of non-causal linear attention over a fixed context, for one (batch row,
+/// key/value head): the context's whole contribution is `softmax_positions(k)ᵀ v`, an e x ev
+/// summary, so a decoder's cross-attention costs O(e·ev) per query whatever the context's
+/// length.
+#[derive(Clone, Debug)]
+pub struct ContextSummary {
+    e: usize,
+    ev: usize,
+    context: Vec<f32>,
+}
+
+impl ContextSummary {
+    /// The summary of keys `k` (m x e) and values `v` (m x ev); `keep` (m, nonzero = keep)
+    /// leaves masked positions out.
+    pub fn new(k: &[f32], v: &[f32], keep: Option<&[u8]>, e: usize, ev: usize) -> Self {
+        Self { e, ev, context: Task::new(vec![], k.to_vec(), v.to_vec(), keep, e, ev).context }
+    }
+
+    /// One output row (ev) per query row (e) of `queries`.
+    pub fn query(&self, queries: &[f32], out: &mut [f32]) {
+        let mut qh = queries.to_vec();
+        softmax_rows(&mut qh, self.e, (self.e as f32).powf(-0.5));
+        let n = qh.len() / self.e.max(1);
+        out.fill(0.0);
+        gemm(n, self.ev, self.e, out, self.ev, false, Mat::rows(&qh, self.e), Mat::rows(&self.context, self.ev), 1.0);
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.context.len() * 4
+    }
+}
+
 impl Linear {
     fn shapes(&self, ql: &Layout, kl: &Layout, vl: &Layout) -> Result<(Heads, Heads, Heads)> {
         let (qs, ks, vs) = (Heads::of(ql.dims(), "q")?, Heads::of(kl.dims(), "k")?, Heads::of(vl.dims(), "v")?);
@@ -325,5 +358,22 @@ mod tests {
         for x in [&q, &k, &v] {
             check_fd(x, g.get(x).unwrap(), &f, 10, 1e-6);
         }
+    }
+
+    #[test]
+    fn context_summary_answers_like_the_full_attention() {
+        let (n, m, e, ev) = (5, 9, 8, 6);
+        let q = randn(&[1, n, 1, e], 1.0, DType::F32, 31);
+        let k = randn(&[1, m, 1, e], 2.0, DType::F32, 32);
+        let v = randn(&[1, m, 1, ev], 1.0, DType::F32, 33);
+        let keep: Vec<u8> = (0..m).map(|j| (j % 3 != 1) as u8).collect();
+        let mask = Tensor::from_vec(keep.clone(), (1, m), &Device::Cpu).unwrap();
+        let plain = reference(&q, &k, &v, Some(&mask)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let rows = |t: &candle_core::Var| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let summary = ContextSummary::new(&rows(&k), &rows(&v), Some(&keep), e, ev);
+        let mut out = vec![0f32; n * ev];
+        summary.query(&rows(&q), &mut out);
+        let worst = out.iter().zip(&plain).fold(0f32, |w, (a, b)| w.max((a - b).abs()));
+        assert!(worst < 1e-5, "max abs difference {worst}");
     }
 }

@@ -472,6 +472,11 @@ impl LocalCache {
         c
     }
 
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        (self.keys.capacity() + self.values.capacity()) * 4
+    }
+
     /// Drops what position `p` no longer sees: everything before window `p / W - 1`.
     fn evict(&mut self, p: usize) {
         let first = (p / self.window).saturating_sub(1) * self.window;

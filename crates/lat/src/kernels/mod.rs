@@ -1,4 +1,7 @@
-//! Fused CPU kernels with explicit backward passes.
+//! The low-level layer of the crate: fused kernels with explicit backward passes, and the
+//! recurrent forms that decoding steps with. Models never need this module directly; it is
+//! public for checks, benchmarks and tools that call one kernel (`lat check`, `lat
+//! kernel-bench`, the GPU emulator).
 //!
 //! Each kernel module holds the fused operation (a candle custom op, multi-threaded, written
 //! against raw slices) and, beside it, `reference`: the same function written plainly with

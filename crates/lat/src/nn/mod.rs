@@ -1,15 +1,15 @@
-//! Small layers: linear, layer norm, embedding, dropout; and the feed-forward, positional and
-//! token-shift modules.
+//! The small modules the layers are made of: linear, layer norm, embedding, dropout, the
+//! positional embeddings and token shifting.
 
-pub mod feed_forward;
-pub mod pkm;
-pub mod positional;
-pub mod shift;
+pub(crate) mod positional;
+pub(crate) mod shift;
 
 use candle_core::{DType, Tensor};
 
 use crate::error::Result;
+use crate::graph::Grads;
 use crate::kernels;
+use crate::layers::Mode;
 use crate::params::{fan_in_bound, Builder, Init};
 use crate::rng::uniform_at;
 
@@ -32,11 +32,7 @@ impl Linear {
 
     /// Applies the layer to the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.matmul(x)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        self.apply(x, Mode::Graph)
     }
 
     /// `x Wᵀ` without the bias (for layers that fuse the bias into what follows).
@@ -58,25 +54,41 @@ pub(crate) fn rows2(t: &Tensor) -> Result<Tensor> {
 }
 
 impl Linear {
-    /// The layer on detached weights (no graph), for hand-written backward passes.
-    pub(crate) fn forward_detached(&self, x: &Tensor) -> Result<Tensor> {
+    /// The weight as a forward pass in `mode` reads it: outside the graph when recording.
+    pub(crate) fn weight_for(&self, mode: Mode) -> Tensor {
+        match mode {
+            Mode::Graph => self.weight.clone(),
+            Mode::Record => self.weight.detach(),
+        }
+    }
+
+    /// The bias as a forward pass in `mode` reads it.
+    pub(crate) fn bias_for(&self, mode: Mode) -> Option<Tensor> {
+        self.bias.as_ref().map(|b| match mode {
+            Mode::Graph => b.clone(),
+            Mode::Record => b.detach(),
+        })
+    }
+
+    /// The layer on the last dimension of `x` in a forward pass of `mode`.
+    pub(crate) fn apply(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
-        let y = rows2(x)?.matmul(&self.weight.detach().t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(&b.detach())?,
+        let y = rows2(x)?.matmul(&self.weight_for(mode).t()?)?;
+        let y = match self.bias_for(mode) {
+            Some(b) => y.broadcast_add(&b)?,
             None => y,
         };
         Ok(y.reshape(shape)?)
     }
 
-    /// The backward pass at input `x` for output gradient `dy`: returns dx and defers the
-    /// weight (and bias) gradients to `pass`.
-    pub(crate) fn backward(&self, x: &Tensor, dy: &Tensor, pass: &crate::pass::Pass) -> Result<Tensor> {
+    /// The backward pass at input `x` for output gradient `dy`: dx, with the weight (and bias)
+    /// gradients into `grads`.
+    pub(crate) fn backward(&self, x: &Tensor, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
         let (x2, dy2) = (rows2(x)?, rows2(dy)?);
-        pass.defer(&self.weight, dy2.t()?.matmul(&x2)?)?;
+        grads.param(&self.weight, dy2.t()?.matmul(&x2)?)?;
         if let Some(b) = &self.bias {
-            pass.defer(b, dy2.sum(0)?)?;
+            grads.param(b, dy2.sum(0)?)?;
         }
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("rank >= 1") = self.weight.dim(1)?;

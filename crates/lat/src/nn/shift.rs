@@ -8,8 +8,8 @@ use candle_core::{Tensor, D};
 use crate::error::Result;
 
 #[derive(Clone, Debug)]
-/// Token shifting before a block's body.
-pub struct Shift {
+/// Token shifting before a block's layer.
+pub(crate) struct Shift {
     /// How far each segment moves: (1, 0) when causal, (1, 0, -1) otherwise.
     pub shifts: Vec<isize>,
 }
@@ -62,16 +62,18 @@ impl Shift {
         Ok(Tensor::cat(&parts, D::Minus1)?)
     }
 
-    /// One decoding step of a causal shift: `x` and `prev` are [batch, 1, dim], the current and
-    /// the previous position.
+    /// Decoding with a causal shift: `x` [batch, t, dim] holds the new positions and `prev`
+    /// [batch, 1, dim] the position before them.
     pub fn step(&self, x: &Tensor, prev: &Tensor) -> Result<Tensor> {
-        let d = x.dim(D::Minus1)?;
+        let (_, t, d) = x.dims3()?;
         let f = d / self.shifts.len();
         let mut parts = Vec::with_capacity(self.shifts.len() + 1);
         for (i, &a) in self.shifts.iter().enumerate() {
+            let seg = x.narrow(D::Minus1, i * f, f)?;
             parts.push(match a {
-                0 => x.narrow(D::Minus1, i * f, f)?,
-                1 => prev.narrow(D::Minus1, i * f, f)?,
+                0 => seg,
+                1 if t == 1 => prev.narrow(D::Minus1, i * f, f)?,
+                1 => Tensor::cat(&[&prev.narrow(D::Minus1, i * f, f)?, &seg.narrow(1, 0, t - 1)?], 1)?,
                 _ => return Err(crate::Error::input("decoding needs a causal model (token shifts of 0 and 1)")),
             });
         }

@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::autoregressive::{AutoregressiveWrapper, GenerateArgs};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kernels::cross_entropy::cross_entropy_rows;
@@ -109,7 +110,7 @@ impl CopyTask {
             let pass = Pass::train(step as u64);
             let logits = self.logits(&m, &src, &dec_in, &pass)?;
             let loss = cross_entropy_rows(&logits.reshape((self.batch * self.length, self.vocab + 1))?, &targets)?.mean_all()?;
-            let grads = pass.backward(&loss)?;
+            let grads = loss.backward()?;
             let lr = self.lr * (1.0 - step as f64 / self.steps as f64).max(0.05);
             opt.step(&grads, lr, 1.0)?;
             on_step(step + 1, loss.to_dtype(DType::F64)?.to_scalar::<f64>()?);
@@ -118,18 +119,26 @@ impl CopyTask {
     }
 
     /// Accuracy on `eval_sequences` held-out sequences (drawn from a stream the training never
-    /// sees), decoding greedily: a sequence counts only if every symbol is right. With every
-    /// earlier symbol right, the teacher-forced prediction of a symbol is the greedy one.
+    /// sees): the decoder generates each copy greedily from its start token and the encoder's
+    /// output, through the recurrent state; a sequence counts only if every symbol is right.
     pub fn evaluate(&self, m: &EncoderDecoder, device: &Device) -> Result<CopyAccuracy> {
         let mut rng = Rng::new(derive(self.seed, 0xE7A1));
-        let (src, dec_in, targets) = self.batch(&mut rng, self.eval_sequences, device)?;
-        let logits = self.logits(m, &src, &dec_in, &Pass::eval())?;
-        let pred = logits.argmax(candle_core::D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
-        let right: Vec<bool> = pred.iter().zip(&targets).map(|(p, t)| p == t).collect();
+        let (src, _, targets) = self.batch(&mut rng, self.eval_sequences, device)?;
+        let copies = self.copies(m, &src)?;
+        let right: Vec<bool> = copies.iter().flatten().zip(&targets).map(|(p, t)| p == t).collect();
         let sequences = right.chunks(self.length).filter(|r| r.iter().all(|&x| x)).count();
         Ok(CopyAccuracy {
             sequences: sequences as f64 / self.eval_sequences as f64,
             symbols: right.iter().filter(|&&x| x).count() as f64 / right.len() as f64,
         })
+    }
+
+    /// The decoder's greedy copy of each row of `src` [rows, length].
+    pub fn copies(&self, m: &EncoderDecoder, src: &Tensor) -> Result<Vec<Vec<u32>>> {
+        let context = m.encoder.forward(src, &Inputs::default(), &Pass::eval())?;
+        let wrapper = AutoregressiveWrapper::new(m.decoder.clone());
+        let start = vec![vec![self.vocab as u32]; src.dim(0)?];
+        let args = GenerateArgs { context: Some(&context), ..GenerateArgs::greedy(self.vocab + 1) };
+        wrapper.generate(&start, self.length, &args)
     }
 }

@@ -1,10 +1,9 @@
-//! Byte-level corpora: a file or a folder, raw, gzip or zip, split deterministically into
-//! train / validation / test (the first 90 %, the next 5 %, the last 5 %: for enwik8's 100 M
-//! bytes that is the reference example's 90 M / 5 M / 5 M), read through a memory map so that
-//! corpora larger than memory work.
+//! Byte-level corpora, split deterministically into train / validation / test (the first 90 %,
+//! the next 5 %, the last 5 %: for enwik8's 100 M bytes that is the reference example's
+//! 90 M / 5 M / 5 M), read through a memory map so that corpora larger than memory work. (The
+//! `lat` command gathers folders and unpacks compressed files into one file first.)
 
-use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Write};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -49,38 +48,16 @@ pub struct Corpus {
 }
 
 impl Corpus {
-    /// Opens `path`: a raw file is mapped directly; a `.gz` or `.zip` file, or a folder (its
-    /// files in sorted order, recursively), is first decompressed and concatenated into
-    /// `cache` (overwritten), which is then mapped.
-    pub fn open(path: &Path, cache: &Path) -> Result<Self> {
-        let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        let direct = meta.is_file() && !is_gzip(path) && !is_zip(path);
-        let file = if direct {
-            path.to_path_buf()
-        } else {
-            if let Some(dir) = cache.parent() {
-                fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-            }
-            let tmp = cache.with_extension("partial");
-            let mut out = BufWriter::new(File::create(&tmp).map_err(|e| Error::io(&tmp, e))?);
-            let mut files = vec![];
-            collect(path, &mut files)?;
-            for f in files {
-                append(&f, &mut out)?;
-            }
-            out.flush().map_err(|e| Error::io(&tmp, e))?;
-            drop(out);
-            fs::rename(&tmp, cache).map_err(|e| Error::io(cache, e))?;
-            cache.to_path_buf()
-        };
-        let f = File::open(&file).map_err(|e| Error::io(&file, e))?;
-        let len = f.metadata().map_err(|e| Error::io(&file, e))?.len();
+    /// Maps the file at `path`.
+    pub fn map(path: &Path) -> Result<Self> {
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
         if len == 0 {
             return Err(Error::file(path, "the corpus is empty"));
         }
         // SAFETY: the map is read-only; a file truncated by another process while mapped
         // would fault, which we accept as for any reader of a file being rewritten.
-        let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(&file, e))?;
+        let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
         Ok(Self { bytes: Bytes::Mapped(map), source: path.to_path_buf() })
     }
 
@@ -121,53 +98,6 @@ impl Corpus {
             Split::Test => &self.bytes()[b..],
         }
     }
-}
-
-fn is_gzip(p: &Path) -> bool {
-    p.extension().is_some_and(|e| e == "gz")
-}
-
-fn is_zip(p: &Path) -> bool {
-    p.extension().is_some_and(|e| e == "zip")
-}
-
-fn collect(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if meta.is_dir() {
-        let mut entries: Vec<PathBuf> = fs::read_dir(path)
-            .map_err(|e| Error::io(path, e))?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<io::Result<_>>()
-            .map_err(|e| Error::io(path, e))?;
-        entries.sort();
-        for e in entries {
-            collect(&e, out)?;
-        }
-    } else if meta.is_file() {
-        out.push(path.to_path_buf());
-    }
-    Ok(())
-}
-
-fn append(path: &Path, out: &mut impl Write) -> Result<()> {
-    let f = File::open(path).map_err(|e| Error::io(path, e))?;
-    let copy = |r: &mut dyn Read, out: &mut dyn Write| io::copy(r, out).map_err(|e| Error::file(path, format!("cannot read: {e}")));
-    if is_gzip(path) {
-        copy(&mut flate2::read::MultiGzDecoder::new(io::BufReader::new(f)), out)?;
-    } else if is_zip(path) {
-        let mut archive = zip::ZipArchive::new(f).map_err(|e| Error::file(path, format!("not a readable zip archive: {e}")))?;
-        let mut names: Vec<String> = archive.file_names().map(String::from).collect();
-        names.sort();
-        for name in names {
-            let mut entry = archive.by_name(&name).map_err(|e| Error::file(path, format!("{name}: {e}")))?;
-            if entry.is_file() {
-                copy(&mut entry, out)?;
-            }
-        }
-    } else {
-        copy(&mut io::BufReader::new(f), out)?;
-    }
-    Ok(())
 }
 
 /// Inputs and next-byte targets of `batch` random windows of `len` bytes of `data`.
@@ -230,33 +160,5 @@ mod tests {
         let starts = eval_windows(&data, 64, None);
         assert_eq!(starts, vec![0, 64, 128, 135]);
         assert_eq!(eval_windows(&data, 16, Some(3)).len(), 3);
-    }
-
-    #[test]
-    fn opens_raw_gzip_zip_and_folders() {
-        let dir = tempfile::tempdir().unwrap();
-        let raw = dir.path().join("a.txt");
-        fs::write(&raw, b"hello ").unwrap();
-        let gz = dir.path().join("b.txt.gz");
-        let mut enc = flate2::write::GzEncoder::new(File::create(&gz).unwrap(), flate2::Compression::default());
-        enc.write_all(b"world").unwrap();
-        enc.finish().unwrap();
-        let cache = dir.path().join("cache/corpus.bin");
-        assert_eq!(Corpus::open(&raw, &cache).unwrap().bytes(), b"hello ");
-        assert_eq!(Corpus::open(&gz, &cache).unwrap().bytes(), b"world");
-        let zp = dir.path().join("c.zip");
-        let mut z = zip::ZipWriter::new(File::create(&zp).unwrap());
-        z.start_file("x.txt", zip::write::SimpleFileOptions::default()).unwrap();
-        z.write_all(b"zipped").unwrap();
-        z.finish().unwrap();
-        assert_eq!(Corpus::open(&zp, &cache).unwrap().bytes(), b"zipped");
-        let folder = dir.path().join("folder");
-        fs::create_dir(&folder).unwrap();
-        fs::copy(&raw, folder.join("1.txt")).unwrap();
-        fs::copy(&gz, folder.join("2.txt.gz")).unwrap();
-        assert_eq!(Corpus::open(&folder, &cache).unwrap().bytes(), b"hello world");
-        fs::write(dir.path().join("empty"), b"").unwrap();
-        assert!(Corpus::open(&dir.path().join("empty"), &cache).err().unwrap().to_string().contains("empty"));
-        assert!(Corpus::open(&dir.path().join("missing"), &cache).is_err());
     }
 }

@@ -7,7 +7,6 @@
 
 pub mod copy_task;
 pub mod data;
-pub mod metrics;
 pub mod optim;
 
 use std::collections::HashMap;
@@ -247,44 +246,27 @@ impl RunConfig {
         if t.weight_decay < 0.0 || t.grad_clip < 0.0 {
             return Err(Error::config("weight_decay", "weight_decay and grad_clip must not be negative"));
         }
-        parse_duration(&t.time_limit)?;
+        time_limit(&t.time_limit)?;
         Ok(())
     }
 
     /// The time limit, if any.
     pub fn time_limit(&self) -> Option<std::time::Duration> {
-        parse_duration(&self.train.time_limit).ok().flatten()
+        time_limit(&self.train.time_limit).ok().flatten()
     }
 }
 
-/// Parses "90s", "15m", "1h30m", "2h" (a bare number is seconds); "" means none.
-pub fn parse_duration(s: &str) -> Result<Option<std::time::Duration>> {
+/// Reads a time limit: "90s", "15m", "1h30m" (any duration `humantime` reads, or a bare number
+/// of seconds); "" or "none" means none.
+fn time_limit(s: &str) -> Result<Option<std::time::Duration>> {
     let s = s.trim();
     if s.is_empty() || s == "none" {
         return Ok(None);
     }
-    let bad = || Error::input(format!("cannot read the duration \"{s}\": use e.g. 90s, 15m, 1h30m"));
-    let mut total = 0.0;
-    let mut num = String::new();
-    for ch in s.chars() {
-        if ch.is_ascii_digit() || ch == '.' {
-            num.push(ch);
-        } else {
-            let v: f64 = num.parse().map_err(|_| bad())?;
-            total += v * match ch {
-                's' => 1.0,
-                'm' => 60.0,
-                'h' => 3600.0,
-                'd' => 86400.0,
-                _ => return Err(bad()),
-            };
-            num.clear();
-        }
+    match s.parse::<f64>() {
+        Ok(secs) if secs >= 0.0 && secs.is_finite() => Ok(Some(std::time::Duration::from_secs_f64(secs))),
+        _ => humantime::parse_duration(s).map(Some).map_err(|e| Error::config("time_limit", format!("cannot read the duration \"{s}\" ({e}): use e.g. 90s, 15m, 1h30m"))),
     }
-    if !num.is_empty() {
-        total += num.parse::<f64>().map_err(|_| bad())?;
-    }
-    Ok(Some(std::time::Duration::from_secs_f64(total)))
 }
 
 /// What one optimizer step did.
@@ -432,8 +414,8 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Starts a run in `dir` on the corpus at `data`, or resumes the one saved there.
-    pub fn start(run: RunConfig, data: &Path, dir: &Path, resume: bool, device: &Device) -> Result<Self> {
+    /// Starts a run in `dir` on `corpus`, or resumes the one saved there.
+    pub fn start(run: RunConfig, corpus: Corpus, dir: &Path, resume: bool, device: &Device) -> Result<Self> {
         run.validate()?;
         let files = RunFiles { dir: dir.to_path_buf() };
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -445,7 +427,6 @@ impl Trainer {
                 }
             }
         }
-        let corpus = Corpus::open(data, &files.corpus_cache())?;
         let adam = AdamWConfig { beta1: run.train.beta1, beta2: run.train.beta2, eps: 1e-8, weight_decay: run.train.weight_decay };
         let (model, opt, step, tokens, elapsed) = if resume {
             let path = files.checkpoint();
@@ -477,7 +458,7 @@ impl Trainer {
         };
         let train = corpus.split(Split::Train).len();
         if train < run.train.seq_len + 1 {
-            return Err(Error::file(data, format!("the training split has {train} bytes, fewer than seq_len + 1; use more data or a smaller seq_len")));
+            return Err(Error::file(&corpus.source, format!("the training split has {train} bytes, fewer than seq_len + 1; use more data or a smaller seq_len")));
         }
         Ok(Self { run, model, opt, corpus, files, step, tokens, elapsed_before: elapsed, bad_steps: 0 })
     }
@@ -516,7 +497,7 @@ impl Trainer {
                 finite = false;
                 break;
             }
-            let g = self.model.grads_from(&model, pass.backward(&loss)?)?;
+            let g = self.model.grads_from(&model, loss.backward()?)?;
             grads = Some(match grads.take() {
                 None => g,
                 Some(mut acc) => {
@@ -589,11 +570,11 @@ mod tests {
 
     #[test]
     fn durations_parse() {
-        assert_eq!(parse_duration("15m").unwrap().unwrap().as_secs(), 900);
-        assert_eq!(parse_duration("1h30m").unwrap().unwrap().as_secs(), 5400);
-        assert_eq!(parse_duration("90").unwrap().unwrap().as_secs(), 90);
-        assert_eq!(parse_duration("").unwrap(), None);
-        assert!(parse_duration("5x").is_err());
+        assert_eq!(time_limit("15m").unwrap().unwrap().as_secs(), 900);
+        assert_eq!(time_limit("1h30m").unwrap().unwrap().as_secs(), 5400);
+        assert_eq!(time_limit("90").unwrap().unwrap().as_secs(), 90);
+        assert_eq!(time_limit("").unwrap(), None);
+        assert!(time_limit("5x").is_err());
     }
 
     #[test]

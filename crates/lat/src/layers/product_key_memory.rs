@@ -14,9 +14,11 @@
 
 use candle_core::{DType, Tensor, D};
 
-use super::{LayerNorm, Linear};
+use super::{Call, Layer, Mode, Step};
 use crate::error::Result;
+use crate::graph::Grads;
 use crate::kernels::embedding_bag::embedding_bag;
+use crate::nn::{LayerNorm, Linear};
 use crate::params::{Builder, Init};
 
 const HEADS: usize = 4;
@@ -26,7 +28,7 @@ const DIM_HEAD: usize = 128;
 
 /// How the queries are normalised.
 #[derive(Clone, Debug)]
-pub enum QueryNorm {
+pub(crate) enum QueryNorm {
     /// `LayerNorm(128)` of each half and head (product-key-memory 0.3.0).
     Layer(LayerNorm),
     /// `BatchNorm1d(1024)` of the whole query (product-key-memory 0.1.10).
@@ -44,7 +46,7 @@ pub enum QueryNorm {
 
 /// The reference's `PKM(dim)`.
 #[derive(Clone, Debug)]
-pub struct ProductKeyMemory {
+pub(crate) struct ProductKeyMemory {
     /// Query projection, dim to 1024, no bias.
     pub to_queries: Linear,
     /// Query normalisation.
@@ -94,7 +96,7 @@ impl ProductKeyMemory {
 
     /// `x` [batch, n, dim] → [batch, n, dim]. `training` selects batch statistics for the
     /// batch-norm variant.
-    pub fn forward(&self, x: &Tensor, training: bool) -> Result<Tensor> {
+    fn memory(&self, x: &Tensor, training: bool) -> Result<Tensor> {
         let (b, t, dim) = x.dims3()?;
         let bt = b * t;
         let q = self.to_queries.matmul(x)?.reshape((bt, 2 * HEADS * DIM_HEAD))?;
@@ -140,6 +142,28 @@ impl ProductKeyMemory {
         // Per token, heads then their 32 memories, as the reference's '(b t) (h k)'.
         let weights = weights.permute((1, 0, 2))?.contiguous()?.reshape((bt, HEADS * TOP_K))?;
         Ok(embedding_bag(&weights, &self.values, &memory)?.reshape((b, t, dim))?)
+    }
+}
+
+impl Layer for ProductKeyMemory {
+    type Saved = std::convert::Infallible;
+    type State = ();
+    const HAND_WRITTEN: bool = false;
+
+    fn forward(&self, h: &Tensor, call: &Call, _mode: Mode) -> Result<(Tensor, Option<Self::Saved>)> {
+        Ok((self.memory(h, call.pass.is_training())?, None))
+    }
+
+    fn backward(&self, saved: Self::Saved, _h: &Tensor, _dy: &Tensor, _call: &Call, _grads: &mut Grads) -> Result<Tensor> {
+        match saved {}
+    }
+
+    fn prefill(&self, h: &Tensor, _call: &Call, _n: usize) -> Result<(Tensor, Vec<()>)> {
+        Ok((self.memory(h, false)?, vec![(); h.dim(0)?]))
+    }
+
+    fn step(&self, h: &Tensor, _states: &mut [&mut ()], _step: &Step) -> Result<Tensor> {
+        self.memory(h, false)
     }
 }
 

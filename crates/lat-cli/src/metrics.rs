@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::checkpoint::write_atomic;
-use crate::error::{Error, Result};
+use linear_attention_transformer::checkpoint::write_atomic;
+use linear_attention_transformer::{Error, Result};
 
 /// Appends records to `metrics.jsonl`.
 pub struct MetricsLog {

@@ -1,0 +1,252 @@
+//! Self-attention (the reference's `SelfAttention`): queries, keys and values from one
+//! projection of the input; the first `local_heads` heads attend with windowed softmax
+//! attention, the others with global linear attention, causal or not; then the output
+//! projection and its dropout. The heads themselves are one fused kernel
+//! ([`crate::kernels::self_attention`]).
+//!
+//! Decoding keeps, per key/value head, the local heads' window of keys and values and the
+//! global heads' running sums: each new position costs the same whatever came before.
+
+use candle_core::{DType, Tensor};
+
+use super::heads::HeadLayout;
+use super::{project_out, project_out_backward, Call, Layer, Mode, Step, SITE_ATTN, SITE_OUT};
+use crate::config::TransformerConfig;
+use crate::error::{Error, Result};
+use crate::graph::Grads;
+use crate::kernels::causal_linear::LinearState;
+use crate::kernels::local::{Dropout, LocalCache};
+use crate::kernels::self_attention::{self as fused, HeadSpec};
+use crate::nn::{rows2, Linear};
+use crate::params::Builder;
+
+#[derive(Clone, Debug)]
+pub(crate) struct SelfAttention {
+    pub layout: HeadLayout,
+    pub causal: bool,
+    /// Blind-spot bucket of causal global heads (`blindspot_size`).
+    pub bucket: usize,
+    /// Window of the local heads.
+    pub window: usize,
+    /// Dropout after the output projection (`attn_layer_dropout`).
+    pub dropout: f64,
+    /// Dropout on the local heads' attention probabilities.
+    pub attn_dropout: f64,
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    pub to_out: Linear,
+}
+
+pub(crate) struct Saved {
+    qkv: Tensor,
+    /// The kernel's flat result: the head outputs and their statistics.
+    flat: Tensor,
+    att: Tensor,
+    out_mask: Option<Tensor>,
+    attn_drop: Option<Dropout>,
+}
+
+/// One stream's state: per key/value head of the local heads their window, of the global heads
+/// their running sums.
+#[derive(Clone, Debug)]
+pub(crate) struct State {
+    pub local: Vec<LocalCache>,
+    pub global: Vec<LinearState>,
+}
+
+impl SelfAttention {
+    /// The main self-attention of layer `layer`.
+    pub fn new(b: &Builder, c: &TransformerConfig, layer: usize) -> Result<Self> {
+        let layout = HeadLayout { heads: c.heads, dim_head: c.dim_head(), local_heads: c.local_heads(layer), one_kv_head: c.one_kv_head };
+        Self::with_layout(b, c, layout, c.causal, c.blindspot_size)
+    }
+
+    pub fn with_layout(b: &Builder, c: &TransformerConfig, layout: HeadLayout, causal: bool, bucket: usize) -> Result<Self> {
+        let [to_q, to_k, to_v, to_out] = layout.projections(b, c.dim)?;
+        Ok(Self {
+            to_q,
+            to_k,
+            to_v,
+            to_out,
+            layout,
+            causal,
+            bucket,
+            window: c.local_attn_window_size,
+            dropout: c.attn_layer_dropout,
+            attn_dropout: c.attn_dropout,
+        })
+    }
+
+    pub fn head_spec(&self) -> HeadSpec {
+        let l = &self.layout;
+        HeadSpec { heads: l.heads, local_heads: l.local_heads, dim_head: l.dim_head, causal: self.causal, bucket: self.bucket, window: self.window }
+    }
+
+    /// The fused projection [batch, n, 3 · heads · dim_head] of queries, keys and values
+    /// (shared key/value heads repeated for every head that reads them).
+    fn qkv(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
+        let l = &self.layout;
+        let (b, n, _) = h.dims3()?;
+        let x = rows2(h)?;
+        let [q, k, v] = [&self.to_q, &self.to_k, &self.to_v].map(|p| p.weight_for(mode));
+        if !l.one_kv_head {
+            let all = Tensor::cat(&[&q, &k, &v], 0)?;
+            return Ok(x.matmul(&all.t()?)?.reshape((b, n, all.dim(0)?))?);
+        }
+        let q = x.matmul(&q.t()?)?;
+        let kv = x.matmul(&Tensor::cat(&[&k, &v], 0)?.t()?)?;
+        let width = l.kv_heads() * l.dim_head;
+        let (k, v) = (l.expand(&kv.narrow(1, 0, width)?)?, l.expand(&kv.narrow(1, width, width)?)?);
+        Ok(Tensor::cat(&[&q, &k.flatten_from(1)?, &v.flatten_from(1)?], 1)?.reshape((b, n, 3 * l.inner()))?)
+    }
+
+    /// The backward pass of [`SelfAttention::qkv`]: dh, with the weight gradients in `grads`.
+    fn qkv_backward(&self, h: &Tensor, dqkv: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        let l = &self.layout;
+        let he = l.inner();
+        if !l.one_kv_head {
+            let (x, d) = (rows2(h)?, rows2(dqkv)?);
+            let dw = d.t()?.matmul(&x)?;
+            for (i, layer) in [&self.to_q, &self.to_k, &self.to_v].into_iter().enumerate() {
+                grads.param(&layer.weight, dw.narrow(0, i * he, he)?)?;
+            }
+            let w = Tensor::cat(&[&self.to_q.weight.detach(), &self.to_k.weight.detach(), &self.to_v.weight.detach()], 0)?;
+            return Ok(d.matmul(&w)?.reshape(h.dims())?);
+        }
+        let (b, n, _) = dqkv.dims3()?;
+        let shared = |part: usize| l.reduce(&dqkv.narrow(2, part * he, he)?.reshape((b, n, l.heads, l.dim_head))?);
+        let dh = self.to_q.backward(h, &dqkv.narrow(2, 0, he)?, grads)?;
+        let dh = (dh + self.to_k.backward(h, &shared(1)?, grads)?)?;
+        Ok((dh + self.to_v.backward(h, &shared(2)?, grads)?)?)
+    }
+
+    fn attn_dropout(&self, call: &Call) -> Option<Dropout> {
+        call.dropout_seed(SITE_ATTN).filter(|_| self.attn_dropout > 0.0 && self.layout.local_heads > 0).map(|seed| Dropout { p: self.attn_dropout, seed })
+    }
+
+    /// The heads and the output projection on `qkv`.
+    fn attend(&self, qkv: Tensor, call: &Call, mode: Mode) -> Result<(Tensor, Option<Saved>)> {
+        let attn_drop = self.attn_dropout(call);
+        let (att, flat) = match mode {
+            Mode::Graph => (fused::self_attention(&qkv, self.head_spec(), call.mask(), call.rotary(), attn_drop)?, None),
+            Mode::Record => {
+                let (att, flat) = fused::forward_saved(&qkv, self.head_spec(), call.mask(), call.rotary(), attn_drop)?;
+                (att, Some(flat))
+            }
+        };
+        let (y, out_mask) = project_out(&self.to_out, &att, self.dropout, call.dropout_seed(SITE_OUT), mode)?;
+        Ok((y, flat.map(|flat| Saved { qkv, flat, att, out_mask, attn_drop })))
+    }
+
+    /// The forward pass, and each row's state after its first `lens(row)` positions.
+    pub fn prefill_rows(&self, h: &Tensor, call: &Call, lens: impl Fn(usize) -> usize) -> Result<(Tensor, Vec<State>)> {
+        if !self.causal {
+            return Err(Error::input("decoding needs causal self-attention"));
+        }
+        let qkv = self.qkv(h, Mode::Graph)?;
+        let states = self.states(&qkv, lens, call)?;
+        Ok((self.attend(qkv, call, Mode::Graph)?.0, states))
+    }
+
+    /// Each row's state after the first `lens(row)` positions of `qkv` [rows, n, 3 · inner].
+    fn states(&self, qkv: &Tensor, lens: impl Fn(usize) -> usize, call: &Call) -> Result<Vec<State>> {
+        let l = &self.layout;
+        let (dh, he) = (l.dim_head, l.inner());
+        let rows = qkv.to_dtype(DType::F32)?.to_vec3::<f32>()?;
+        let mut states = Vec::with_capacity(rows.len());
+        for (r, row) in rows.iter().enumerate() {
+            let n = lens(r);
+            // One head's first n keys (rotated) or values.
+            let head = |part: usize, h: usize| -> Vec<f32> {
+                let mut v: Vec<f32> = row[..n].iter().flat_map(|p| p[part * he + h * dh..part * he + (h + 1) * dh].iter().copied()).collect();
+                if let (1, Some((table, offset))) = (part, call.rotary()) {
+                    table.rotate_rows(&mut v, dh, offset, false);
+                }
+                v
+            };
+            let mut state = State { local: vec![], global: vec![] };
+            for (first, _) in l.kv_groups() {
+                if first < l.local_heads {
+                    state.local.push(LocalCache::from_prefix(&head(1, first), &head(2, first), dh, self.window));
+                } else {
+                    state.global.push(LinearState::from_prefix(&head(1, first), &head(2, first), dh, dh, self.bucket));
+                }
+            }
+            states.push(state);
+        }
+        Ok(states)
+    }
+
+    /// A decoding step whose position `i` of row `r` advances `states[index(r, i)]`; the
+    /// positions of row `r` start at `step.positions[r]`.
+    pub fn step_indexed(&self, h: &Tensor, states: &mut [&mut State], index: impl Fn(usize, usize) -> usize, step: &Step) -> Result<Tensor> {
+        let l = &self.layout;
+        let (b, t, _) = h.dims3()?;
+        let (dh, width) = (l.dim_head, l.inner());
+        let qkv = self.qkv(h, Mode::Graph)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; b * t * width];
+        let groups = l.kv_groups();
+        for r in 0..b {
+            for i in 0..t {
+                let at = (r * t + i) * 3 * width;
+                let (mut q, mut k) = (qkv[at..at + width].to_vec(), qkv[at + width..at + 2 * width].to_vec());
+                let v = &qkv[at + 2 * width..at + 3 * width];
+                if let Some(table) = step.rotary {
+                    table.rotate(&mut q, dh, step.positions[r] + i);
+                    table.rotate(&mut k, dh, step.positions[r] + i);
+                }
+                let state = &mut **states.get_mut(index(r, i)).ok_or_else(stale)?;
+                let (mut local, mut global) = (state.local.iter_mut(), state.global.iter_mut());
+                let o = &mut out[(r * t + i) * width..(r * t + i + 1) * width];
+                for &(first, count) in &groups {
+                    // Heads first .. first + count read the keys and values of head `first`.
+                    let (heads, key, value) = (first * dh..(first + count) * dh, &k[first * dh..(first + 1) * dh], &v[first * dh..(first + 1) * dh]);
+                    if first < l.local_heads {
+                        local.next().ok_or_else(stale)?.step(&q[heads.clone()], key, value, &mut o[heads]);
+                    } else {
+                        global.next().ok_or_else(stale)?.step(&q[heads.clone()], key, value, &mut o[heads]);
+                    }
+                }
+            }
+        }
+        let merged = Tensor::from_vec(out, (b, t, width), h.device())?.to_dtype(h.dtype())?;
+        self.to_out.forward(&merged)
+    }
+}
+
+fn stale() -> Error {
+    Error::input("the decoding state does not belong to this model")
+}
+
+impl Layer for SelfAttention {
+    type Saved = Saved;
+    type State = State;
+    const HAND_WRITTEN: bool = true;
+
+    fn forward(&self, h: &Tensor, call: &Call, mode: Mode) -> Result<(Tensor, Option<Saved>)> {
+        self.attend(self.qkv(h, mode)?, call, mode)
+    }
+
+    fn backward(&self, s: Saved, h: &Tensor, dy: &Tensor, call: &Call, grads: &mut Grads) -> Result<Tensor> {
+        let Saved { qkv, flat, att, out_mask, attn_drop } = s;
+        let datt = project_out_backward(&self.to_out, &att, out_mask.as_ref(), dy, grads)?;
+        drop(att);
+        let dqkv = fused::backward(&qkv, &flat, &datt, self.head_spec(), call.mask(), call.rotary(), attn_drop)?;
+        // Long sequences make these the largest tensors: free them before the next ones.
+        drop((qkv, flat, datt));
+        self.qkv_backward(h, &dqkv, grads)
+    }
+
+    fn prefill(&self, h: &Tensor, call: &Call, n: usize) -> Result<(Tensor, Vec<State>)> {
+        self.prefill_rows(h, call, |_| n)
+    }
+
+    fn step(&self, h: &Tensor, states: &mut [&mut State], step: &Step) -> Result<Tensor> {
+        self.step_indexed(h, states, |r, _| r, step)
+    }
+
+    fn state_bytes(state: &State) -> usize {
+        state.local.iter().map(LocalCache::bytes).sum::<usize>() + state.global.iter().map(LinearState::bytes).sum::<usize>()
+    }
+}
