@@ -2,6 +2,7 @@
 
 mod commands;
 mod metrics;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -29,6 +30,8 @@ enum Command {
     Eval(commands::eval::Args),
     /// Continue a prompt, streaming the new tokens.
     Generate(commands::generate::Args),
+    /// Serve completions over HTTP (OpenAI-compatible), decoding every stream together.
+    Serve(serve::Args),
     /// Time forward, training or generation for one configuration.
     Bench(commands::bench::Args),
     /// Train an encoder-decoder on the toy copy task and report held-out accuracy.
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
         Command::Train(a) => commands::train::run(a),
         Command::Eval(a) => commands::eval::run(a),
         Command::Generate(a) => commands::generate::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::CopyTask(a) => commands::copy_task::run(a),
         Command::Check(a) => commands::check::check(a),

@@ -265,7 +265,8 @@ impl<L: Layer> AnyBlock for Block<L> {
         let states = layer_states
             .into_iter()
             .enumerate()
-            .map(|(r, layer)| Ok(Box::new(RowState::<L> { shift_prev: shift_prev.as_ref().map(|p| p.narrow(0, r, 1)).transpose()?, layer }) as Box<dyn BlockState>))
+            // A copy: a view would keep the whole prompt's activations alive with the state.
+            .map(|(r, layer)| Ok(Box::new(RowState::<L> { shift_prev: shift_prev.as_ref().map(|p| p.narrow(0, r, 1)?.copy()).transpose()?, layer }) as Box<dyn BlockState>))
             .collect::<Result<_>>()?;
         Ok((y, states))
     }
@@ -277,7 +278,7 @@ impl<L: Layer> AnyBlock for Block<L> {
             let prev = own.iter().map(|s| s.shift_prev.clone().ok_or_else(|| Error::input("the decoding state lacks the previous position"))).collect::<Result<Vec<_>>>()?;
             let t = h.dim(1)?;
             for (r, s) in own.iter_mut().enumerate() {
-                s.shift_prev = Some(h.narrow(0, r, 1)?.narrow(1, t - 1, 1)?);
+                s.shift_prev = Some(h.narrow(0, r, 1)?.narrow(1, t - 1, 1)?.copy()?);
             }
             h = shift.step(&h, &Tensor::cat(&prev, 0)?)?;
         }

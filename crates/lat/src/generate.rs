@@ -65,8 +65,18 @@ impl Sampling {
 
     /// Draws a token id from one row of logits.
     pub fn sample(&self, logits: &[f32], rng: &mut Rng) -> u32 {
+        // Most likely first; equal logits in index order.
+        let cmp = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
         let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        match (self.top_k, self.top_p) {
+            // Without a nucleus only the top k need ordering.
+            (Some(k), None) if k < order.len() => {
+                order.select_nth_unstable_by(k.max(1) - 1, cmp);
+                order.truncate(k.max(1));
+                order.sort_by(cmp);
+            }
+            _ => order.sort_by(cmp),
+        }
         let mut keep = order.len();
         if let Some(k) = self.top_k {
             keep = keep.min(k.max(1));
@@ -152,7 +162,7 @@ impl<'a> Continuation<'a> {
             let mut first = Vec::with_capacity(prompts.len());
             for (r, p) in prompts.iter().enumerate() {
                 let (context, context_mask) = c.context_row(r)?;
-                let (l, st) = model.prefill_with(p, &Inputs { context: context.as_ref(), context_mask: context_mask.as_ref(), ..Inputs::default() })?;
+                let (l, st) = model.read_prompt(p, &Inputs { context: context.as_ref(), context_mask: context_mask.as_ref(), ..Inputs::default() })?;
                 first.extend(rows(&l)?);
                 states.push(st);
             }

@@ -12,7 +12,7 @@ use crate::block::BlockState;
 use crate::config::{Config, TransformerConfig};
 use crate::error::{Error, Result};
 use crate::kernels::rotary::RotaryTable;
-use crate::layers::{self, StackInputs, Step};
+use crate::layers::{self, Mode, StackInputs, Step};
 use crate::nn::positional::{rotary_table, PositionalEmbedding};
 use crate::nn::{Embedding, LayerNorm, Linear};
 use crate::params::{Builder, Param};
@@ -149,6 +149,11 @@ impl LinearAttentionTransformer {
     }
 }
 
+/// How many prompt tokens [`LinearAttentionTransformerLM::read_prompt`] reads at a time: small
+/// enough that a server reading a long prompt between decoding steps does not stall the streams
+/// already decoding.
+pub const PROMPT_CHUNK: usize = 128;
+
 /// What a causal language model carries from one decoding step to the next, per row (stream):
 /// its position, and per layer the global heads' running sums, the local heads' key/value
 /// windows, the cross-attention's context summaries and the previous position's features for
@@ -260,6 +265,12 @@ impl LinearAttentionTransformerLM {
         Ok(Self { params, ..m })
     }
 
+    /// How many trainable parameters a model of `config` has, counted without allocating them.
+    pub fn count_parameters(config: &Config) -> Result<u64> {
+        let (_, params) = Builder::shapes().build(|b| Self::build(b, config))?;
+        Ok(params.iter().filter(|p| p.trainable).map(|p| p.tensor.elem_count() as u64).sum())
+    }
+
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
@@ -356,6 +367,18 @@ impl LinearAttentionTransformerLM {
         c.causal && !c.return_embeddings && !c.receives_context
     }
 
+    /// The most bytes one stream's [`DecodeState`] can hold, whatever its position: what a
+    /// server reserves per stream.
+    pub fn max_state_bytes(&self) -> usize {
+        layers::max_state_bytes(&self.config.transformer())
+    }
+
+    /// [`LinearAttentionTransformerLM::max_state_bytes`] of a model of `config`, before it exists.
+    pub fn state_bound(config: &Config) -> Result<u64> {
+        config.validate()?;
+        Ok(layers::max_state_bytes(&config.transformer()) as u64)
+    }
+
     /// Runs the parallel form over `prompt` (one row) and returns the logits of its last
     /// position [1, num_tokens] and the state to continue from.
     pub fn prefill(&self, prompt: &[u32]) -> Result<(Tensor, DecodeState)> {
@@ -385,9 +408,23 @@ impl LinearAttentionTransformerLM {
             h = p.forward(&h)?;
         }
         let (h, mut rows) = self.transformer.stack.prefill(&h, &stack_inputs, n)?;
-        let logits = self.head(&h.narrow(1, n - 1, 1)?)?.squeeze(1)?;
+        let logits = self.head(&h.narrow(1, n - 1, 1)?, Mode::Graph)?.squeeze(1)?;
         let blocks = rows.pop().ok_or_else(|| Error::input("the prompt left no state"))?;
         Ok((logits, DecodeState { rows: vec![Stream { position: n, blocks }] }))
+    }
+
+    /// Reads a whole prompt the way every reader does (generation, the server): its first
+    /// [`PROMPT_CHUNK`] tokens in one parallel pass ([`LinearAttentionTransformerLM::prefill_with`]),
+    /// the rest [`PROMPT_CHUNK`] at a time ([`LinearAttentionTransformerLM::extend`]). Returns the
+    /// logits after the last token [1, num_tokens] and the state. Reading in the same pieces
+    /// leaves the same state to the last bit, wherever the prompt is read.
+    pub fn read_prompt(&self, prompt: &[u32], inputs: &Inputs) -> Result<(Tensor, DecodeState)> {
+        let first = prompt.len().min(PROMPT_CHUNK);
+        let (mut logits, mut state) = self.prefill_with(&prompt[..first], inputs)?;
+        for piece in prompt[first..].chunks(PROMPT_CHUNK) {
+            logits = self.extend(piece, &mut state)?;
+        }
+        Ok((logits, state))
     }
 
     /// Feeds one token per row at the state's positions and returns the next logits
@@ -447,24 +484,24 @@ impl LinearAttentionTransformerLM {
         let pos = Tensor::stack(&positions.iter().map(|&p| self.pos_emb.forward(p, t)).collect::<Result<Vec<_>>>()?, 0)?;
         let mut h = self.token_emb.forward(&ids)?.broadcast_add(&pos)?;
         if let Some(p) = &self.project_in {
-            h = p.forward(&h)?;
+            h = p.apply(&h, Mode::Decode)?;
         }
         let mut blocks: Vec<&mut Vec<Box<dyn BlockState>>> = rows.iter_mut().map(|r| &mut r.blocks).collect();
         let step = Step { rotary: self.layer_rotary.as_deref(), positions: &positions };
         let h = self.transformer.stack.step(&h, &mut blocks, &step)?;
         rows.iter_mut().for_each(|r| r.position += t);
-        Ok(self.head(&h.narrow(1, t - 1, 1)?)?.squeeze(1)?)
+        Ok(self.head(&h.narrow(1, t - 1, 1)?, Mode::Decode)?.squeeze(1)?)
     }
 
     /// project_out, the final norm and the logits layer.
-    fn head(&self, h: &Tensor) -> Result<Tensor> {
+    fn head(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
         let mut h = h.clone();
         if let Some(p) = &self.project_out {
-            h = p.forward(&h)?;
+            h = p.apply(&h, mode)?;
         }
         h = self.norm.forward(&h)?;
         if let Some(out) = &self.out {
-            h = out.forward(&h)?;
+            h = out.apply(&h, mode)?;
         }
         Ok(h)
     }
@@ -485,6 +522,6 @@ impl LinearAttentionTransformerLM {
             h = p.forward(&h)?;
         }
         h = self.transformer.forward_padded(&h, &stack_inputs, pass)?;
-        Ok(self.head(&h)?.narrow(1, 0, n)?)
+        Ok(self.head(&h, Mode::Graph)?.narrow(1, 0, n)?)
     }
 }

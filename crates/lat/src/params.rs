@@ -37,6 +37,8 @@ pub struct Param {
 enum Source {
     Init(Rng),
     Load(HashMap<String, Tensor>),
+    /// Shapes only: every parameter is a broadcast zero that allocates nothing (for counting).
+    Shapes,
 }
 
 struct State {
@@ -60,6 +62,11 @@ impl Builder {
     /// Fresh parameters drawn from `seed`, as trainable variables.
     pub fn init(seed: u64, device: &Device, dtype: DType) -> Self {
         Self::new(Source::Init(Rng::new(seed)), device, dtype, true)
+    }
+
+    /// Parameters of the right shapes that allocate nothing, to count them.
+    pub fn shapes() -> Self {
+        Self::new(Source::Shapes, &Device::Cpu, DType::F32, false)
     }
 
     /// Parameters taken from `tensors` (by full name), converted to `dtype` on `device`.
@@ -106,6 +113,7 @@ impl Builder {
                 };
                 Tensor::from_vec(values, shape, &device)?.to_dtype(dtype)?
             }
+            Source::Shapes => Tensor::zeros((), dtype, &device)?.broadcast_as(shape)?,
             Source::Load(map) => {
                 let t = map.get(&full).ok_or_else(|| Error::input(format!("missing tensor {full} of shape {shape:?}")))?;
                 if t.dims() != shape {
@@ -145,7 +153,7 @@ impl Builder {
     pub fn loaded_shape(&self, name: &str) -> Option<Vec<usize>> {
         match &self.state.borrow().source {
             Source::Load(map) => map.get(&self.full(name)).map(|t| t.dims().to_vec()),
-            Source::Init(_) => None,
+            Source::Init(_) | Source::Shapes => None,
         }
     }
 
@@ -186,7 +194,7 @@ impl Builder {
         let device = st.device.clone();
         let t = match &st.source {
             Source::Load(map) => map.get(&full).cloned().ok_or_else(|| Error::input(format!("missing tensor {full}")))?,
-            Source::Init(_) => return Err(Error::input(format!("{full} can only be loaded"))),
+            Source::Init(_) | Source::Shapes => return Err(Error::input(format!("{full} can only be loaded"))),
         };
         let t = t.to_device(&device)?;
         st.used.insert(full.clone());

@@ -511,7 +511,16 @@ pub struct LinearState {
 impl LinearState {
     /// An empty state for heads of width `e`, values of width `ev` and blind-spot `bucket`.
     pub fn new(e: usize, ev: usize, bucket: usize) -> Self {
-        Self { e, ev, bucket: bucket.max(1), s: vec![0.0; e * ev], z: vec![0.0; e], m: 0.0, pending_k: vec![], pending_v: vec![] }
+        let bucket = bucket.max(1);
+        // The pending keys of a bucket never need more room than this.
+        let (pending_k, pending_v) = if bucket == 1 { (vec![], vec![]) } else { (Vec::with_capacity(bucket * e), Vec::with_capacity(bucket * ev)) };
+        Self { e, ev, bucket, s: vec![0.0; e * ev], z: vec![0.0; e], m: 0.0, pending_k, pending_v }
+    }
+
+    /// The most bytes a state holds: the sums, and the keys and values of an incomplete bucket.
+    pub fn max_bytes(e: usize, ev: usize, bucket: usize) -> usize {
+        let pending = if bucket > 1 { bucket * (e + ev) } else { 0 };
+        (e * ev + e + pending) * 4
     }
 
     /// The state after the keys `k` (n x e) and values `v` (n x ev) of a prompt: complete
@@ -526,8 +535,8 @@ impl LinearState {
         for row in kt.chunks(e.max(1)) {
             st.z.iter_mut().zip(row).for_each(|(a, &b)| *a += b);
         }
-        st.pending_k = k[full * e..].to_vec();
-        st.pending_v = v[full * ev..].to_vec();
+        st.pending_k.extend_from_slice(&k[full * e..]);
+        st.pending_v.extend_from_slice(&v[full * ev..]);
         st
     }
 
@@ -581,10 +590,14 @@ impl LinearState {
             self.pending_k.extend_from_slice(k);
             self.pending_v.extend_from_slice(v);
             if self.pending_k.len() == self.bucket * self.e {
-                let (pk, pv) = (std::mem::take(&mut self.pending_k), std::mem::take(&mut self.pending_v));
+                let (mut pk, mut pv) = (std::mem::take(&mut self.pending_k), std::mem::take(&mut self.pending_v));
                 for (kr, vr) in pk.chunks(self.e).zip(pv.chunks(self.ev)) {
                     self.fold(kr, vr);
                 }
+                // The buffers keep their room for the next bucket.
+                pk.clear();
+                pv.clear();
+                (self.pending_k, self.pending_v) = (pk, pv);
             }
         }
     }

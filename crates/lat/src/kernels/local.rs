@@ -467,9 +467,23 @@ impl LocalCache {
     /// The cache after a prompt whose keys and values are `k`, `v` (n x e).
     pub fn from_prefix(k: &[f32], v: &[f32], e: usize, window: usize) -> Self {
         let n = k.len() / e.max(1);
-        let mut c = Self { e, window, start: 0, keys: k.to_vec(), values: v.to_vec() };
-        c.evict(n);
-        c
+        // Only what the next position sees, in buffers that never need to grow.
+        let start = Self::first_seen(n, window);
+        let mut keys = Vec::with_capacity(Self::max_bytes(e, window) / 8);
+        let mut values = Vec::with_capacity(keys.capacity());
+        keys.extend_from_slice(&k[start * e..]);
+        values.extend_from_slice(&v[start * e..]);
+        Self { e, window, start, keys, values }
+    }
+
+    /// The first position that position `p` sees: the start of window `p / W - 1`.
+    fn first_seen(p: usize, window: usize) -> usize {
+        (p / window).saturating_sub(1) * window
+    }
+
+    /// The most bytes a cache for heads of width `e` holds: keys and values of two windows.
+    pub fn max_bytes(e: usize, window: usize) -> usize {
+        2 * 2 * window * e * 4
     }
 
     /// Bytes held.
@@ -479,7 +493,7 @@ impl LocalCache {
 
     /// Drops what position `p` no longer sees: everything before window `p / W - 1`.
     fn evict(&mut self, p: usize) {
-        let first = (p / self.window).saturating_sub(1) * self.window;
+        let first = Self::first_seen(p, self.window);
         if first > self.start {
             let drop = (first - self.start) * self.e;
             self.keys.drain(..drop.min(self.keys.len()));
@@ -502,15 +516,29 @@ impl LocalCache {
 
     fn attend(&self, q: &[f32], out: &mut [f32]) {
         let scale = (self.e as f32).powf(-0.5);
-        let scores: Vec<f32> = self.keys.chunks(self.e).map(|kr| kr.iter().zip(q).map(|(&a, &b)| a * b * scale).sum()).collect();
-        let mx = scores.iter().fold(f32::MIN, |a, &b| a.max(b));
-        let w: Vec<f32> = scores.iter().map(|&s| (s - mx).exp()).collect();
+        let mut w: Vec<f32> = self.keys.chunks(self.e).map(|kr| dot(kr, q) * scale).collect();
+        let mx = w.iter().fold(f32::MIN, |a, &b| a.max(b));
+        w.iter_mut().for_each(|s| *s = (*s - mx).exp());
         let inv = 1.0 / w.iter().sum::<f32>();
         out.fill(0.0);
         for (wj, vr) in w.iter().zip(self.values.chunks(self.e)) {
-            out.iter_mut().zip(vr).for_each(|(o, &x)| *o += wj * inv * x);
+            let f = wj * inv;
+            out.iter_mut().zip(vr).for_each(|(o, &x)| *o += f * x);
         }
     }
+}
+
+/// A dot product in eight interleaved partial sums, which the compiler turns into vector code.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

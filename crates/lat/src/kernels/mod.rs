@@ -11,6 +11,7 @@
 
 pub mod causal_linear;
 pub mod cross_entropy;
+pub mod decode;
 pub mod embedding_bag;
 pub mod gelu;
 pub mod gpu;

@@ -30,11 +30,19 @@ pub(crate) struct State {
 
 impl AxialAttention {
     pub fn new(b: &Builder, c: &TransformerConfig) -> Result<Self> {
-        // Global heads of width dim / heads (the reference passes no dim_head), no blind spot.
-        let layout = HeadLayout { heads: c.heads, dim_head: c.dim / c.heads, local_heads: 0, one_kv_head: c.one_kv_head };
         // `FoldAxially` adds one `fn.` level.
-        let attention = SelfAttention::with_layout(&b.pp("fn"), c, layout, c.causal, 1)?;
+        let attention = SelfAttention::with_layout(&b.pp("fn"), c, Self::layout(c), c.causal, 1)?;
         Ok(Self { fold: c.local_attn_window_size, attention })
+    }
+
+    /// Global heads of width dim / heads (the reference passes no dim_head), no blind spot.
+    fn layout(c: &TransformerConfig) -> HeadLayout {
+        HeadLayout { heads: c.heads, dim_head: c.dim / c.heads, local_heads: 0, one_kv_head: c.one_kv_head }
+    }
+
+    /// The most bytes one stream's state holds: one self-attention state per strided sequence.
+    pub fn max_state_bytes(c: &TransformerConfig) -> usize {
+        c.local_attn_window_size * SelfAttention::max_state_bytes(Self::layout(c), c.local_attn_window_size, 1)
     }
 
     /// [b, n, d] as [b · W, n / W, d]: sequence c holds positions c, c + W, c + 2W, …
@@ -90,8 +98,8 @@ impl Layer for AxialAttention {
 
     fn step(&self, h: &Tensor, states: &mut [&mut State], step: &Step) -> Result<Tensor> {
         let w = self.fold;
-        let mut strided: Vec<&mut self_attention::State> = states.iter_mut().flat_map(|s| s.strided.iter_mut()).collect();
-        self.attention.step_indexed(h, &mut strided, |r, i| r * w + (step.positions[r] + i) % w, &Step { rotary: None, ..*step })
+        let mut rows: Vec<&mut [self_attention::State]> = states.iter_mut().map(|s| &mut s.strided[..]).collect();
+        self.attention.step_rows(h, &mut rows, |position| position % w, &Step { rotary: None, ..*step })
     }
 
     fn state_bytes(state: &State) -> usize {

@@ -44,8 +44,18 @@ pub(crate) struct State {
 }
 
 impl CrossAttention {
+    fn layout(c: &TransformerConfig) -> HeadLayout {
+        HeadLayout { heads: c.heads, dim_head: c.dim_head(), local_heads: 0, one_kv_head: c.one_kv_head }
+    }
+
+    /// The most bytes one stream's state holds: a context summary per key/value head.
+    pub fn max_state_bytes(c: &TransformerConfig) -> usize {
+        let l = Self::layout(c);
+        l.kv_heads() * l.dim_head * l.dim_head * 4
+    }
+
     pub fn new(b: &Builder, c: &TransformerConfig) -> Result<Self> {
-        let layout = HeadLayout { heads: c.heads, dim_head: c.dim_head(), local_heads: 0, one_kv_head: c.one_kv_head };
+        let layout = Self::layout(c);
         let [to_q, to_k, to_v, to_out] = layout.projections(b, c.dim)?;
         Ok(Self { layout, dropout: c.attn_layer_dropout, to_q, to_k, to_v, to_out })
     }
@@ -74,7 +84,7 @@ impl Layer for CrossAttention {
         let v = l.expand(&self.to_v.apply(context, mode)?)?;
         let mask = call.inputs.context_mask.as_ref();
         let att = match mode {
-            Mode::Graph => kernel::linear_attention(&q, &k, &v, mask)?,
+            Mode::Graph | Mode::Decode => kernel::linear_attention(&q, &k, &v, mask)?,
             Mode::Record => kernel::forward_detached(&q, &k, &v, mask)?,
         }
         .flatten_from(2)?;
@@ -118,7 +128,7 @@ impl Layer for CrossAttention {
         let l = &self.layout;
         let (b, t, _) = h.dims3()?;
         let (dh, width) = (l.dim_head, l.inner());
-        let q = self.to_q.forward(h)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let q = self.to_q.apply(h, Mode::Decode)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; b * t * width];
         for (r, state) in states.iter().enumerate() {
             for i in 0..t {
@@ -130,7 +140,7 @@ impl Layer for CrossAttention {
             }
         }
         let merged = Tensor::from_vec(out, (b, t, width), h.device())?.to_dtype(h.dtype())?;
-        self.to_out.forward(&merged)
+        self.to_out.apply(&merged, Mode::Decode)
     }
 
     fn state_bytes(state: &State) -> usize {

@@ -86,10 +86,11 @@ impl Layer for FeedForward {
     fn forward(&self, h: &Tensor, call: &Call, mode: Mode) -> Result<(Tensor, Option<Saved>)> {
         let (b, len, dim) = h.dims3()?;
         let x = rows2(h)?;
-        let pre = x.matmul(&self.w1.weight_for(mode).t()?)?;
+        // The bias rides in the GELU.
+        let pre = self.w1.product(&x, mode, false)?;
         let b1 = self.w1.bias_for(mode).expect("w1 has a bias");
         let gelu = |t: &Tensor, bias: &Tensor| match mode {
-            Mode::Graph => gelu::bias_gelu(t, bias),
+            Mode::Graph | Mode::Decode => gelu::bias_gelu(t, bias),
             Mode::Record => gelu::forward_detached(t, bias),
         };
         let (act, glu) = if self.glu {
@@ -131,6 +132,6 @@ impl Layer for FeedForward {
     }
 
     fn step(&self, h: &Tensor, _states: &mut [&mut ()], _step: &Step) -> Result<Tensor> {
-        Ok(self.forward(h, &Call::decoding(h)?, Mode::Graph)?.0)
+        Ok(self.forward(h, &Call::decoding(h)?, Mode::Decode)?.0)
     }
 }

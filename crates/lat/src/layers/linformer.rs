@@ -56,6 +56,13 @@ impl Linformer {
         Self::new(b, c, c.max_seq_len, k, false)
     }
 
+    /// The most bytes one stream's state holds as cross-attention: the projected keys and
+    /// values (f32).
+    pub fn max_state_bytes(c: &TransformerConfig) -> usize {
+        let k = c.context_linformer_settings.map_or(0, |s| s.k);
+        2 * c.heads * k * c.dim_head.unwrap_or(c.dim / c.heads) * 4
+    }
+
     /// Cross-attention (`context_linformer_settings`).
     pub fn new_context(b: &Builder, c: &TransformerConfig) -> Result<Self> {
         let s = c.context_linformer_settings.expect("context_linformer_settings is set");
@@ -111,14 +118,14 @@ impl Linformer {
     }
 
     /// Softmax attention of the queries of `x` to projected keys and values.
-    fn attend(&self, x: &Tensor, keys: &Tensor, values: &Tensor, seed: Option<u64>) -> Result<Tensor> {
+    fn attend(&self, x: &Tensor, keys: &Tensor, values: &Tensor, seed: Option<u64>, mode: Mode) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
         let (h, dh) = (self.heads, self.dim_head);
-        let q = self.to_q.matmul(x)?.reshape((b, n, h, dh))?.transpose(1, 2)?.contiguous()?;
+        let q = self.to_q.apply(x, mode)?.reshape((b, n, h, dh))?.transpose(1, 2)?.contiguous()?;
         let dots = (q.matmul(&keys.t()?)? * (dh as f64).powf(-0.5))?;
         let attn = dropout(&candle_nn::ops::softmax(&dots, D::Minus1)?, self.dropout, seed)?;
         let out = attn.matmul(values)?.transpose(1, 2)?.contiguous()?.reshape((b, n, h * dh))?;
-        self.to_out.forward(&out)
+        self.to_out.apply(&out, mode)
     }
 
     /// Where keys and values come from, and which of their positions are real.
@@ -139,7 +146,7 @@ impl Layer for Linformer {
     fn forward(&self, h: &Tensor, call: &Call, _mode: Mode) -> Result<(Tensor, Option<Self::Saved>)> {
         let (src, keep) = self.source(h, call)?;
         let (keys, values) = self.project(src, keep)?;
-        Ok((self.attend(h, &keys, &values, call.dropout_seed(SITE_ATTN))?, None))
+        Ok((self.attend(h, &keys, &values, call.dropout_seed(SITE_ATTN), Mode::Graph)?, None))
     }
 
     fn backward(&self, saved: Self::Saved, _h: &Tensor, _dy: &Tensor, _call: &Call, _grads: &mut Grads) -> Result<Tensor> {
@@ -152,7 +159,7 @@ impl Layer for Linformer {
         }
         let (src, keep) = self.source(h, call)?;
         let (keys, values) = self.project(src, keep)?;
-        let y = self.attend(h, &keys, &values, None)?;
+        let y = self.attend(h, &keys, &values, None, Mode::Graph)?;
         let states = (0..h.dim(0)?).map(|r| Ok(State { keys: keys.narrow(0, r, 1)?, values: values.narrow(0, r, 1)? })).collect::<Result<_>>()?;
         Ok((y, states))
     }
@@ -160,7 +167,7 @@ impl Layer for Linformer {
     fn step(&self, h: &Tensor, states: &mut [&mut State], _step: &Step) -> Result<Tensor> {
         let keys = Tensor::cat(&states.iter().map(|s| &s.keys).collect::<Vec<_>>(), 0)?;
         let values = Tensor::cat(&states.iter().map(|s| &s.values).collect::<Vec<_>>(), 0)?;
-        self.attend(h, &keys, &values, None)
+        self.attend(h, &keys, &values, None, Mode::Decode)
     }
 
     fn state_bytes(state: &State) -> usize {

@@ -54,6 +54,9 @@ pub(crate) enum Mode {
     /// Outside the graph, on the fused kernels, keeping what the hand-written backward pass
     /// needs.
     Record,
+    /// A decoding step: inference whose products go through [`crate::kernels::decode`], so
+    /// that a stream's results do not depend on the other streams in its batch.
+    Decode,
 }
 
 /// What every layer of the stack reads besides its input.
@@ -220,6 +223,23 @@ pub(crate) fn pairs(b: &Builder, c: &TransformerConfig) -> Result<Vec<Pair>> {
         }
     }
     Ok(pairs)
+}
+
+/// The most bytes one stream's decoding state holds for a stack of configuration `c`: what each
+/// layer of [`pairs`] keeps (token shifting keeps each block's previous position besides).
+pub(crate) fn max_state_bytes(c: &TransformerConfig) -> usize {
+    let shift = if c.shift_tokens { 2 * c.dim * 4 } else { 0 };
+    let mut total = 0;
+    for layer in 0..c.depth {
+        total += shift + if c.linformer_settings.is_some() { 0 } else { SelfAttention::max_state_bytes(SelfAttention::layout(c, layer), c.local_attn_window_size, c.blindspot_size) };
+        if c.attend_axially {
+            total += AxialAttention::max_state_bytes(c);
+        }
+        if c.receives_context {
+            total += if c.context_linformer_settings.is_some() { Linformer::max_state_bytes(c) } else { CrossAttention::max_state_bytes(c) };
+        }
+    }
+    total
 }
 
 /// The index of the next pair and the names of its two halves in the reference's state dict.

@@ -163,7 +163,9 @@ impl Layer for ProductKeyMemory {
     }
 
     fn step(&self, h: &Tensor, _states: &mut [&mut ()], _step: &Step) -> Result<Tensor> {
-        self.memory(h, false)
+        // Row by row: a row's result must not depend on the others in the batch.
+        let rows = (0..h.dim(0)?).map(|r| self.memory(&h.narrow(0, r, 1)?, false)).collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&rows, 0)?)
     }
 }
 

@@ -8,6 +8,7 @@
 //! global heads' running sums: each new position costs the same whatever came before.
 
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
 use super::heads::HeadLayout;
 use super::{project_out, project_out_backward, Call, Layer, Mode, Step, SITE_ATTN, SITE_OUT};
@@ -58,8 +59,7 @@ pub(crate) struct State {
 impl SelfAttention {
     /// The main self-attention of layer `layer`.
     pub fn new(b: &Builder, c: &TransformerConfig, layer: usize) -> Result<Self> {
-        let layout = HeadLayout { heads: c.heads, dim_head: c.dim_head(), local_heads: c.local_heads(layer), one_kv_head: c.one_kv_head };
-        Self::with_layout(b, c, layout, c.causal, c.blindspot_size)
+        Self::with_layout(b, c, Self::layout(c, layer), c.causal, c.blindspot_size)
     }
 
     pub fn with_layout(b: &Builder, c: &TransformerConfig, layout: HeadLayout, causal: bool, bucket: usize) -> Result<Self> {
@@ -76,6 +76,18 @@ impl SelfAttention {
             dropout: c.attn_layer_dropout,
             attn_dropout: c.attn_dropout,
         })
+    }
+
+    /// The most bytes one stream's state holds for heads laid out as `layout`: per key/value
+    /// head, two windows of keys and values (local) or the running sums and a pending bucket.
+    pub fn max_state_bytes(layout: HeadLayout, window: usize, bucket: usize) -> usize {
+        let dh = layout.dim_head;
+        layout.kv_groups().iter().map(|&(first, _)| if first < layout.local_heads { LocalCache::max_bytes(dh, window) } else { LinearState::max_bytes(dh, dh, bucket) }).sum()
+    }
+
+    /// The main self-attention's layout in layer `layer`.
+    pub fn layout(c: &TransformerConfig, layer: usize) -> HeadLayout {
+        HeadLayout { heads: c.heads, dim_head: c.dim_head(), local_heads: c.local_heads(layer), one_kv_head: c.one_kv_head }
     }
 
     pub fn head_spec(&self) -> HeadSpec {
@@ -129,7 +141,7 @@ impl SelfAttention {
     fn attend(&self, qkv: Tensor, call: &Call, mode: Mode) -> Result<(Tensor, Option<Saved>)> {
         let attn_drop = self.attn_dropout(call);
         let (att, flat) = match mode {
-            Mode::Graph => (fused::self_attention(&qkv, self.head_spec(), call.mask(), call.rotary(), attn_drop)?, None),
+            Mode::Graph | Mode::Decode => (fused::self_attention(&qkv, self.head_spec(), call.mask(), call.rotary(), attn_drop)?, None),
             Mode::Record => {
                 let (att, flat) = fused::forward_saved(&qkv, self.head_spec(), call.mask(), call.rotary(), attn_drop)?;
                 (att, Some(flat))
@@ -178,30 +190,39 @@ impl SelfAttention {
         Ok(states)
     }
 
-    /// A decoding step whose position `i` of row `r` advances `states[index(r, i)]`; the
-    /// positions of row `r` start at `step.positions[r]`.
-    pub fn step_indexed(&self, h: &Tensor, states: &mut [&mut State], index: impl Fn(usize, usize) -> usize, step: &Step) -> Result<Tensor> {
+    /// A decoding step of rows [rows, t, dim]: row `r`'s position `i` (at `step.positions[r] +
+    /// i`) advances the state `rows[r][pick(position)]` (each row has one state, or axial layers
+    /// one per strided sequence). Rows run in parallel.
+    pub fn step_rows(&self, h: &Tensor, rows: &mut [&mut [State]], pick: impl Fn(usize) -> usize + Sync, step: &Step) -> Result<Tensor> {
         let l = &self.layout;
         let (b, t, _) = h.dims3()?;
+        if rows.len() != b {
+            return Err(stale());
+        }
         let (dh, width) = (l.dim_head, l.inner());
-        let qkv = self.qkv(h, Mode::Graph)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        // Queries of every head; keys and values of each key/value head (not yet repeated).
+        let host = |t: Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+        let q_all = host(self.to_q.apply(h, Mode::Decode)?)?;
+        let (k_all, v_all) = (host(self.to_k.apply(h, Mode::Decode)?)?, host(self.to_v.apply(h, Mode::Decode)?)?);
+        let kv_width = l.kv_heads() * dh;
         let mut out = vec![0f32; b * t * width];
         let groups = l.kv_groups();
-        for r in 0..b {
+        let attend_row = |r: usize, states: &mut [State], out: &mut [f32]| -> Result<()> {
             for i in 0..t {
-                let at = (r * t + i) * 3 * width;
-                let (mut q, mut k) = (qkv[at..at + width].to_vec(), qkv[at + width..at + 2 * width].to_vec());
-                let v = &qkv[at + 2 * width..at + 3 * width];
+                let position = step.positions[r] + i;
+                let (at, kv_at) = ((r * t + i) * width, (r * t + i) * kv_width);
+                let (mut q, mut k) = (q_all[at..at + width].to_vec(), k_all[kv_at..kv_at + kv_width].to_vec());
+                let v = &v_all[kv_at..kv_at + kv_width];
                 if let Some(table) = step.rotary {
-                    table.rotate(&mut q, dh, step.positions[r] + i);
-                    table.rotate(&mut k, dh, step.positions[r] + i);
+                    table.rotate(&mut q, dh, position);
+                    table.rotate(&mut k, dh, position);
                 }
-                let state = &mut **states.get_mut(index(r, i)).ok_or_else(stale)?;
+                let state = states.get_mut(pick(position)).ok_or_else(stale)?;
                 let (mut local, mut global) = (state.local.iter_mut(), state.global.iter_mut());
-                let o = &mut out[(r * t + i) * width..(r * t + i + 1) * width];
-                for &(first, count) in &groups {
-                    // Heads first .. first + count read the keys and values of head `first`.
-                    let (heads, key, value) = (first * dh..(first + count) * dh, &k[first * dh..(first + 1) * dh], &v[first * dh..(first + 1) * dh]);
+                let o = &mut out[i * width..(i + 1) * width];
+                for (g, &(first, count)) in groups.iter().enumerate() {
+                    // Heads first .. first + count read the keys and values of key/value head g.
+                    let (heads, key, value) = (first * dh..(first + count) * dh, &k[g * dh..(g + 1) * dh], &v[g * dh..(g + 1) * dh]);
                     if first < l.local_heads {
                         local.next().ok_or_else(stale)?.step(&q[heads.clone()], key, value, &mut o[heads]);
                     } else {
@@ -209,9 +230,11 @@ impl SelfAttention {
                     }
                 }
             }
-        }
+            Ok(())
+        };
+        rows.par_iter_mut().zip(out.par_chunks_mut(t * width)).enumerate().try_for_each(|(r, (states, o))| attend_row(r, states, o))?;
         let merged = Tensor::from_vec(out, (b, t, width), h.device())?.to_dtype(h.dtype())?;
-        self.to_out.forward(&merged)
+        self.to_out.apply(&merged, Mode::Decode)
     }
 }
 
@@ -243,7 +266,8 @@ impl Layer for SelfAttention {
     }
 
     fn step(&self, h: &Tensor, states: &mut [&mut State], step: &Step) -> Result<Tensor> {
-        self.step_indexed(h, states, |r, _| r, step)
+        let mut rows: Vec<&mut [State]> = states.iter_mut().map(|s| std::slice::from_mut(&mut **s)).collect();
+        self.step_rows(h, &mut rows, |_| 0, step)
     }
 
     fn state_bytes(state: &State) -> usize {

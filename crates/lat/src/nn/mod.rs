@@ -57,25 +57,41 @@ impl Linear {
     /// The weight as a forward pass in `mode` reads it: outside the graph when recording.
     pub(crate) fn weight_for(&self, mode: Mode) -> Tensor {
         match mode {
-            Mode::Graph => self.weight.clone(),
             Mode::Record => self.weight.detach(),
+            Mode::Graph | Mode::Decode => self.weight.clone(),
         }
     }
 
     /// The bias as a forward pass in `mode` reads it.
     pub(crate) fn bias_for(&self, mode: Mode) -> Option<Tensor> {
         self.bias.as_ref().map(|b| match mode {
-            Mode::Graph => b.clone(),
             Mode::Record => b.detach(),
+            Mode::Graph | Mode::Decode => b.clone(),
         })
     }
 
     /// The layer on the last dimension of `x` in a forward pass of `mode`.
     pub(crate) fn apply(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.product(x, mode, true)
+    }
+
+    /// `x Wᵀ`, plus the bias when `with_bias`, on the last dimension of `x`.
+    pub(crate) fn product(&self, x: &Tensor, mode: Mode, with_bias: bool) -> Result<Tensor> {
         let mut shape = x.dims().to_vec();
+        let k = *shape.last().expect("rank >= 1");
         *shape.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
+        let bias = self.bias_for(mode).filter(|_| with_bias);
+        if mode == Mode::Decode && kernels::use_fused(x) && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
+            let (rows, out) = (x.elem_count() / k.max(1), self.weight.dim(0)?);
+            let x = x.contiguous()?;
+            let mut y = vec![0f32; rows * out];
+            let mut parts = vec![&x, &self.weight];
+            parts.extend(bias.as_ref());
+            kernels::read::<f32, _>(&parts, |s| kernels::decode::matmul(s[0], rows, kernels::decode::Weight::F32(s[1]), out, s.get(2).copied(), &mut y))?;
+            return Ok(Tensor::from_vec(y, shape, x.device())?);
+        }
         let y = rows2(x)?.matmul(&self.weight_for(mode).t()?)?;
-        let y = match self.bias_for(mode) {
+        let y = match bias {
             Some(b) => y.broadcast_add(&b)?,
             None => y,
         };
