@@ -26,6 +26,8 @@ enum Command {
     Logits(commands::logits::Args),
     /// Train a byte-level language model (by default on the bundled Shakespeare).
     Train(commands::train::Args),
+    /// The memory a training run or an inference workload needs, before it starts.
+    Plan(commands::plan::Args),
     /// Bits per character of a model on a corpus split.
     Eval(commands::eval::Args),
     /// Continue a prompt, streaming the new tokens.
@@ -82,6 +84,7 @@ fn main() -> ExitCode {
         Command::Export(a) => commands::export::run(a),
         Command::Logits(a) => commands::logits::run(a),
         Command::Train(a) => commands::train::run(a),
+        Command::Plan(a) => commands::plan::run(a),
         Command::Eval(a) => commands::eval::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Serve(a) => serve::run(a),

@@ -137,3 +137,33 @@ fn inputs_and_corpora() {
     case("bad split", &["eval", "--model", &m, "--split", "dev"], "split");
     assert!(!Path::new(&out).exists());
 }
+
+#[test]
+fn runs_that_cannot_fit_are_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[&str], &str); 4] = [
+        ("batch", &["--set", "train.batch_size=100000"], "lower train.batch_size to at most"),
+        ("length", &["--set", "model.max_seq_len=4194304", "--set", "train.seq_len=4194304", "--set", "train.batch_size=1"], "train.seq_len to at most"),
+        ("width", &["--set", "model.dim=65536", "--set", "model.heads=1", "--set", "model.n_local_attn_heads=0"], "lower model.dim or model.depth"),
+        ("depth", &["--set", "model.depth=4000"], "lower model.dim or model.depth"),
+    ];
+    for (name, set, advice) in cases {
+        let out = p(dir.path(), name);
+        let mut args = vec!["train", "--out", &out];
+        args.extend_from_slice(set);
+        case(name, &args, advice);
+        assert!(!Path::new(&out).exists(), "{name}: a run folder was left behind");
+    }
+    // Under an explicit limit a small run is refused too, and --force starts it anyway.
+    let out = p(dir.path(), "forced");
+    let small = ["--set", "model.dim=32", "--set", "model.depth=1", "--set", "train.batch_size=2", "--set", "train.seq_len=64", "--set", "train.eval_every=0", "--set", "train.sample_every=0", "--set", "train.eval_windows=1", "--max-steps", "1", "--quiet"];
+    let mut args = vec!["train", "--out", &out, "--max-memory", "1MB"];
+    args.extend_from_slice(&small);
+    case("below --max-memory", &args, "under --max-memory");
+    assert!(!Path::new(&out).exists());
+    args.push("--force");
+    let o = lat(&args);
+    assert!(o.status.success(), "--force: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(Path::new(&out).join("model.safetensors").exists());
+    case("bad size", &["plan", "--max-memory", "lots"], "cannot read the size");
+}

@@ -211,3 +211,27 @@ fn the_copy_task_reaches_full_held_out_accuracy() {
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["sequence_accuracy"].as_f64(), Some(1.0), "{r}");
 }
+
+#[test]
+fn plan_prints_the_memory_a_workload_needs() {
+    let o = lat(&["plan"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    for line in ["parameters (f32)", "AdamW moments", "activations kept for the backward pass", "total", "fits"] {
+        assert!(text.contains(line), "{line} missing from\n{text}");
+    }
+    let o = lat(&["plan", "--set", "train.batch_size=16", "--json", "--max-memory", "1MB"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["fits"], false);
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.iter().map(|i| i["bytes"].as_u64().unwrap()).sum::<u64>(), v["total"].as_u64().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let model = path(dir.path(), "m.safetensors");
+    assert!(lat(&["import", "--torch", &fixture("causal_masked.pt"), "--config", &fixture("causal_masked.json"), "--out", &model]).status.success());
+    for mode in ["forward", "generate", "serve"] {
+        let o = lat(&["plan", "--model", &model, "--mode", mode, "--batch", "4", "--json"]);
+        assert!(o.status.success(), "{mode}: {}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(v["total"].as_u64().unwrap() > 0, "{mode}");
+    }
+}

@@ -105,12 +105,15 @@ impl Builder {
         let tensor = match &mut st.source {
             Source::Init(rng) => {
                 let n: usize = shape.iter().product();
-                let values: Vec<f32> = match init {
-                    Init::Uniform(b) => (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * b) as f32).collect(),
-                    Init::Normal(s) => (0..n).map(|_| (rng.normal() * s) as f32).collect(),
-                    Init::Ones => vec![1.0; n],
-                    Init::Zeros => vec![0.0; n],
-                };
+                // The largest allocations a configuration asks for: a clear error, not an abort.
+                let mut values: Vec<f32> = Vec::new();
+                values.try_reserve_exact(n).map_err(|_| Error::input(format!("out of memory: cannot allocate {} for parameter {full} {shape:?}; the model is too large for this machine", crate::plan::human(n as u64 * 4))))?;
+                match init {
+                    Init::Uniform(b) => values.extend((0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * b) as f32)),
+                    Init::Normal(s) => values.extend((0..n).map(|_| (rng.normal() * s) as f32)),
+                    Init::Ones => values.resize(n, 1.0),
+                    Init::Zeros => values.resize(n, 0.0),
+                }
                 Tensor::from_vec(values, shape, &device)?.to_dtype(dtype)?
             }
             Source::Shapes => Tensor::zeros((), dtype, &device)?.broadcast_as(shape)?,

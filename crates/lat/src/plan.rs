@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::layers::feed_forward::CHUNK_ROWS;
+use crate::layers::feed_forward::FeedForward;
 use crate::LinearAttentionTransformerLM;
 
 /// One line of a plan.
@@ -106,14 +106,23 @@ struct Shape {
     emb: u64,
 }
 
-/// Bytes a block keeps for its backward pass, and the most its backward pass adds at once.
+/// Bytes a block keeps for its backward pass, the most it holds at once when recomputed just
+/// before its backward pass (a reversible stack: feed-forward layers go piece by piece), and the
+/// most its backward pass adds.
 struct BlockCost {
     kept: u64,
+    at_once: u64,
     backward: u64,
 }
 
-/// What each block of `config`'s stack keeps for `rows` rows of `batch` sequences.
+/// What each block of `config`'s stack keeps for `rows` rows of `batch` sequences: on the fused
+/// CPU kernels (f32), or where candle's autograd differentiates the plain versions (bf16 on the
+/// CPU), whose graph keeps every intermediate and whose attention is quadratic in the window
+/// (local heads) or the length (causal global heads).
 fn blocks(config: &Config, s: &Shape, batch: u64) -> Vec<BlockCost> {
+    if s.f == 2 {
+        return autograd_blocks(config, s, batch);
+    }
     let c = config.transformer();
     let (rows, f, d) = (s.rows, s.f, s.d);
     let n = rows / batch.max(1);
@@ -121,43 +130,74 @@ fn blocks(config: &Config, s: &Shape, batch: u64) -> Vec<BlockCost> {
     let heads = c.heads as u64;
     // The normalised input and the residual stream after the block.
     let around = 2 * rows * d * f;
-    let attention = |he: u64| BlockCost {
+    let attention = |he: u64| {
         // qkv, the kernel's outputs with two statistics per row and head.
-        kept: around + rows * (3 * he + he) * f + batch * heads * n * 2 * f,
+        let kept = around + rows * (3 * he + he) * f + batch * heads * n * 2 * f;
         // The output's gradient through to_out, d qkv, and the input gradient.
-        backward: rows * (he + 3 * he + 2 * d) * f,
+        BlockCost { kept, at_once: kept, backward: rows * (he + 3 * he + 2 * d) * f }
     };
     let hidden = (4 * config.dim) as u64;
-    let pieces = if c.ff_chunks > 1 || rows > CHUNK_ROWS as u64 { 1 } else { 0 };
-    let glu = config.ff_glu;
-    let dropout = config.ff_dropout > 0.0;
-    let feed_forward = BlockCost {
-        // Pre-activations and activations (with GLU: twice the pre-activations, the gate's, the
-        // gate and the value), the dropout factors, and the input rows when cut in pieces.
-        kept: around + rows * hidden * f * if glu { 6 } else { 2 } + if dropout { rows * hidden * f } else { 0 } + pieces * rows * d * f,
-        backward: rows * (2 * hidden + 2 * d) * f,
-    };
-    let pkm = BlockCost {
-        // Queries (1024 wide), their norm, 2 × 4 × 128 sub-key scores, 4 × 32² candidate scores,
-        // and the candle graph around them.
-        kept: around + rows * (3 * 1024 + 1024 + 4096) * f,
-        backward: rows * (2 * 1024 + 4096 + 2 * d) * f,
-    };
+    let pieces = FeedForward::pieces(c.ff_chunks, batch as usize, n as usize);
+    let piece_rows = batch * pieces.iter().map(|&(_, len)| len as u64).max().unwrap_or(0);
+    let cut = if pieces.len() > 1 { 1 } else { 0 };
+    // Pre-activations and activations (with GLU: twice the pre-activations, the gate's, the gate
+    // and the value), the dropout factors, and the input rows when cut in pieces.
+    let per_row = hidden * if config.ff_glu { 6 } else { 2 } + if config.ff_dropout > 0.0 { hidden } else { 0 } + cut * d;
+    let feed_forward = BlockCost { kept: around + rows * per_row * f, at_once: around + piece_rows * per_row * f, backward: (rows * 2 * d + piece_rows * 2 * hidden) * f };
+    // Queries (1024 wide), their norm, 2 × 4 × 128 sub-key scores, 4 × 32² candidate scores, and
+    // the candle graph around them.
+    let pkm_kept = around + rows * (3 * 1024 + 1024 + 4096) * f;
+    let pkm = BlockCost { kept: pkm_kept, at_once: pkm_kept, backward: rows * (2 * 1024 + 4096 + 2 * d) * f };
     let mut out = vec![];
     for layer in 0..c.depth {
         out.push(match c.linformer_settings {
-            Some(l) => BlockCost { kept: around + rows * (3 * he) * f + batch * heads * n * l.k as u64 * 3 * f, backward: rows * (3 * he + 2 * d) * f },
+            Some(l) => {
+                let kept = around + rows * (3 * he) * f + batch * heads * n * l.k as u64 * 3 * f;
+                BlockCost { kept, at_once: kept, backward: rows * (3 * he + 2 * d) * f }
+            }
             None => attention(he),
         });
         out.push(if c.pkm_layers.contains(&(layer + 1)) { pkm.clone_cost() } else { feed_forward.clone_cost() });
         if c.attend_axially {
             // The folded copies of the input and the output beside the attention's.
             let axial = attention((c.heads * (c.dim / c.heads)) as u64);
-            out.push(BlockCost { kept: axial.kept + 2 * rows * d * f, backward: axial.backward + 2 * rows * d * f });
+            let kept = axial.kept + 2 * rows * d * f;
+            out.push(BlockCost { kept, at_once: kept, backward: axial.backward + 2 * rows * d * f });
             out.push(feed_forward.clone_cost());
         }
         if c.receives_context {
-            out.push(BlockCost { kept: around + rows * 2 * he * f, backward: rows * (2 * he + 2 * d) * f });
+            let kept = around + rows * 2 * he * f;
+            out.push(BlockCost { kept, at_once: kept, backward: rows * (2 * he + 2 * d) * f });
+            out.push(feed_forward.clone_cost());
+        }
+    }
+    out
+}
+
+/// [`blocks`] through candle's autograd and the plain kernels.
+fn autograd_blocks(config: &Config, s: &Shape, batch: u64) -> Vec<BlockCost> {
+    let c = config.transformer();
+    let (rows, f, d) = (s.rows, s.f, s.d);
+    let n = rows / batch.max(1);
+    let he = (c.heads * c.dim_head()) as u64;
+    let hidden = (4 * config.dim) as u64 * if config.ff_glu { 2 } else { 1 };
+    let slots = if c.causal { 2 } else { 3 } * c.local_attn_window_size as u64;
+    let ff_kept = rows * (2 * d + 8 * hidden) * f;
+    let feed_forward = BlockCost { kept: ff_kept, at_once: ff_kept, backward: rows * (3 * hidden + 2 * d) * f };
+    let mut out = vec![];
+    for layer in 0..c.depth {
+        let local = c.local_heads(layer) as u64;
+        let global = c.heads as u64 - local;
+        // Scores, weights and their products; the local heads' visibility (bytes), dropout
+        // factors (f64 and cast) and masked scores.
+        let quadratic = if c.causal { batch * global * n * n * 3 * f + n * n * (4 + f) } else { 0 };
+        let windows = batch * local * n * slots * (5 * f + 9);
+        let kept = rows * (2 * d + 10 * he) * f + quadratic + windows;
+        out.push(BlockCost { kept, at_once: kept, backward: rows * (4 * he + 2 * d) * f + quadratic + windows });
+        out.push(feed_forward.clone_cost());
+        if c.attend_axially || c.receives_context {
+            let kept = rows * (2 * d + 10 * he) * f;
+            out.push(BlockCost { kept, at_once: kept, backward: rows * (4 * he + 2 * d) * f });
             out.push(feed_forward.clone_cost());
         }
     }
@@ -166,7 +206,7 @@ fn blocks(config: &Config, s: &Shape, batch: u64) -> Vec<BlockCost> {
 
 impl BlockCost {
     fn clone_cost(&self) -> BlockCost {
-        BlockCost { kept: self.kept, backward: self.backward }
+        BlockCost { kept: self.kept, at_once: self.at_once, backward: self.backward }
     }
 }
 
@@ -186,7 +226,7 @@ pub fn plan(config: &Config, parameters: u64, work: Workload) -> Result<Plan> {
             let activations = if config.reversible {
                 // The two streams and their gradients, the pair being recomputed, and one
                 // block's kept activations.
-                6 * s.rows * d * s.f + costs.iter().map(|c| c.kept).max().unwrap_or(0)
+                6 * s.rows * d * s.f + costs.iter().map(|c| c.at_once).max().unwrap_or(0)
             } else {
                 costs.iter().map(|c| c.kept).sum()
             };
@@ -207,15 +247,16 @@ pub fn plan(config: &Config, parameters: u64, work: Workload) -> Result<Plan> {
         }
         Workload::Forward { batch, seq_len } => {
             let s = shape(batch, seq_len, 4);
-            // Inference keeps nothing between blocks but the residual streams.
-            let one_block = blocks(config, &s, batch as u64).iter().map(|c| c.kept).max().unwrap_or(0);
+            // Inference keeps nothing between blocks but the residual streams (two, reversibly);
+            // the largest of one block's intermediates and the head's comes on top.
+            let streams = if config.reversible { 2 } else { 1 };
+            let transient = inference_block(config, &s, batch as u64).max(head_bytes(&s));
             Plan::new(
                 format!("forward, batch {batch} × {seq_len} tokens"),
                 vec![
                     ("parameters (f32)".to_string(), p4),
-                    ("residual streams".to_string(), 2 * s.rows * d * 4),
-                    ("one block's activations".to_string(), one_block),
-                    ("embeddings and logits".to_string(), head_bytes(&s)),
+                    ("residual streams".to_string(), streams * s.rows * d * 4),
+                    ("the largest intermediates (a block's, or the logits')".to_string(), transient),
                 ],
             )
         }
@@ -234,6 +275,18 @@ pub fn plan(config: &Config, parameters: u64, work: Workload) -> Result<Plan> {
             )
         }
     })
+}
+
+/// The most one block holds at once in inference: the attention's projections and outputs, or
+/// the feed-forward layer's pre-activations and activations.
+fn inference_block(config: &Config, s: &Shape, batch: u64) -> u64 {
+    let c = config.transformer();
+    let he = (c.heads * c.dim_head()) as u64;
+    let n = s.rows / batch.max(1);
+    let attention = s.rows * (4 * he + s.d) * s.f + batch * c.heads as u64 * n * 2 * s.f;
+    let hidden = (4 * config.dim) as u64;
+    let feed_forward = s.rows * (hidden * if config.ff_glu { 6 } else { 2 } + s.d) * s.f;
+    attention.max(feed_forward) + s.rows * s.d * s.f
 }
 
 /// The embeddings and positions, the final norm and the logits of one pass.

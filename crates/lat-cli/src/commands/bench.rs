@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use linear_attention_transformer::generate::Sampling;
+use linear_attention_transformer::plan::Workload;
 use linear_attention_transformer::kernels::cross_entropy::cross_entropy_rows;
 use linear_attention_transformer::rng::Rng;
 use linear_attention_transformer::train::optim::{AdamW, AdamWConfig};
@@ -66,6 +67,8 @@ pub struct Args {
     /// bf16: forward in bfloat16; train in mixed precision (bfloat16 compute, f32 weights).
     #[arg(long, default_value = "f32")]
     precision: Precision,
+    #[command(flatten)]
+    memory: super::memory::MemoryArgs,
 }
 
 /// The named configurations, with `max_seq_len` set to the benchmark length.
@@ -122,11 +125,21 @@ pub fn run(a: Args) -> Result<()> {
         return Err(usage("--seq-len, --batch and --steps must be at least 1"));
     }
     let trainable = a.mode == Mode::Train;
-    let model = match (&a.preset, &a.config, &a.model) {
-        (Some(p), _, _) => LinearAttentionTransformerLM::new(&preset(p, a.seq_len + if a.mode == Mode::Generate { a.new_tokens } else { 0 })?, 0, &dev, DType::F32)?,
-        (_, Some(c), _) => LinearAttentionTransformerLM::new(&Config::from_file(c)?, 0, &dev, DType::F32)?,
-        (_, _, Some(m)) => checkpoint::load(m, &dev, trainable)?,
+    let config = match (&a.preset, &a.config, &a.model) {
+        (Some(p), _, _) => preset(p, a.seq_len + if a.mode == Mode::Generate { a.new_tokens } else { 0 })?,
+        (_, Some(c), _) => Config::from_file(c)?,
+        (_, _, Some(m)) => checkpoint::peek(m)?.0,
         _ => return Err(usage("give --preset, --config or --model")),
+    };
+    let work = match a.mode {
+        Mode::Train => Workload::Train { batch: a.batch, seq_len: a.seq_len, bytes_per_value: a.precision.dtype().size_in_bytes() },
+        Mode::Forward => Workload::Forward { batch: a.batch, seq_len: a.seq_len },
+        Mode::Generate => Workload::Generate { streams: a.batch, prompt_len: a.seq_len },
+    };
+    a.memory.check(&super::plan::inference_plan(&config, work)?, |_| "lower --batch or --seq-len".to_string())?;
+    let model = match &a.model {
+        Some(m) => checkpoint::load(m, &dev, trainable)?,
+        None => LinearAttentionTransformerLM::new(&config, 0, &dev, DType::F32)?,
     };
     let v = model.config().num_tokens;
     let mut rng = Rng::new(1);

@@ -31,6 +31,8 @@ pub struct Args {
     json: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
+    #[command(flatten)]
+    memory: super::memory::MemoryArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -38,8 +40,14 @@ pub fn run(a: Args) -> Result<()> {
         "all" => None,
         s => Some(s.parse::<Split>()?),
     };
-    let file = checkpoint::read(&a.model)?;
-    let trained_len = file.metadata.get("lat.seq_len").and_then(|s| s.parse::<usize>().ok());
+    let (config, metadata) = checkpoint::peek(&a.model)?;
+    let trained_len = metadata.get("lat.seq_len").and_then(|s| s.parse::<usize>().ok());
+    let planned_len = a.seq_len.or(trained_len).unwrap_or(config.max_seq_len);
+    let plan = super::plan::inference_plan(&config, linear_attention_transformer::plan::Workload::Forward { batch: a.batch, seq_len: planned_len })?;
+    a.memory.check(&plan, |limit| match super::memory::largest(a.batch, |b| super::plan::inference_plan(&config, linear_attention_transformer::plan::Workload::Forward { batch: b, seq_len: planned_len }).is_ok_and(|p| p.total <= limit)) {
+        Some(b) => format!("lower --batch to at most {b}"),
+        None => "lower --seq-len".to_string(),
+    })?;
     let model = checkpoint::load(&a.model, &device::parse(&a.device)?, false)?;
     let config = model.config();
     if config.num_tokens < 256 || config.return_embeddings {

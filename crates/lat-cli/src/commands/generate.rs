@@ -46,6 +46,8 @@ pub struct Args {
     json: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
+    #[command(flatten)]
+    memory: super::memory::MemoryArgs,
 }
 
 /// Generation shared with `lat bench`.
@@ -65,7 +67,6 @@ pub fn run_generation(
 
 pub fn run(a: Args) -> Result<()> {
     let dev: Device = device::parse(&a.device)?;
-    let model = checkpoint::load(&a.model, &dev, false)?;
     let prompts: Vec<Vec<u32>> = match (&a.prompt, &a.prompt_tokens) {
         (Some(text), None) => vec![text.bytes().map(u32::from).collect()],
         (None, Some(path)) => {
@@ -86,6 +87,10 @@ pub fn run(a: Args) -> Result<()> {
         }
         _ => return Err(usage("give --prompt TEXT or --prompt-tokens FILE")),
     };
+    let (config, _) = checkpoint::peek(&a.model)?;
+    let work = linear_attention_transformer::plan::Workload::Generate { streams: prompts.len(), prompt_len: prompts.iter().map(Vec::len).max().unwrap_or(0) };
+    a.memory.check(&super::plan::inference_plan(&config, work)?, |_| "generate for fewer prompts at once".to_string())?;
+    let model = checkpoint::load(&a.model, &dev, false)?;
     let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
     let bytes = model.config().num_tokens <= 256;
     let stream = !a.json && prompts.len() == 1;

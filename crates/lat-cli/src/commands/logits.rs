@@ -23,12 +23,19 @@ pub struct Args {
     out: PathBuf,
     #[arg(long, default_value = "cpu")]
     device: String,
+    #[command(flatten)]
+    memory: super::memory::MemoryArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let dev = device::parse(&a.device)?;
-    let model = checkpoint::load(&a.model, &dev, false)?;
     let mut input = checkpoint::read_tensors(&a.tokens)?;
+    if let Some((b, n)) = input.get("tokens").and_then(|t| t.dims2().ok()) {
+        let (config, _) = checkpoint::peek(&a.model)?;
+        let plan = super::plan::inference_plan(&config, linear_attention_transformer::plan::Workload::Forward { batch: b, seq_len: n })?;
+        a.memory.check(&plan, |_| "pass fewer or shorter sequences".to_string())?;
+    }
+    let model = checkpoint::load(&a.model, &dev, false)?;
     for t in input.values_mut() {
         *t = t.to_device(&dev)?;
     }

@@ -10,6 +10,8 @@ pub mod export;
 pub mod generate;
 pub mod import;
 pub mod logits;
+pub mod memory;
+pub mod plan;
 pub mod train;
 
 use linear_attention_transformer::Error;

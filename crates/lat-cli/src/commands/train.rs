@@ -45,6 +45,8 @@ pub struct Args {
     /// with samples).
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    memory: super::memory::MemoryArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -79,6 +81,8 @@ pub fn run(a: Args) -> Result<()> {
         run.set(&format!("train.time_limit=\"{t}\""))?;
     }
     run.validate()?;
+    // Before anything is written: a run that cannot fit leaves nothing behind.
+    super::plan::check_training(&run, &a.memory)?;
 
     let (data, corpus) = corpus::open(a.data.as_deref(), &a.out, &files.corpus_cache())?;
     let mut trainer = Trainer::start(run.clone(), corpus, &a.out, a.resume, &device)?;

@@ -64,6 +64,9 @@ pub struct Args {
     /// cpu, or cuda in builds with the cuda feature.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Slots are sized against this memory (default: what the system has available).
+    #[command(flatten)]
+    memory: crate::commands::memory::MemoryArgs,
 }
 
 /// What every handler reads.
@@ -77,27 +80,48 @@ struct App {
 
 pub fn run(a: Args) -> Result<()> {
     let dev = device::parse(&a.device)?;
-    let model = checkpoint::load(&a.model, &dev, false)?;
-    check_servable(&model)?;
     if a.max_batch == 0 {
         return Err(usage("--max-batch must be at least 1"));
     }
+    let slots = slots(&a)?;
+    let model = checkpoint::load(&a.model, &dev, false)?;
+    check_servable(&model)?;
     let grace = humantime::parse_duration(&a.grace_period).map_err(|e| usage(format!("--grace-period {}: {e}", a.grace_period)))?;
     let context = model.decode_limit();
     let limits = Limits { num_tokens: model.config().num_tokens, context, max_tokens_cap: a.max_tokens_cap.unwrap_or(context).min(context) };
     let per_stream = model.max_state_bytes();
-    let shared = Shared::new(a.max_queue, Metrics::new(a.max_batch, a.max_queue, per_stream));
+    let shared = Shared::new(a.max_queue, Metrics::new(slots, a.max_queue, per_stream));
     let name = a.served_name.clone().unwrap_or_else(|| a.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()));
     let engine = {
-        let (shared, slots) = (shared.clone(), a.max_batch);
+        let shared = shared.clone();
         std::thread::Builder::new().name("decoder".into()).spawn(move || engine::run(model, shared, slots)).map_err(|e| usage(format!("cannot start the decoding thread: {e}")))?
     };
     let app = Arc::new(App { shared: shared.clone(), limits, name, started: SystemTime::now(), ids: AtomicU64::new(0) });
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(|e| usage(format!("cannot start the HTTP runtime: {e}")))?;
-    runtime.block_on(serve(app, &a.host, a.port, a.max_batch, per_stream, grace))?;
+    runtime.block_on(serve(app, &a.host, a.port, slots, per_stream, grace))?;
     shared.stopping.store(true, Ordering::SeqCst);
     drop(engine);
     Ok(())
+}
+
+/// How many streams fit in memory beside the model, at most `--max-batch`: the memory plan of
+/// the model and one prompt piece, plus each stream's state at its bound.
+fn slots(a: &Args) -> Result<usize> {
+    use linear_attention_transformer::plan::{human, Workload};
+    let (config, _) = checkpoint::peek(&a.model)?;
+    let plan = |streams| crate::commands::plan::inference_plan(&config, Workload::Generate { streams, prompt_len: linear_attention_transformer::PROMPT_CHUNK });
+    let fixed = plan(0)?.total;
+    let per_stream = plan(1)?.total - fixed;
+    let Some(limit) = a.memory.limit()? else { return Ok(a.max_batch) };
+    let fit = (limit.saturating_sub(fixed) / per_stream.max(1)) as usize;
+    if fit >= a.max_batch || a.memory.force {
+        return Ok(a.max_batch);
+    }
+    if fit == 0 {
+        return Err(usage(format!("the model needs about {} and each stream {}, but {} is available: not even one stream fits (or pass --force)", human(fixed), human(per_stream), human(limit))));
+    }
+    eprintln!("lat serve: memory for {fit} streams ({} each beside {} for the model), fewer than --max-batch {}", human(per_stream), human(fixed), a.max_batch);
+    Ok(fit)
 }
 
 /// Models the completions API can drive: causal language models with logits over bytes, that

@@ -101,7 +101,7 @@ fn respell(key: &str, reversible: bool) -> String {
 /// holds one. Wrapper prefixes are stripped.
 pub fn read_state_dict(path: impl AsRef<Path>, key: Option<&str>) -> Result<HashMap<String, Tensor>> {
     let path = path.as_ref();
-    let f = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let f = open_file(path)?;
     // SAFETY: read-only; a file truncated by another process while mapped would fault, as for
     // any reader of a file being rewritten.
     let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
@@ -124,6 +124,14 @@ pub fn read_state_dict(path: impl AsRef<Path>, key: Option<&str>) -> Result<Hash
         return Err(Error::file(path, "the state dict holds no tensors"));
     }
     Ok(strip_wrappers(tensors))
+}
+
+/// Opens a file to map, refusing a folder with a message that says so.
+fn open_file(path: &Path) -> Result<fs::File> {
+    if path.is_dir() {
+        return Err(Error::file(path, "is a directory, not a file"));
+    }
+    fs::File::open(path).map_err(|e| Error::io(path, e))
 }
 
 /// Whether `bytes` start like a safetensors file: a little-endian header length, then JSON.
@@ -153,6 +161,20 @@ pub struct ModelFile {
     pub tensors: HashMap<String, Tensor>,
     /// Every other metadata entry (training state, checksums).
     pub metadata: HashMap<String, String>,
+}
+
+/// The configuration and metadata of a model file, from its header alone (its tensors are not
+/// read): what the memory plan needs before the model is loaded.
+pub fn peek(path: impl AsRef<Path>) -> Result<(Config, HashMap<String, String>)> {
+    let path = path.as_ref();
+    let f = open_file(path)?;
+    // SAFETY: read-only; only the header is looked at.
+    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
+    let mut metadata = header.metadata().clone().unwrap_or_default();
+    let json = metadata.remove(CONFIG_KEY).ok_or_else(|| Error::file(path, format!("no \"{CONFIG_KEY}\" in the header: not a model file")))?;
+    let config = Config::from_json_str(&json).map_err(|e| Error::file(path, format!("its configuration is invalid: {e}")))?;
+    Ok((config, metadata))
 }
 
 /// Reads a model file (or any safetensors file carrying `lat.config`).
