@@ -3,7 +3,17 @@ machine and writes a dated markdown table of times, tokens/s, peak memory and ra
 
     python tools/bench/side_by_side.py [--lengths 1024 2048 4096 8192 16384] [--modes forward train]
         [--rounds 3] [--steps 3] [--threads 2] [--variant seed] [--variant blindspot1]
-        [--generate] [--scaling [VARIANT ...]] [--resume LOG] [--out benchmarks/YYYY-MM-DD.md]
+        [--isa avx2 native] [--generate] [--quantized] [--scaling [VARIANT ...]] [--resume LOG]
+        [--out benchmarks/YYYY-MM-DD.md]
+
+Both instruction sets are measured on whatever machine it runs on: `avx2` is a build of `lat`
+without its `avx512` feature (gemm's AVX2 kernels; built into target/avx2 when missing) against
+the reference restricted to AVX2 (ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2);
+`native` is the default build against the unrestricted reference, and runs where the CPU has
+AVX-512 (by default only there). Each of our rows also gives the share of the machine's FMA
+peak (measured by `lat bench`) that the step's matrix products sustain over the whole step.
+--quantized adds per-token decoding of the seed model's weights in f32, bf16 and int8, at
+batch 1 and 32, with peak memory (ours only: the reference has no recurrent decoding).
 
 Each measurement is its own process (so that its peak RSS is its own), both implementations use
 the same number of threads, the two alternate (which one goes first swaps every round), every
@@ -55,6 +65,26 @@ def wait_quiet(limit, max_wait):
     return False
 
 
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def avx2_build(path):
+    """Our binary without gemm's AVX-512 kernels, built when missing."""
+    if not os.path.exists(path):
+        print("building the AVX2-only lat into target/avx2 (once)", flush=True)
+        subprocess.run(["cargo", "build", "--release", "-p", "lat-cli", "--no-default-features", "--target-dir", os.path.join(ROOT, "target", "avx2")],
+                       check=True, cwd=ROOT)
+    return path
+
+
 def run(cmd, env, timeout):
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -69,6 +99,9 @@ def run(cmd, env, timeout):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lat", default=os.path.join(ROOT, "target", "release", "lat"))
+    ap.add_argument("--lat-avx2", default=os.path.join(ROOT, "target", "avx2", "release", "lat"), help="the AVX2-only build (built when missing)")
+    ap.add_argument("--isa", nargs="+", choices=["avx2", "native"], help="instruction sets to measure (default: avx2, and native where the CPU has AVX-512)")
+    ap.add_argument("--quantized", action="store_true", help="also per-token decoding with f32, bf16 and int8 weights at batch 1 and 32")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--modes", nargs="+", default=["forward", "train"])
@@ -85,14 +118,22 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", f"{datetime.date.today()}.md"))
     a = ap.parse_args()
     variants = a.variant or ["seed", "blindspot1"]
+    flags = cpu_flags()
+    isas = a.isa or (["avx2", "native"] if "avx512f" in flags else ["avx2"])
 
-    env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+    base_env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+    # What each instruction set runs: our binary, and the reference's environment.
+    setups = {
+        "avx2": (avx2_build(a.lat_avx2) if "avx2" in isas else None, dict(base_env, ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2")),
+        "native": (a.lat, base_env),
+    }
+    env = base_env
     ref = os.path.join(ROOT, "tools", "reference", "bench.py")
     rows = []
     noisy = 0
     done = load_resumed(a.resume) if a.resume else {}
 
-    def measure(label, ours_cmd, ref_cmd):
+    def measure(label, ours_cmd, ref_cmd, env):
         nonlocal noisy
         if label in done:
             rows.append((label, done[label]))
@@ -114,39 +155,51 @@ def main():
         print(label, json.dumps(summary), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in variants:
-            sets = VARIANTS[variant]
-            lat_cfg = lambda n: config_for(a, tmp, variant, sets, n, env)
-            for mode in a.modes:
-                for n in a.lengths:
-                    cfg = lat_cfg(n)
-                    common = ["--mode", mode, "--seq-len", str(n), "--steps", str(a.steps), "--json"]
-                    ours = [a.lat, "bench", "--config", cfg] + common
-                    theirs = [a.python, ref, "--config", cfg, "--threads", str(a.threads)] + common
-                    measure((variant, mode, n), ours, theirs)
-            if a.scaling is not None and (not a.scaling or variant in a.scaling):
+        for isa in isas:
+            lat, env = setups[isa]
+            for variant in variants:
+                sets = VARIANTS[variant]
+                lat_cfg = lambda n: config_for(a, tmp, variant, sets, n, base_env)
                 for mode in a.modes:
-                    n = 32768
-                    cfg = lat_cfg(n)
-                    common = ["--mode", mode, "--seq-len", str(n), "--steps", "2", "--json"]
-                    measure((variant, mode, n), [a.lat, "bench", "--config", cfg] + common,
-                            [a.python, ref, "--config", cfg, "--threads", str(a.threads)] + common)
-        if a.generate:
-            # The same weights for both: the reference's seed model, imported.
-            for prompt, new in [(512, 256)]:
-                model = imported_model(a, tmp, prompt + new, env)
-                cfg = os.path.join(tmp, f"gen-{prompt + new}", "config.json")
-                common = ["--mode", "generate", "--seq-len", str(prompt), "--new-tokens", str(new), "--steps", "2", "--json"]
-                measure(("seed", "generate", prompt), [a.lat, "bench", "--model", model] + common,
-                        [a.python, ref, "--config", cfg, "--threads", str(a.threads)] + common)
-            # Per-token time at long contexts: ours only beyond what the reference finishes in time.
-            for context in [1024, 4096, 16384]:
-                model = imported_model(a, tmp, context + 64, env)
-                cfg = os.path.join(tmp, f"gen-{context + 64}", "config.json")
-                common = ["--mode", "generate", "--seq-len", str(context), "--new-tokens", "64", "--steps", "2", "--json"]
-                theirs = [a.python, ref, "--config", cfg, "--threads", str(a.threads), "--new-tokens", "8", "--steps", "1",
-                          "--mode", "generate", "--seq-len", str(context), "--json"] if context <= 4096 else None
-                measure(("seed", "decode", context), [a.lat, "bench", "--model", model] + common, theirs)
+                    for n in a.lengths:
+                        cfg = lat_cfg(n)
+                        common = ["--mode", mode, "--seq-len", str(n), "--steps", str(a.steps), "--json"]
+                        ours = [lat, "bench", "--config", cfg] + common
+                        theirs = [a.python, ref, "--config", cfg, "--threads", str(a.threads)] + common
+                        measure((isa, variant, mode, n), ours, theirs, env)
+                if a.scaling is not None and (not a.scaling or variant in a.scaling):
+                    for mode in a.modes:
+                        n = 32768
+                        cfg = lat_cfg(n)
+                        common = ["--mode", mode, "--seq-len", str(n), "--steps", "2", "--json"]
+                        measure((isa, variant, mode, n), [lat, "bench", "--config", cfg] + common,
+                                [a.python, ref, "--config", cfg, "--threads", str(a.threads)] + common, env)
+            if a.generate:
+                # The same weights for both: the reference's seed model, imported.
+                for prompt, new in [(512, 256)]:
+                    model = imported_model(a, tmp, prompt + new, base_env)
+                    cfg = os.path.join(tmp, f"gen-{prompt + new}", "config.json")
+                    common = ["--mode", "generate", "--seq-len", str(prompt), "--new-tokens", str(new), "--steps", "2", "--json"]
+                    measure((isa, "seed", "generate", prompt), [lat, "bench", "--model", model] + common,
+                            [a.python, ref, "--config", cfg, "--threads", str(a.threads)] + common, env)
+                # Per-token time at long contexts: ours only beyond what the reference finishes in time.
+                for context in [1024, 4096, 16384]:
+                    model = imported_model(a, tmp, context + 64, base_env)
+                    cfg = os.path.join(tmp, f"gen-{context + 64}", "config.json")
+                    common = ["--mode", "generate", "--seq-len", str(context), "--new-tokens", "64", "--steps", "2", "--json"]
+                    theirs = [a.python, ref, "--config", cfg, "--threads", str(a.threads), "--new-tokens", "8", "--steps", "1",
+                              "--mode", "generate", "--seq-len", str(context), "--json"] if context <= 4096 else None
+                    measure((isa, "seed", "decode", context), [lat, "bench", "--model", model] + common, theirs, env)
+            if a.quantized:
+                # The seed model's weights as f32, bf16 and int8; a prompt of 64, then 128 tokens.
+                model = imported_model(a, tmp, 64 + 128, base_env)
+                for q in ["f32", "bf16", "int8"]:
+                    path = model if q == "f32" else os.path.join(tmp, f"seed-{q}.safetensors")
+                    if not os.path.exists(path):
+                        subprocess.run([lat, "quantize", "--model", model, "--to", q, "--out", path], check=True, env=base_env)
+                    for batch in [1, 32]:
+                        common = ["--mode", "generate", "--seq-len", "64", "--new-tokens", "128", "--batch", str(batch), "--steps", "2", "--json"]
+                        measure((isa, q, "quantized", batch), [lat, "bench", "--model", path] + common, None, env)
 
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
@@ -155,7 +208,7 @@ def main():
 
 
 def load_resumed(path):
-    """Measurements printed by an earlier run, `(variant, mode, n) {summary json}` per line; each
+    """Measurements printed by an earlier run, `(isa, variant, mode, n) {summary json}` per line; each
     summary stands in for its runs (the median of one value is that value)."""
     done = {}
     with open(path) as f:
@@ -197,7 +250,7 @@ def summarize(results):
         return {"error": results[0]["error"] if results else "not run"}
     summary = {
         key: statistics.median(r[key] for r in ok)
-        for key in ["median_s", "tokens_per_s", "peak_rss_mib", "first_token_s", "per_token_ms"]
+        for key in ["median_s", "tokens_per_s", "peak_rss_mib", "first_token_s", "per_token_ms", "product_gflops_per_s", "fma_peak_gflops_per_s"]
         if all(r.get(key) is not None for r in ok)
     }
     summary["runs"] = len(ok)
@@ -205,54 +258,90 @@ def summarize(results):
 
 
 def render(a, rows, noisy):
+    flags = cpu_flags()
+    shown = [f for f in ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16"] if f in flags]
     lines = [
         f"# Side-by-side benchmark, {datetime.date.today()}",
         "",
         f"`lat bench` against the Python reference (linear-attention-transformer 0.19.1, torch {torch_version(a)}) on the same",
-        f"configurations, batch 1, {a.threads} threads each, on {cpu_name()} "
-        f"({os.cpu_count()} cores visible). Medians of {a.rounds} alternating rounds, each a separate process timing "
+        f"configurations, batch 1, {a.threads} threads each, on {cpu_name()} ({os.cpu_count()} cores visible; flags: {' '.join(shown) or 'none of note'}).",
+        f"Medians of {a.rounds} alternating rounds, each a separate process timing "
         f"{a.steps} steps after a warm-up; peak memory is each process's peak RSS. Reproduce with",
         "",
         "    " + " ".join(["python", "tools/bench/side_by_side.py"] + sys.argv[1:]),
+        "",
+        "ISA `avx2`: our build without the `avx512` feature against the reference with `ATEN_CPU_CAPABILITY=avx2",
+        "MKL_ENABLE_INSTRUCTIONS=AVX2`; `native`: the default build against the unrestricted reference.",
         "",
     ]
     if noisy:
         lines += [f"Note: {noisy} measurements started on a busy machine (CPU more than {a.quiet_load:.0%} busy) after waiting {a.max_wait:.0f} s.", ""]
     lines += [
-        "| model | mode | tokens | ours s | reference s | speed ratio | ours tokens/s | reference tokens/s | ours peak MiB | reference peak MiB | memory ratio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ISA | model | mode | tokens | ours s | reference s | speed ratio | ours tokens/s | reference tokens/s | ours % of FMA peak | ours peak MiB | reference peak MiB | memory ratio |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (variant, mode, n), results in rows:
+    peaks = []
+    for (isa, variant, mode, n), results in rows:
+        if mode in ("decode", "quantized"):
+            continue
         o, r = summarize(results["ours"]), summarize(results["ref"]) if results["ref"] else {"error": "not run"}
         def cell(s, key, fmt):
             return fmt.format(s[key]) if key in s else s.get("error", "")
         speed = f"{o['tokens_per_s'] / r['tokens_per_s']:.2f}x" if "tokens_per_s" in o and "tokens_per_s" in r else ""
         mem = f"{o['peak_rss_mib'] / r['peak_rss_mib']:.2f}x" if "peak_rss_mib" in o and "peak_rss_mib" in r else ""
+        peak = f"{100 * o['product_gflops_per_s'] / o['fma_peak_gflops_per_s']:.0f} %" if o.get("fma_peak_gflops_per_s") and mode != "generate" else ""
+        if o.get("fma_peak_gflops_per_s"):
+            peaks.append(o["fma_peak_gflops_per_s"])
         lines.append(
-            f"| {variant} | {mode} | {n} | {cell(o, 'median_s', '{:.3f}')} | {cell(r, 'median_s', '{:.3f}')} | {speed} | "
-            f"{cell(o, 'tokens_per_s', '{:.0f}')} | {cell(r, 'tokens_per_s', '{:.0f}')} | {cell(o, 'peak_rss_mib', '{:.0f}')} | "
+            f"| {isa} | {variant} | {mode} | {n} | {cell(o, 'median_s', '{:.3f}')} | {cell(r, 'median_s', '{:.3f}')} | {speed} | "
+            f"{cell(o, 'tokens_per_s', '{:.0f}')} | {cell(r, 'tokens_per_s', '{:.0f}')} | {peak} | {cell(o, 'peak_rss_mib', '{:.0f}')} | "
             f"{cell(r, 'peak_rss_mib', '{:.0f}')} | {mem} |"
         )
-    decoding = [(n, summarize(res["ours"]), summarize(res["ref"])) for (_, mode, n), res in rows if mode == "decode"]
+    decoding = [(isa, n, summarize(res["ours"]), summarize(res["ref"])) for (isa, _, mode, n), res in rows if mode == "decode"]
     if decoding:
         lines += [
             "",
             "Decoding after a context of n tokens: our time to the first new token (reading the context in one pass) and",
             "per token after it; the reference's per token (each of its tokens re-runs the whole sequence).",
             "",
-            "| context | ours first token s | ours ms/token | reference ms/token | per-token ratio |",
-            "|---:|---:|---:|---:|---:|",
+            "| ISA | context | ours first token s | ours ms/token | reference ms/token | per-token ratio |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
-        for n, o, r in decoding:
+        for isa, n, o, r in decoding:
             ours = o.get("per_token_ms")
             ref = r.get("per_token_ms")
             lines.append(
-                f"| {n} | {o.get('first_token_s', float('nan')):.3f} | {ours if ours is not None else float('nan'):.1f} | "
+                f"| {isa} | {n} | {o.get('first_token_s', float('nan')):.3f} | {ours if ours is not None else float('nan'):.1f} | "
                 f"{f'{ref:.0f}' if ref is not None else 'not run'} | {f'{ref / ours:.0f}x' if ours and ref else ''} |"
+            )
+    quantized = {(isa, q, b): summarize(res["ours"]) for (isa, q, mode, b), res in rows if mode == "quantized"}
+    if quantized:
+        lines += [
+            "",
+            "Quantized decoding: the seed model's weights in f32, bf16 and int8 (`lat quantize`), a prompt of 64 tokens, then",
+            "128 new tokens per stream; per-token time of one decoding step for the whole batch, its speed-up over f32 at the",
+            "same batch, the step's cost over a single stream's with the same weights, and the process's peak memory.",
+            "",
+            "| ISA | weights | streams | ms/step | tokens/s | speed-up over f32 | step / single-stream step | peak MiB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for (isa, q, b), o in quantized.items():
+            ms = o.get("per_token_ms")
+            f32 = quantized.get((isa, "f32", b), {}).get("per_token_ms")
+            single = quantized.get((isa, q, 1), {}).get("per_token_ms")
+            if ms is None:
+                lines.append(f"| {isa} | {q} | {b} | {o.get('error', '')} | | | | |")
+                continue
+            lines.append(
+                f"| {isa} | {q} | {b} | {ms:.2f} | {b * 1e3 / ms:.0f} | {f'{f32 / ms:.2f}x' if f32 else ''} | "
+                f"{f'{ms / single:.1f}x' if single else ''} | {o.get('peak_rss_mib', float('nan')):.0f} |"
             )
     lines += [
         "",
         "Speed ratio = our tokens/s / the reference's (above 1: we are faster). Memory ratio = our peak / the reference's peak.",
+        "% of FMA peak = the FLOPs of the step's matrix products (2 per weight per token; a training step three times that, four",
+        "with the reversible stack's recomputation) over the step's time, as a share of the f32 FMA peak that `lat bench`",
+        f"measures on the same threads ({statistics.median(peaks):.0f} GFLOP/s here)." if peaks else "measures on the same threads.",
         "For generate, tokens are new tokens (greedy), and the time includes reading the prompt. `decode` rows continue a context",
         "of that many tokens: ours for 64 new tokens, the reference for 8 (each of its tokens re-runs the whole sequence, so its",
         "rate does not depend on how many), and the reference not beyond 4 k tokens.",

@@ -22,6 +22,8 @@ enum Command {
     Import(commands::import::Args),
     /// Write a model's state dict for the reference (safetensors or .pt) and its keyword arguments.
     Export(commands::export::Args),
+    /// Write a model file with its linear weights in int8 or bf16, for faster decoding.
+    Quantize(commands::quantize::Args),
     /// Write the logits of a model for the tokens of a safetensors file.
     Logits(commands::logits::Args),
     /// Train a byte-level language model (by default on the bundled Shakespeare).
@@ -79,9 +81,13 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    let result = match cli.command {
+    // The command runs on a worker of the thread pool that the kernels split their work over:
+    // it takes part in that work instead of waiting for it, and between parallel parts only
+    // the other workers look for work, without crowding it off its core.
+    let result = rayon::scope(move |_| match cli.command {
         Command::Import(a) => commands::import::run(a),
         Command::Export(a) => commands::export::run(a),
+        Command::Quantize(a) => commands::quantize::run(a),
         Command::Logits(a) => commands::logits::run(a),
         Command::Train(a) => commands::train::run(a),
         Command::Plan(a) => commands::plan::run(a),
@@ -92,7 +98,7 @@ fn main() -> ExitCode {
         Command::CopyTask(a) => commands::copy_task::run(a),
         Command::Check(a) => commands::check::check(a),
         Command::KernelBench(a) => commands::check::kernel_bench(a),
-    };
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -167,6 +167,30 @@ fn generation_with_a_seed_is_reproducible_and_cache_agrees() {
 }
 
 #[test]
+fn quantized_models_generate_evaluate_and_refuse_training() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(train(dir.path(), &["--max-steps", "5"]).status.success());
+    let model = path(&dir.path().join("run"), "model.safetensors");
+    let (int8, bf16) = (path(dir.path(), "int8.safetensors"), path(dir.path(), "bf16.safetensors"));
+    for (to, out) in [("int8", &int8), ("bf16", &bf16)] {
+        let o = lat(&["quantize", "--model", &model, "--to", to, "--out", out]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stderr).contains(&format!("{to}: ")));
+        assert!(std::fs::metadata(out).unwrap().len() < std::fs::metadata(&model).unwrap().len());
+        let o = lat(&["generate", "--model", out, "--prompt", "to be", "--max-new", "20", "--top-k", "1", "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let o = lat(&["eval", "--model", out, "--data", &path(dir.path(), "corpus.txt"), "--split", "test", "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    fails(&lat(&["quantize", "--model", &int8, "--to", "bf16", "--out", &path(dir.path(), "again.safetensors")]), "already quantized (int8)");
+    fails(&lat(&["quantize", "--model", &model, "--to", "int4", "--out", &path(dir.path(), "q.safetensors")]), "unknown quantization \"int4\"");
+    fails(&lat(&["quantize", "--model", &model, "--to", "int8", "--out", &model]), "--out must differ");
+    fails(&lat(&["bench", "--model", &int8, "--mode", "train", "--seq-len", "16", "--steps", "1"]), "cannot be trained");
+    fails(&lat(&["export", "--model", &bf16, "--out", &path(dir.path(), "sd.pt")]), "cannot be exported");
+    assert!(!dir.path().join("again.safetensors").exists() && !dir.path().join("q.safetensors").exists() && !dir.path().join("sd.pt").exists());
+}
+
+#[test]
 fn training_killed_at_random_moments_resumes_from_its_last_checkpoint() {
     use linear_attention_transformer::train::peek_checkpoint;
     let dir = tempfile::tempdir().unwrap();

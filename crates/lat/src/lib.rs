@@ -67,6 +67,7 @@ mod nn;
 mod params;
 pub mod pass;
 pub mod plan;
+pub mod quantize;
 pub mod rng;
 mod stack;
 pub mod train;
@@ -76,4 +77,5 @@ pub use config::{Config, LinformerContextSettings, LinformerSettings, LocalHeads
 pub use error::{Error, Result};
 pub use model::{DecodeState, Inputs, LinearAttentionTransformer, LinearAttentionTransformerLM, PROMPT_CHUNK};
 pub use params::Param;
+pub use quantize::Quantization;
 pub use pass::Pass;

@@ -17,6 +17,7 @@ use crate::nn::positional::{rotary_table, PositionalEmbedding};
 use crate::nn::{Embedding, LayerNorm, Linear};
 use crate::params::{Builder, Param};
 use crate::pass::Pass;
+use crate::quantize::Quantization;
 use crate::stack::Stack;
 
 /// Optional inputs of a forward pass besides the tokens (or embeddings).
@@ -212,6 +213,7 @@ pub struct LinearAttentionTransformerLM {
     params: Vec<Param>,
     device: Device,
     dtype: DType,
+    quantization: Option<Quantization>,
 }
 
 impl LinearAttentionTransformerLM {
@@ -247,6 +249,7 @@ impl LinearAttentionTransformerLM {
             params: vec![],
             device: b.device(),
             dtype: b.dtype(),
+            quantization: b.quantization(),
         })
     }
 
@@ -263,6 +266,26 @@ impl LinearAttentionTransformerLM {
     pub fn from_tensors(config: &Config, tensors: HashMap<String, Tensor>, device: &Device, dtype: DType, trainable: bool) -> Result<Self> {
         let (m, params) = Builder::load(tensors, device, dtype, trainable).build(|b| Self::build(b, config))?;
         Ok(Self { params, ..m })
+    }
+
+    /// A model from a quantized model file's tensors (see [`crate::quantize`]): on the CPU, for
+    /// inference, its linear weights kept packed.
+    pub fn from_quantized(config: &Config, tensors: HashMap<String, Tensor>, quantization: Quantization) -> Result<Self> {
+        let (m, params) = Builder::load_quantized(tensors, quantization).build(|b| Self::build(b, config))?;
+        Ok(Self { params, ..m })
+    }
+
+    /// How the linear weights are stored, when the model came from a quantized file.
+    pub fn quantization(&self) -> Option<Quantization> {
+        self.quantization
+    }
+
+    /// The error for what a quantized model cannot do.
+    pub(crate) fn refuse_quantized(&self, what: &str) -> Result<()> {
+        match self.quantization {
+            Some(q) => Err(Error::input(format!("this model is quantized to {q}: it cannot {what}; use the f32 model it was quantized from"))),
+            None => Ok(()),
+        }
     }
 
     /// How many trainable parameters a model of `config` has, counted without allocating them.
@@ -293,6 +316,7 @@ impl LinearAttentionTransformerLM {
         if dtype == self.dtype {
             return Ok(self.clone());
         }
+        self.refuse_quantized(&format!("be cast to {dtype:?}"))?;
         let tensors = self.params.iter().map(|p| (p.name.clone(), p.tensor.detach())).collect();
         let trainable = self.params.iter().any(|p| p.tensor.is_variable());
         Self::from_tensors(&self.config, tensors, &self.device, dtype, trainable)

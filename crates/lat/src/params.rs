@@ -10,6 +10,8 @@ use std::rc::Rc;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::error::{Error, Result};
+use crate::kernels::decode::Packed;
+use crate::quantize::Quantization;
 use crate::rng::Rng;
 
 /// How a fresh parameter is initialised.
@@ -32,6 +34,8 @@ pub struct Param {
     pub tensor: Tensor,
     /// Buffers (the rotary tables) are saved with the model but never trained.
     pub trainable: bool,
+    /// A linear layer's weight [out, in]: what quantization packs.
+    pub linear: bool,
 }
 
 enum Source {
@@ -47,6 +51,8 @@ struct State {
     dtype: DType,
     /// Whether parameters are created as variables that record gradients.
     trainable: bool,
+    /// Loading a quantized model file: linear weights come packed.
+    quantization: Option<Quantization>,
     made: Vec<Param>,
     used: HashSet<String>,
 }
@@ -74,8 +80,16 @@ impl Builder {
         Self::new(Source::Load(tensors), device, dtype, trainable)
     }
 
+    /// Parameters taken from a quantized model file's `tensors`, on the CPU in f32, every linear
+    /// layer's weight kept packed (see [`Builder::matrix`]).
+    pub fn load_quantized(tensors: HashMap<String, Tensor>, quantization: Quantization) -> Self {
+        let b = Self::new(Source::Load(tensors), &Device::Cpu, DType::F32, false);
+        b.state.borrow_mut().quantization = Some(quantization);
+        b
+    }
+
     fn new(source: Source, device: &Device, dtype: DType, trainable: bool) -> Self {
-        let state = State { source, device: device.clone(), dtype, trainable, made: vec![], used: HashSet::new() };
+        let state = State { source, device: device.clone(), dtype, trainable, quantization: None, made: vec![], used: HashSet::new() };
         Self { state: Rc::new(RefCell::new(state)), prefix: String::new() }
     }
 
@@ -95,6 +109,51 @@ impl Builder {
 
     pub fn dtype(&self) -> DType {
         self.state.borrow().dtype
+    }
+
+    /// The quantization of the file being loaded, if any.
+    pub fn quantization(&self) -> Option<Quantization> {
+        self.state.borrow().quantization
+    }
+
+    /// A linear layer's weight `name` [out, in]: as [`Builder::get`], or from a quantized file
+    /// packed (int8 values `name` with scales `name.scale`, or bf16 `name`), with a tensor that
+    /// has its shape and allocates nothing.
+    pub fn matrix(&self, name: &str, shape: &[usize; 2], init: Init) -> Result<(Tensor, Option<Packed>)> {
+        let Some(quantization) = self.quantization() else {
+            let t = self.get(name, shape, init)?;
+            self.state.borrow_mut().made.last_mut().expect("just made").linear = true;
+            return Ok((t, None));
+        };
+        let full = self.full(name);
+        let mut st = self.state.borrow_mut();
+        let Source::Load(map) = &st.source else { unreachable!("only loading is quantized") };
+        let t = map.get(&full).ok_or_else(|| Error::input(format!("missing tensor {full} of shape {shape:?}")))?;
+        if t.dims() != shape {
+            return Err(Error::input(format!("tensor {full} has shape {:?}, the configuration needs {shape:?}", t.dims())));
+        }
+        let scale_name = format!("{full}.scale");
+        let packed = match (quantization, t.dtype()) {
+            (Quantization::Bf16, DType::BF16) => Packed::Bf16(t.flatten_all()?.to_vec1::<half::bf16>()?.into_iter().map(half::bf16::to_bits).collect()),
+            (Quantization::Int8, DType::U8) => {
+                let scale = map.get(&scale_name).ok_or_else(|| Error::input(format!("missing tensor {scale_name}: the int8 weight {full} needs its scales")))?;
+                if scale.dims() != [shape[0]] || scale.dtype() != DType::F32 {
+                    return Err(Error::input(format!("tensor {scale_name} must be f32 [{}], got {:?} {:?}", shape[0], scale.dtype(), scale.dims())));
+                }
+                let scale = scale.to_vec1::<f32>()?;
+                if let Some(bad) = scale.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+                    return Err(Error::input(format!("tensor {scale_name} holds the scale {bad}; scales are positive and finite")));
+                }
+                let q = t.flatten_all()?.to_vec1::<u8>()?.into_iter().map(|b| b as i8).collect();
+                Packed::Int8 { q, scale }
+            }
+            (q, dtype) => return Err(Error::input(format!("tensor {full} is {dtype:?}, but a model file quantized to {q} holds its linear weights as {}", q.dtype_name()))),
+        };
+        let tensor = Tensor::zeros((), DType::F32, &Device::Cpu)?.broadcast_as(shape.as_slice())?;
+        st.used.insert(full.clone());
+        st.used.insert(scale_name);
+        st.made.push(Param { name: full, tensor: tensor.clone(), trainable: true, linear: true });
+        Ok((tensor, Some(packed)))
     }
 
     /// The parameter `name` of shape `shape`.
@@ -130,7 +189,7 @@ impl Builder {
         };
         let tensor = if trainable { Var::from_tensor(&tensor)?.into_inner() } else { tensor };
         st.used.insert(full.clone());
-        st.made.push(Param { name: full, tensor: tensor.clone(), trainable: true });
+        st.made.push(Param { name: full, tensor: tensor.clone(), trainable: true, linear: false });
         Ok(tensor)
     }
 
@@ -148,7 +207,7 @@ impl Builder {
         }
         let value = value.to_device(&st.device)?.to_dtype(st.dtype)?;
         st.used.insert(full.clone());
-        st.made.push(Param { name: full, tensor: value.clone(), trainable: false });
+        st.made.push(Param { name: full, tensor: value.clone(), trainable: false, linear: false });
         Ok(value)
     }
 
@@ -201,7 +260,7 @@ impl Builder {
         };
         let t = t.to_device(&device)?;
         st.used.insert(full.clone());
-        st.made.push(Param { name: full, tensor: t.clone(), trainable: false });
+        st.made.push(Param { name: full, tensor: t.clone(), trainable: false, linear: false });
         Ok(t)
     }
 

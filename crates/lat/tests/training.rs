@@ -118,3 +118,36 @@ fn divergence_stops_the_run_instead_of_saving_garbage() {
     let err = outcome.expect_err("training with an absurd learning rate must stop");
     assert!(err.contains("non-finite"), "{err}");
 }
+
+#[test]
+fn the_schedule_ends_with_the_time_limit_and_resumes_with_it() {
+    use linear_attention_transformer::train::horizon::Bound;
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let mut run = tiny();
+    run.train.max_steps = 10_000;
+    run.train.time_limit = "60s".into();
+    let out = dir.path().join("run");
+    let mut t = Trainer::start(run.clone(), Corpus::map(&data).unwrap(), &out, false, &Device::Cpu).unwrap();
+    // A simulated clock: one second per step.
+    for s in 1..=6 {
+        t.train_step().unwrap();
+        t.observe(s as f64);
+    }
+    assert_eq!(t.horizon.bound, Bound::TimeLimit);
+    // 60 s less what the final evaluation and save will take, at a second per step.
+    assert!(t.horizon.total > 50 && t.horizon.total < 60, "{:?}", t.horizon);
+    assert!(!t.out_of_time(6.0) && t.out_of_time(59.5));
+    t.save(6.0).unwrap();
+    let resumed = Trainer::start(run.clone(), Corpus::map(&data).unwrap(), &out, true, &Device::Cpu).unwrap();
+    assert_eq!(resumed.horizon, t.horizon);
+    assert_eq!(resumed.lr(), t.lr());
+    // max_steps wins when it is the tighter bound.
+    run.train.max_steps = 20;
+    let mut short = Trainer::start(run, Corpus::map(&data).unwrap(), &dir.path().join("short"), false, &Device::Cpu).unwrap();
+    for s in 1..=6 {
+        short.train_step().unwrap();
+        short.observe(s as f64);
+    }
+    assert_eq!((short.horizon.bound, short.horizon.total), (Bound::MaxSteps, 20));
+}

@@ -5,7 +5,9 @@
 //! cross-entropy, backward and an AdamW step, like the reference's training step) or `generate`
 //! (a prompt of `--seq-len` tokens, then `--new-tokens` tokens). Prints the median over
 //! `--steps` timed repetitions after `--warmup` untimed ones, and the process's peak RSS; for
-//! `generate` also the time to the first new token and the time per token after it.
+//! `generate` also the time to the first new token and the time per token after it. Every
+//! record carries the FLOPs of the step's matrix products and this machine's measured FMA peak,
+//! so that a step's sustained fraction of the peak can be read off.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -207,6 +209,14 @@ pub fn run(a: Args) -> Result<()> {
         Mode::Generate => a.batch * a.new_tokens,
         _ => a.batch * a.seq_len,
     };
+    // The products' FLOPs per step: 2 per weight per token forward; a training step adds the
+    // two products of the backward pass, and a reversible stack recomputes the forward.
+    let weights: usize = model.params().iter().filter(|p| p.linear).map(|p| p.tensor.elem_count()).sum();
+    let passes = match a.mode {
+        Mode::Train => 3 + usize::from(model.config().reversible),
+        Mode::Forward | Mode::Generate => 1,
+    };
+    let flops = 2.0 * weights as f64 * produced as f64 * passes as f64;
     let record = serde_json::json!({
         "mode": match a.mode { Mode::Forward => "forward", Mode::Train => "train", Mode::Generate => "generate" },
         "seq_len": a.seq_len,
@@ -222,6 +232,10 @@ pub fn run(a: Args) -> Result<()> {
         "first_token_s": (!first_token.is_empty()).then(|| median(first_token)),
         "per_token_ms": (!per_token.is_empty()).then(|| median(per_token)),
         "kernels": kernel_kind(&dev, if bf16 { DType::BF16 } else { DType::F32 })?,
+        "matrix_kernels": linear_attention_transformer::kernels::matrix_isa(),
+        "quantization": model.quantization().map(|q| q.to_string()),
+        "product_gflops_per_s": flops / med / 1e9,
+        "fma_peak_gflops_per_s": dev.is_cpu().then(fma_peak_gflops),
         "precision": if bf16 { "bf16" } else { "f32" },
         "threads": rayon_threads(),
         "device": a.device,
@@ -241,6 +255,48 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// This machine's f32 FMA peak with every thread of the pool: each thread runs independent
+/// chains of fused multiply-adds (enough to hide their latency) for a tenth of a second.
+pub fn fma_peak_gflops() -> f64 {
+    const ROUNDS: usize = 2_000_000;
+    let start = Instant::now();
+    let per_thread = rayon::broadcast(|_| fma_chains(ROUNDS));
+    let seconds = start.elapsed().as_secs_f64();
+    per_thread.iter().sum::<f64>() / seconds / 1e9
+}
+
+/// FLOPs done by `rounds` rounds of 12 chains of 8-lane FMAs (scalar ones without AVX2).
+fn fma_chains(rounds: usize) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { fma_chains_avx2(rounds) };
+    }
+    let mut acc = [1f32; 12];
+    for _ in 0..rounds {
+        for a in &mut acc {
+            *a = a.mul_add(0.999_999, 1e-7);
+        }
+    }
+    std::hint::black_box(acc);
+    (rounds * 12 * 2) as f64
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_chains_avx2(rounds: usize) -> f64 {
+    use std::arch::x86_64::*;
+    let (m, c) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+    let mut acc = [_mm256_set1_ps(1.0); 12];
+    for _ in 0..rounds {
+        for a in &mut acc {
+            *a = _mm256_fmadd_ps(*a, m, c);
+        }
+    }
+    std::hint::black_box(acc);
+    (rounds * 12 * 8 * 2) as f64
 }
 
 fn rayon_threads() -> usize {

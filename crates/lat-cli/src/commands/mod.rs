@@ -12,6 +12,7 @@ pub mod import;
 pub mod logits;
 pub mod memory;
 pub mod plan;
+pub mod quantize;
 pub mod train;
 
 use linear_attention_transformer::Error;

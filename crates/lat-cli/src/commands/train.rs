@@ -25,11 +25,12 @@ pub struct Args {
     /// Run folder: checkpoint, model file, metrics log, loss plot.
     #[arg(long, default_value = "runs/shakespeare")]
     out: PathBuf,
-    /// Stop after this many optimizer steps (sets train.max_steps, which also sets the
-    /// length of the learning-rate schedule).
+    /// Stop after this many optimizer steps (sets train.max_steps, the length of the
+    /// learning-rate schedule unless the time limit allows fewer).
     #[arg(long)]
     max_steps: Option<u64>,
-    /// Stop after this long, e.g. 90s, 15m, 1h30m (sets train.time_limit).
+    /// The run's time, across resumes, e.g. 90s, 15m, 1h30m (sets train.time_limit): the
+    /// schedule ends with it, and the model file is written within it.
     #[arg(long)]
     time_limit: Option<String>,
     /// Continue the run saved in --out.
@@ -50,6 +51,9 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    // The time limit counts from here: reading the corpus and building the model are part of
+    // the run, as are the final evaluation and the model file.
+    let started = Instant::now();
     let device = device::parse(&a.device)?;
     let files = RunFiles { dir: a.out.clone() };
     let saved = if a.resume { Some(peek_checkpoint(&files.checkpoint())?) } else { None };
@@ -112,8 +116,7 @@ pub fn run(a: Args) -> Result<()> {
         ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)).map_err(|e| usage(format!("cannot install the Ctrl-C handler: {e}")))?;
     }
 
-    let started = Instant::now();
-    let limit = run.time_limit();
+    let session_start = Instant::now();
     let elapsed = |before: f64| before + started.elapsed().as_secs_f64();
     let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::with_draw_target(Some(t.max_steps), ProgressDrawTarget::stderr_with_hz(4)) };
     bar.set_style(
@@ -130,7 +133,7 @@ pub fn run(a: Args) -> Result<()> {
     let title = &title;
     let mut last_eval: Option<f64> = None;
 
-    let evaluate = |trainer: &Trainer, log: &mut MetricsLog, windows: Option<usize>, now: f64| -> Result<f64> {
+    let evaluate = |trainer: &mut Trainer, log: &mut MetricsLog, windows: Option<usize>, now: f64| -> Result<f64> {
         let e = trainer.evaluate(Split::Validation, windows)?;
         log.write(&json!({"kind": "validation", "step": trainer.step, "loss": e.loss, "bpc": e.bpc, "tokens": trainer.tokens, "elapsed_s": now, "eval_tokens": e.tokens}))?;
         plot(&read_records(log.path())?, &files.plot(), title)?;
@@ -141,60 +144,80 @@ pub fn run(a: Args) -> Result<()> {
         if trainer.step >= t.max_steps {
             break "max_steps";
         }
-        if limit.is_some_and(|l| started.elapsed() >= l) {
+        if trainer.out_of_time(elapsed(trainer.elapsed_before)) {
             break "time_limit";
         }
         if stop.load(Ordering::SeqCst) {
             break "interrupt";
         }
         let r = trainer.train_step()?;
+        let now = elapsed(trainer.elapsed_before);
+        trainer.observe(now);
+        let horizon = trainer.horizon.clone();
+        bar.set_length(horizon.total);
         bar.set_position(r.step);
-        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        let secs = session_start.elapsed().as_secs_f64().max(1e-9);
         let tps = (trainer.tokens - session_tokens0) as f64 / secs;
-        let remaining_steps = (t.max_steps - r.step) as f64 * secs / (r.step - saved.as_ref().map_or(0, |s| s.step)).max(1) as f64;
-        let left = limit.map_or(remaining_steps, |l| remaining_steps.min(l.as_secs_f64() - secs)).max(0.0);
+        let per_step = horizon.seconds_per_step(r.step, elapsed(trainer.elapsed_before)).unwrap_or(secs / (r.step - saved.as_ref().map_or(0, |s| s.step)).max(1) as f64);
+        let left = horizon.total.saturating_sub(r.step) as f64 * per_step + horizon.reserve_s;
         bar.set_message(format!(
             "loss {:.3} ({:.2} bpc){} | {:.0} tok/s | {} elapsed, {} left",
             r.loss,
             r.loss / std::f64::consts::LN_2,
             last_eval.map(|v| format!(" val {v:.3} bpc")).unwrap_or_default(),
             tps,
-            clock(Duration::from_secs_f64(secs)),
+            clock(Duration::from_secs_f64(elapsed(trainer.elapsed_before))),
             clock(Duration::from_secs_f64(left)),
         ));
         if r.skipped {
             say(format!("step {}: non-finite loss or gradient; update skipped", r.step));
         }
         if r.step % t.log_every.max(1) == 0 || r.step == 1 {
-            log.write(&json!({"kind": "train", "step": r.step, "loss": r.loss, "bpc": r.loss / std::f64::consts::LN_2, "lr": r.lr, "grad_norm": r.grad_norm, "tokens": r.tokens, "tokens_per_s": tps, "elapsed_s": elapsed(trainer.elapsed_before)}))?;
+            log.write(&json!({
+                "kind": "train", "step": r.step, "loss": r.loss, "bpc": r.loss / std::f64::consts::LN_2, "lr": r.lr, "grad_norm": r.grad_norm,
+                "tokens": r.tokens, "tokens_per_s": tps, "elapsed_s": elapsed(trainer.elapsed_before),
+                "schedule_steps": horizon.total, "schedule_bound": horizon.bound.name(),
+            }))?;
         }
-        if t.eval_every > 0 && r.step % t.eval_every == 0 && r.step < t.max_steps {
-            let bpc = evaluate(&trainer, &mut log, Some(t.eval_windows), elapsed(trainer.elapsed_before))?;
+        if t.eval_every > 0 && r.step % t.eval_every == 0 && r.step < horizon.total {
+            let now = elapsed(trainer.elapsed_before);
+            let bpc = evaluate(&mut trainer, &mut log, Some(t.eval_windows), now)?;
             last_eval = Some(bpc);
-            if !live {
-                println!("step {} loss {:.4} | val {:.4} bpc | {:.0} tok/s | {} elapsed", r.step, r.loss, bpc, tps, clock(Duration::from_secs_f64(secs)));
-            }
+            let line = format!(
+                "step {} loss {:.4} | val {:.4} bpc | {:.0} tok/s | {} elapsed | schedule: {} steps ({})",
+                r.step,
+                r.loss,
+                bpc,
+                tps,
+                clock(Duration::from_secs_f64(elapsed(trainer.elapsed_before))),
+                horizon.total,
+                horizon.bound.name()
+            );
+            say(line);
         }
         if !a.quiet && t.sample_every > 0 && r.step % t.sample_every == 0 {
             let text = trainer.sample(&t.sample_prompt, t.sample_len, r.step)?;
             say(format!("--- sample at step {} ---\n{}\n---", r.step, text.trim_end()));
         }
         if t.checkpoint_every > 0 && r.step % t.checkpoint_every == 0 {
-            trainer.save(elapsed(trainer.elapsed_before))?;
+            let now = elapsed(trainer.elapsed_before);
+            trainer.save(now)?;
         }
     };
     bar.finish_and_clear();
-    trainer.save(elapsed(trainer.elapsed_before))?;
+    let now = elapsed(trainer.elapsed_before);
+    trainer.save(now)?;
     match stopped_by {
         "interrupt" => {
             println!("interrupted at step {}: checkpoint saved in {}; continue with --resume", trainer.step, a.out.display());
             return Ok(());
         }
-        "time_limit" => println!("time limit reached at step {}", trainer.step),
+        "time_limit" => println!("time limit: stopping at step {} to evaluate and write the model within it", trainer.step),
         _ => {}
     }
     println!("evaluating on the whole validation split...");
-    let bpc = evaluate(&trainer, &mut log, None, elapsed(trainer.elapsed_before))?;
+    let now = elapsed(trainer.elapsed_before);
+    let bpc = evaluate(&mut trainer, &mut log, None, now)?;
     println!(
         "step {}: validation {:.4} bits per character after {} ({} tokens). Wrote {}, {}, {}, {}",
         trainer.step,

@@ -24,7 +24,9 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::kernels::decode::Packed;
 use crate::model::LinearAttentionTransformerLM;
+use crate::quantize::{Quantization, QUANTIZATION_KEY};
 
 /// Metadata key of the configuration in model files.
 pub const CONFIG_KEY: &str = "lat.config";
@@ -159,6 +161,8 @@ pub struct ModelFile {
     pub config: Config,
     /// Every tensor, by name.
     pub tensors: HashMap<String, Tensor>,
+    /// How the linear weights are stored, for a quantized file.
+    pub quantization: Option<Quantization>,
     /// Every other metadata entry (training state, checksums).
     pub metadata: HashMap<String, String>,
 }
@@ -187,45 +191,103 @@ pub fn read(path: impl AsRef<Path>) -> Result<ModelFile> {
 /// Parses the bytes of a model file; `path` names it in errors.
 pub fn parse(path: &Path, bytes: &[u8]) -> Result<ModelFile> {
     let bad = |m: String| Error::file(path, m);
-    let (header_len, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     let mut metadata = header.metadata().clone().unwrap_or_default();
-    verify(path, bytes, header_len, &metadata)?;
-    metadata.remove(CHECKSUM_KEY);
     let config_json = metadata.remove(CONFIG_KEY).ok_or_else(|| bad(format!("no \"{CONFIG_KEY}\" in the header: not a model file")))?;
     let config = Config::from_json_str(&config_json).map_err(|e| bad(format!("its configuration is invalid: {e}")))?;
-    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| bad(format!("unreadable tensors: {e}")))?;
-    Ok(ModelFile { config, tensors, metadata })
+    let quantization = metadata.remove(QUANTIZATION_KEY).map(|q| q.parse::<Quantization>()).transpose().map_err(|e| bad(e.to_string()))?;
+    let tensors = tensors_of(path, bytes)?;
+    metadata.remove(CHECKSUM_KEY);
+    Ok(ModelFile { config, tensors, quantization, metadata })
 }
 
-/// Reads every tensor of a safetensors file onto the CPU; booleans become u8.
+/// Reads every tensor of a safetensors file onto the CPU; booleans and int8 become u8 (the
+/// same bits).
 pub fn read_tensors(path: impl AsRef<Path>) -> Result<HashMap<String, Tensor>> {
-    use candle_core::safetensors::Load;
     let path = path.as_ref();
     let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
-    let (header_len, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
-    verify(path, &bytes, header_len, &header.metadata().clone().unwrap_or_default())?;
+    tensors_of(path, &bytes)
+}
+
+/// The tensors of safetensors `bytes`, checked against the header's CRC-32 when it has one.
+fn tensors_of(path: &Path, bytes: &[u8]) -> Result<HashMap<String, Tensor>> {
+    use candle_core::safetensors::Load;
+    let bad = |e: safetensors::SafeTensorError| Error::file(path, format!("not a valid safetensors file: {e}"));
+    let (header_len, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(bad)?;
+    verify(path, bytes, header_len, &header.metadata().clone().unwrap_or_default())?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(bad)?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
-        let t = if view.dtype() == safetensors::Dtype::BOOL {
-            Tensor::from_vec(view.data().to_vec(), view.shape(), &Device::Cpu)?
-        } else {
-            view.load(&Device::Cpu).map_err(|e| Error::file(path, format!("tensor {name}: {e}")))?
+        let t = match view.dtype() {
+            safetensors::Dtype::BOOL | safetensors::Dtype::I8 => Tensor::from_vec(view.data().to_vec(), view.shape(), &Device::Cpu)?,
+            _ => view.load(&Device::Cpu).map_err(|e| Error::file(path, format!("tensor {name}: {e}")))?,
         };
         out.insert(name, t);
     }
     Ok(out)
 }
 
-/// Loads a model file onto `device`.
+/// Loads a model file onto `device`. A quantized file loads on the CPU, for inference only.
 pub fn load(path: impl AsRef<Path>, device: &Device, trainable: bool) -> Result<LinearAttentionTransformerLM> {
     let path = path.as_ref();
     let file = read(path)?;
     let tensors = canonical_names(&file.config, file.tensors);
-    LinearAttentionTransformerLM::from_tensors(&file.config, tensors, device, DType::F32, trainable).map_err(|e| match e {
+    let in_file = |e: Error| match e {
         Error::Input(m) => Error::file(path, m),
         e => e,
-    })
+    };
+    match file.quantization {
+        None => LinearAttentionTransformerLM::from_tensors(&file.config, tensors, device, DType::F32, trainable).map_err(in_file),
+        Some(q) if trainable => Err(Error::file(path, format!("is quantized to {q}: a quantized model cannot be trained; train the f32 model it was quantized from"))),
+        Some(q) if !device.is_cpu() => Err(Error::file(path, format!("is quantized to {q}: quantized models run on the CPU; use the f32 model on {device:?}"))),
+        Some(q) => LinearAttentionTransformerLM::from_quantized(&file.config, tensors, q).map_err(in_file),
+    }
+}
+
+/// What [`quantize`] wrote.
+#[derive(Clone, Copy, Debug)]
+pub struct Quantized {
+    /// Linear weights packed.
+    pub matrices: usize,
+    /// Bytes of the source file.
+    pub bytes_before: u64,
+    /// Bytes of the quantized file.
+    pub bytes_after: u64,
+}
+
+/// Writes the model file `from` with its linear weights quantized to `to` as the model file
+/// `out` (see [`crate::quantize`]), atomically. A file that is already quantized is refused.
+pub fn quantize(from: &Path, to: Quantization, out: &Path) -> Result<Quantized> {
+    let file = read(from)?;
+    if let Some(q) = file.quantization {
+        return Err(Error::file(from, format!("is already quantized ({q}); quantize the f32 model it came from")));
+    }
+    let model = load(from, &Device::Cpu, false)?;
+    let mut entries = Vec::with_capacity(model.params().len());
+    let mut matrices = 0;
+    for p in model.params() {
+        if !p.linear {
+            entries.push((p.name.clone(), Entry::tensor(&p.tensor)?));
+            continue;
+        }
+        matrices += 1;
+        let rows = p.tensor.dim(0)?;
+        let shape = p.tensor.dims().to_vec();
+        let values = p.tensor.flatten_all()?.to_vec1::<f32>()?;
+        match to.pack(&values, rows) {
+            Packed::Bf16(bits) => entries.push((p.name.clone(), Entry::Raw { dtype: safetensors::Dtype::BF16, shape, data: bits.iter().flat_map(|b| b.to_le_bytes()).collect() })),
+            Packed::Int8 { q, scale } => {
+                entries.push((p.name.clone(), Entry::Raw { dtype: safetensors::Dtype::I8, shape, data: q.iter().map(|&v| v as u8).collect() }));
+                entries.push((format!("{}.scale", p.name), Entry::tensor(&Tensor::from_vec(scale, rows, &Device::Cpu)?)?));
+            }
+        }
+    }
+    let mut meta = file.metadata.clone();
+    meta.insert(CONFIG_KEY.to_string(), model.config().to_json());
+    meta.insert(QUANTIZATION_KEY.to_string(), to.to_string());
+    write_entries(out, entries, &meta)?;
+    let size = |p: &Path| fs::metadata(p).map(|m| m.len()).map_err(|e| Error::io(p, e));
+    Ok(Quantized { matrices, bytes_before: size(from)?, bytes_after: size(out)? })
 }
 
 /// Writes `model` as a model file, with extra `metadata` entries, atomically.
@@ -244,6 +306,7 @@ pub fn load(path: impl AsRef<Path>, device: &Device, trainable: bool) -> Result<
 /// # Ok::<(), linear_attention_transformer::Error>(())
 /// ```
 pub fn save(model: &LinearAttentionTransformerLM, path: impl AsRef<Path>, metadata: &HashMap<String, String>) -> Result<()> {
+    model.refuse_quantized("be saved again (its f32 weights are gone)")?;
     let tensors: Vec<(String, Tensor)> = model.params().iter().map(|p| (p.name.clone(), p.tensor.clone())).collect();
     let mut meta = metadata.clone();
     meta.insert(CONFIG_KEY.to_string(), model.config().to_json());
@@ -256,6 +319,7 @@ pub fn save(model: &LinearAttentionTransformerLM, path: impl AsRef<Path>, metada
 /// `load_state_dict(strict=True)` (safetensors through `safetensors.torch.load_file`). Returns
 /// the keyword arguments to build it with, as JSON.
 pub fn export(model: &LinearAttentionTransformerLM, path: &Path) -> Result<String> {
+    model.refuse_quantized("be exported to the reference (it loads f32 weights)")?;
     let tensors: Vec<(String, Tensor)> = model.params().iter().map(|p| (p.name.clone(), p.tensor.detach())).collect();
     let bytes = match path.extension().and_then(|e| e.to_str()) {
         Some("pt" | "pth" | "bin") => torch::write_state_dict(&tensors)?,
@@ -273,14 +337,58 @@ pub fn export(model: &LinearAttentionTransformerLM, path: &Path) -> Result<Strin
 /// Serialises named tensors (as f32, or their own integer types) with metadata and the CRC-32
 /// of the tensor data, atomically.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: &HashMap<String, String>) -> Result<()> {
-    let mut data = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
+    let entries = tensors.iter().map(|(n, t)| Ok((n.clone(), Entry::tensor(t)?))).collect::<Result<Vec<_>>>()?;
+    write_entries(path, entries, metadata)
+}
+
+/// One tensor to serialise: a CPU tensor, or bytes of a dtype candle has no type for (int8).
+enum Entry {
+    Tensor(Tensor),
+    Raw { dtype: safetensors::Dtype, shape: Vec<usize>, data: Vec<u8> },
+}
+
+impl Entry {
+    /// `t` on the CPU, floats as f32.
+    fn tensor(t: &Tensor) -> Result<Self> {
         let t = if t.dtype().is_float() { t.to_dtype(DType::F32)? } else { t.clone() };
-        data.push((name.clone(), t.to_device(&Device::Cpu)?));
+        Ok(Entry::Tensor(t.to_device(&Device::Cpu)?))
     }
+}
+
+impl safetensors::View for &Entry {
+    fn dtype(&self) -> safetensors::Dtype {
+        match self {
+            Entry::Tensor(t) => safetensors::View::dtype(&t),
+            Entry::Raw { dtype, .. } => *dtype,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            Entry::Tensor(t) => t.dims(),
+            Entry::Raw { shape, .. } => shape,
+        }
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            Entry::Tensor(t) => safetensors::View::data(t),
+            Entry::Raw { data, .. } => data.into(),
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        match self {
+            Entry::Tensor(t) => safetensors::View::data_len(t),
+            Entry::Raw { data, .. } => data.len(),
+        }
+    }
+}
+
+/// Serialises `entries` with `metadata` and the CRC-32 of the tensor data, atomically.
+fn write_entries(path: &Path, entries: Vec<(String, Entry)>, metadata: &HashMap<String, String>) -> Result<()> {
     let serialise = |meta: &HashMap<String, String>| {
-        let views: Vec<(String, &Tensor)> = data.iter().map(|(n, t)| (n.clone(), t)).collect();
-        safetensors::tensor::serialize(views, Some(meta.clone())).map_err(|e| Error::file(path, format!("cannot serialise: {e}")))
+        safetensors::tensor::serialize(entries.iter().map(|(n, e)| (n.clone(), e)), Some(meta.clone())).map_err(|e| Error::file(path, format!("cannot serialise: {e}")))
     };
     // The data region does not depend on the header: checksum it, then write it with the sum.
     let first = serialise(metadata)?;

@@ -158,6 +158,30 @@ pub fn use_fused(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64) && !reference_requested()
 }
 
+/// The instruction set of the matrix products (gemm's kernels, chosen at run time): `avx512`
+/// where the build has the `avx512` feature and the CPU the instructions, else `avx2` or
+/// `fma`-less `scalar`, or `neon` elsewhere.
+pub fn matrix_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if cfg!(feature = "avx512") && std::arch::is_x86_feature_detected!("avx512f") {
+            return "avx512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return "avx2";
+        }
+        "scalar"
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        "neon"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "scalar"
+    }
+}
+
 /// Whether the GPU kernels take a call for `x`'s device and dtype: CUDA builds, f32 or bf16,
 /// unless `LAT_KERNELS=reference` asks for the plain versions.
 pub fn use_gpu(x: &Tensor) -> bool {

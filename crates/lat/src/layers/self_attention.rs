@@ -101,13 +101,22 @@ impl SelfAttention {
         let l = &self.layout;
         let (b, n, _) = h.dims3()?;
         let x = rows2(h)?;
-        let [q, k, v] = [&self.to_q, &self.to_k, &self.to_v].map(|p| p.weight_for(mode));
-        if !l.one_kv_head {
-            let all = Tensor::cat(&[&q, &k, &v], 0)?;
-            return Ok(x.matmul(&all.t()?)?.reshape((b, n, all.dim(0)?))?);
-        }
-        let q = x.matmul(&q.t()?)?;
-        let kv = x.matmul(&Tensor::cat(&[&k, &v], 0)?.t()?)?;
+        let (q, kv) = if self.to_q.packed.is_some() {
+            // Packed weights cannot be concatenated: one product each.
+            let product = |p: &Linear| rows2(&p.product(h, mode, false)?);
+            let (q, k, v) = (product(&self.to_q)?, product(&self.to_k)?, product(&self.to_v)?);
+            if !l.one_kv_head {
+                return Ok(Tensor::cat(&[&q, &k, &v], 1)?.reshape((b, n, 3 * l.inner()))?);
+            }
+            (q, Tensor::cat(&[&k, &v], 1)?)
+        } else {
+            let [q, k, v] = [&self.to_q, &self.to_k, &self.to_v].map(|p| p.weight_for(mode));
+            if !l.one_kv_head {
+                let all = Tensor::cat(&[&q, &k, &v], 0)?;
+                return Ok(x.matmul(&all.t()?)?.reshape((b, n, all.dim(0)?))?);
+            }
+            (x.matmul(&q.t()?)?, x.matmul(&Tensor::cat(&[&k, &v], 0)?.t()?)?)
+        };
         let width = l.kv_heads() * l.dim_head;
         let (k, v) = (l.expand(&kv.narrow(1, 0, width)?)?, l.expand(&kv.narrow(1, width, width)?)?);
         Ok(Tensor::cat(&[&q, &k.flatten_from(1)?, &v.flatten_from(1)?], 1)?.reshape((b, n, 3 * l.inner()))?)

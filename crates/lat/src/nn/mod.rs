@@ -4,30 +4,36 @@
 pub(crate) mod positional;
 pub(crate) mod shift;
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 
 use crate::error::Result;
 use crate::graph::Grads;
 use crate::kernels;
+use crate::kernels::decode::Packed;
 use crate::layers::Mode;
 use crate::params::{fan_in_bound, Builder, Init};
 use crate::rng::uniform_at;
 
-/// `nn.Linear`: `weight` is [out, in].
+/// `nn.Linear`: `weight` is [out, in]. In a quantized model the weight is kept small
+/// (`packed`) and `weight` only has its shape.
 #[derive(Clone, Debug)]
 pub struct Linear {
     /// [out, in].
     pub weight: Tensor,
     /// [out], when the layer has one.
     pub bias: Option<Tensor>,
+    /// The weight in bf16 or int8, for the decoding products.
+    pub packed: Option<Arc<Packed>>,
 }
 
 impl Linear {
     pub(crate) fn new(b: &Builder, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
         let bound = fan_in_bound(d_in);
-        let weight = b.get("weight", &[d_out, d_in], Init::Uniform(bound))?;
+        let (weight, packed) = b.matrix("weight", &[d_out, d_in], Init::Uniform(bound))?;
         let bias = if bias { Some(b.get("bias", &[d_out], Init::Uniform(bound))?) } else { None };
-        Ok(Self { weight, bias })
+        Ok(Self { weight, bias, packed: packed.map(Arc::new) })
     }
 
     /// Applies the layer to the last dimension of `x`.
@@ -37,13 +43,7 @@ impl Linear {
 
     /// `x Wᵀ` without the bias (for layers that fuse the bias into what follows).
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let d_in = *dims.last().expect("linear input has a last dimension");
-        let rows = x.elem_count() / d_in.max(1);
-        let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?;
-        let mut out = dims.to_vec();
-        *out.last_mut().expect("nonempty") = self.weight.dim(0)?;
-        Ok(y.reshape(out)?)
+        self.product(x, Mode::Graph, false)
     }
 }
 
@@ -75,19 +75,32 @@ impl Linear {
         self.product(x, mode, true)
     }
 
-    /// `x Wᵀ`, plus the bias when `with_bias`, on the last dimension of `x`.
+    /// `x Wᵀ`, plus the bias when `with_bias`, on the last dimension of `x`. Decoding steps and
+    /// packed weights go through the decoding products; the rest through candle's matmul.
     pub(crate) fn product(&self, x: &Tensor, mode: Mode, with_bias: bool) -> Result<Tensor> {
         let mut shape = x.dims().to_vec();
         let k = *shape.last().expect("rank >= 1");
-        *shape.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
+        let out = self.weight.dim(0)?;
+        *shape.last_mut().expect("rank >= 1") = out;
         let bias = self.bias_for(mode).filter(|_| with_bias);
-        if mode == Mode::Decode && kernels::use_fused(x) && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
-            let (rows, out) = (x.elem_count() / k.max(1), self.weight.dim(0)?);
-            let x = x.contiguous()?;
+        let decode = mode == Mode::Decode && kernels::use_fused(x) && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32;
+        if decode || self.packed.is_some() {
+            if mode == Mode::Record {
+                return Err(crate::Error::input("a quantized model cannot be trained: train the f32 model it was quantized from"));
+            }
+            let rows = x.elem_count() / k.max(1);
+            let x = x.to_dtype(DType::F32)?.contiguous()?;
             let mut y = vec![0f32; rows * out];
-            let mut parts = vec![&x, &self.weight];
+            let mut parts = vec![&x];
+            parts.extend(self.packed.is_none().then_some(&self.weight));
             parts.extend(bias.as_ref());
-            kernels::read::<f32, _>(&parts, |s| kernels::decode::matmul(s[0], rows, kernels::decode::Weight::F32(s[1]), out, s.get(2).copied(), &mut y))?;
+            kernels::read::<f32, _>(&parts, |s| {
+                let (weight, bias) = match &self.packed {
+                    Some(p) => (p.weight(), s.get(1)),
+                    None => (kernels::decode::Weight::F32(s[1]), s.get(2)),
+                };
+                kernels::decode::matmul(s[0], rows, weight, out, bias.copied(), &mut y)
+            })?;
             return Ok(Tensor::from_vec(y, shape, x.device())?);
         }
         let y = rows2(x)?.matmul(&self.weight_for(mode).t()?)?;

@@ -7,6 +7,7 @@
 
 pub mod copy_task;
 pub mod data;
+pub mod horizon;
 pub mod optim;
 
 use std::collections::HashMap;
@@ -24,6 +25,7 @@ use crate::model::{Inputs, LinearAttentionTransformerLM};
 use crate::pass::Pass;
 use crate::rng::{derive, Rng};
 use data::{eval_windows, random_windows, Corpus, Split};
+use horizon::Horizon;
 use optim::{schedule, AdamW, AdamWConfig};
 
 /// Training settings (the `[train]` table of a run configuration).
@@ -36,9 +38,11 @@ pub struct TrainSettings {
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
-    /// Optimizer steps of the whole run; the learning rate decays to `min_lr` over them.
+    /// Optimizer steps of the whole run; the learning rate decays to `min_lr` over them, or
+    /// over the steps the time limit allows when that is fewer.
     pub max_steps: u64,
-    /// Stop (with a checkpoint) after this long, e.g. "15m", "1h30m", "90s"; empty for none.
+    /// The run's time, across resumes, from start to the model file, e.g. "15m", "1h30m",
+    /// "90s"; empty for none. The schedule ends with it (see [`horizon`]).
     pub time_limit: String,
     /// Peak learning rate.
     pub lr: f64,
@@ -372,6 +376,7 @@ const RUN_KEY: &str = "lat.run";
 const STEP_KEY: &str = "lat.step";
 const TOKENS_KEY: &str = "lat.tokens";
 const ELAPSED_KEY: &str = "lat.elapsed";
+const HORIZON_KEY: &str = "lat.horizon";
 
 /// The state saved in a checkpoint besides the tensors.
 pub struct Resumed {
@@ -383,6 +388,8 @@ pub struct Resumed {
     pub tokens: u64,
     /// Seconds of training so far.
     pub elapsed: f64,
+    /// The schedule's length when it was saved.
+    pub horizon: Option<Horizon>,
 }
 
 /// Reads the run configuration and position of a checkpoint, without loading it.
@@ -391,7 +398,8 @@ pub fn peek_checkpoint(path: &Path) -> Result<Resumed> {
     let get = |k: &str| file.metadata.get(k).ok_or_else(|| Error::file(path, format!("not a training checkpoint: no \"{k}\"")));
     let run: RunConfig = serde_json::from_str(get(RUN_KEY)?).map_err(|e| Error::file(path, format!("bad run configuration: {e}")))?;
     let num = |k: &str| -> Result<f64> { get(k)?.parse::<f64>().map_err(|_| Error::file(path, format!("bad value for {k}"))) };
-    Ok(Resumed { run, step: num(STEP_KEY)? as u64, tokens: num(TOKENS_KEY)? as u64, elapsed: num(ELAPSED_KEY)? })
+    let horizon = file.metadata.get(HORIZON_KEY).map(|h| serde_json::from_str(h).map_err(|e| Error::file(path, format!("bad {HORIZON_KEY}: {e}")))).transpose()?;
+    Ok(Resumed { run, step: num(STEP_KEY)? as u64, tokens: num(TOKENS_KEY)? as u64, elapsed: num(ELAPSED_KEY)?, horizon })
 }
 
 /// A training run in progress.
@@ -410,6 +418,13 @@ pub struct Trainer {
     pub tokens: u64,
     /// Seconds spent in earlier sessions of this run.
     pub elapsed_before: f64,
+    /// The length of the learning-rate schedule.
+    pub horizon: Horizon,
+    /// Measured seconds per evaluated window and per save: what the end of the run will take.
+    eval_s_per_window: Option<f64>,
+    save_s: f64,
+    /// Windows of the final evaluation (the whole validation split).
+    final_windows: usize,
     bad_steps: u32,
 }
 
@@ -428,7 +443,7 @@ impl Trainer {
             }
         }
         let adam = AdamWConfig { beta1: run.train.beta1, beta2: run.train.beta2, eps: 1e-8, weight_decay: run.train.weight_decay };
-        let (model, opt, step, tokens, elapsed) = if resume {
+        let (model, opt, step, tokens, elapsed, horizon) = if resume {
             let path = files.checkpoint();
             if !path.exists() {
                 return Err(Error::file(&path, "nothing to resume: no checkpoint here"));
@@ -450,17 +465,19 @@ impl Trainer {
             let model = LinearAttentionTransformerLM::from_tensors(&run.model, params, device, DType::F32, true).map_err(|e| Error::file(&path, e.to_string()))?;
             let mut opt = AdamW::new(model.vars(), adam)?;
             opt.load_state(&moments, saved.step).map_err(|e| Error::file(&path, e.to_string()))?;
-            (model, opt, saved.step, saved.tokens, saved.elapsed)
+            let horizon = saved.horizon.unwrap_or_else(|| Horizon::new(run.train.max_steps));
+            (model, opt, saved.step, saved.tokens, saved.elapsed, horizon)
         } else {
             let model = LinearAttentionTransformerLM::new(&run.model, derive(run.train.seed, 0x1417), device, DType::F32)?;
             let opt = AdamW::new(model.vars(), adam)?;
-            (model, opt, 0, 0, 0.0)
+            (model, opt, 0, 0, 0.0, Horizon::new(run.train.max_steps))
         };
         let train = corpus.split(Split::Train).len();
         if train < run.train.seq_len + 1 {
             return Err(Error::file(&corpus.source, format!("the training split has {train} bytes, fewer than seq_len + 1; use more data or a smaller seq_len")));
         }
-        Ok(Self { run, model, opt, corpus, files, step, tokens, elapsed_before: elapsed, bad_steps: 0 })
+        let final_windows = eval_windows(corpus.split(Split::Validation), run.train.seq_len, None).len();
+        Ok(Self { run, model, opt, corpus, files, step, tokens, elapsed_before: elapsed, horizon, eval_s_per_window: None, save_s: 0.0, final_windows, bad_steps: 0 })
     }
 
     /// The corpus trained on.
@@ -471,7 +488,27 @@ impl Trainer {
     /// Learning rate of the next step.
     pub fn lr(&self) -> f64 {
         let t = &self.run.train;
-        schedule(self.step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
+        schedule(self.step, t.lr, t.min_lr, t.warmup_steps, self.horizon.total)
+    }
+
+    /// Re-estimates the schedule's length `elapsed` seconds into the run (all its sessions),
+    /// keeping back what the final evaluation and save are expected to take: as measured, or
+    /// before the first evaluation a forward pass per window at a third of a training step's.
+    pub fn observe(&mut self, elapsed: f64) {
+        let t = &self.run.train;
+        let per_window = self.eval_s_per_window.or_else(|| self.horizon.seconds_per_step(self.step, elapsed).map(|s| s / (3 * t.batch_size * t.grad_accum) as f64));
+        // A tenth more, for the noise of a shared machine.
+        self.horizon.reserve_s = 1.1 * (per_window.unwrap_or(0.0) * self.final_windows as f64 + self.save_s);
+        self.horizon.observe(self.step, elapsed, self.time_limit_s(), t.max_steps, t.warmup_steps);
+    }
+
+    /// Whether the time limit leaves no room for another step before the end of the run.
+    pub fn out_of_time(&self, elapsed: f64) -> bool {
+        self.horizon.out_of_time(self.step, elapsed, self.time_limit_s())
+    }
+
+    fn time_limit_s(&self) -> Option<f64> {
+        self.run.time_limit().map(|d| d.as_secs_f64())
     }
 
     /// One optimizer step (all its micro-batches).
@@ -535,8 +572,13 @@ impl Trainer {
     }
 
     /// Loss on a split: `max_windows` evenly spread windows, or the whole split.
-    pub fn evaluate(&self, split: Split, max_windows: Option<usize>) -> Result<Evaluation> {
-        evaluate(&self.model, self.corpus.split(split), self.run.train.seq_len, self.run.train.batch_size, max_windows)
+    pub fn evaluate(&mut self, split: Split, max_windows: Option<usize>) -> Result<Evaluation> {
+        let started = std::time::Instant::now();
+        let data = self.corpus.split(split);
+        let e = evaluate(&self.model, data, self.run.train.seq_len, self.run.train.batch_size, max_windows)?;
+        let windows = eval_windows(data, self.run.train.seq_len, max_windows).len();
+        self.eval_s_per_window = Some(started.elapsed().as_secs_f64() / windows.max(1) as f64);
+        Ok(e)
     }
 
     /// A text sample continuing `prompt`.
@@ -547,8 +589,16 @@ impl Trainer {
         Ok(String::from_utf8_lossy(&out[0].iter().map(|&t| t as u8).collect::<Vec<_>>()).into_owned())
     }
 
-    /// Writes the checkpoint (model, optimizer, position) and the model file, each atomically.
-    pub fn save(&self, elapsed: f64) -> Result<()> {
+    /// Writes the checkpoint (model, optimizer, position, schedule) and the model file, each
+    /// atomically.
+    pub fn save(&mut self, elapsed: f64) -> Result<()> {
+        let started = std::time::Instant::now();
+        self.write(elapsed)?;
+        self.save_s = started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn write(&self, elapsed: f64) -> Result<()> {
         let mut tensors: Vec<(String, Tensor)> = self.model.params().iter().map(|p| (format!("model.{}", p.name), p.tensor.clone())).collect();
         tensors.extend(self.opt.state()?.into_iter().map(|(k, t)| (format!("adam.{k}"), t)));
         let meta = HashMap::from([
@@ -557,6 +607,7 @@ impl Trainer {
             (STEP_KEY.to_string(), self.step.to_string()),
             (TOKENS_KEY.to_string(), self.tokens.to_string()),
             (ELAPSED_KEY.to_string(), format!("{elapsed:.3}")),
+            (HORIZON_KEY.to_string(), serde_json::to_string(&self.horizon).expect("the horizon serialises")),
         ]);
         write_safetensors(&self.files.checkpoint(), &tensors, &meta)?;
         let info = HashMap::from([(STEP_KEY.to_string(), self.step.to_string()), ("lat.seq_len".to_string(), self.run.train.seq_len.to_string())]);
