@@ -145,7 +145,7 @@ fn runs_that_cannot_fit_are_refused_before_anything_is_written() {
         ("batch", &["--set", "train.batch_size=100000"], "lower train.batch_size to at most"),
         ("length", &["--set", "model.max_seq_len=4194304", "--set", "train.seq_len=4194304", "--set", "train.batch_size=1"], "train.seq_len to at most"),
         ("width", &["--set", "model.dim=65536", "--set", "model.heads=1", "--set", "model.n_local_attn_heads=0"], "lower model.dim or model.depth"),
-        ("depth", &["--set", "model.depth=4000"], "lower model.dim or model.depth"),
+        ("depth", &["--set", "model.depth=100000"], "lower model.dim or model.depth"),
     ];
     for (name, set, advice) in cases {
         let out = p(dir.path(), name);

@@ -148,6 +148,20 @@ impl<'a> Machine<'a> {
         Ok(items)
     }
 
+    /// The key, value pairs down to the last mark (of SETITEMS, or a DICT's items).
+    fn pop_pairs(&mut self) -> Result<Vec<(Value, Value)>> {
+        let items = self.pop_mark()?;
+        if items.len() % 2 != 0 {
+            return Err(self.bad("an odd number of dict items"));
+        }
+        let mut it = items.into_iter();
+        let mut pairs = Vec::with_capacity(it.len() / 2);
+        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+            pairs.push((k, v));
+        }
+        Ok(pairs)
+    }
+
     fn top(&mut self) -> Result<&mut Value> {
         self.stack.last_mut().ok_or_else(|| Error::input("not a PyTorch checkpoint the importer understands (an empty stack)"))
     }
@@ -279,15 +293,7 @@ impl<'a> Machine<'a> {
                     self.push(Value::List(items))?
                 }
                 b'd' => {
-                    let items = self.pop_mark()?;
-                    if items.len() % 2 != 0 {
-                        return Err(self.bad("an odd number of dict items"));
-                    }
-                    let mut it = items.into_iter();
-                    let mut pairs = vec![];
-                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                        pairs.push((k, v));
-                    }
+                    let pairs = self.pop_pairs()?;
                     self.push(Value::Dict(pairs))?
                 }
                 b'c' => {
@@ -360,15 +366,7 @@ impl<'a> Machine<'a> {
                     }
                 }
                 b'u' => {
-                    let items = self.pop_mark()?;
-                    if items.len() % 2 != 0 {
-                        return Err(self.bad("an odd number of dict items"));
-                    }
-                    let mut it = items.into_iter();
-                    let mut pairs = vec![];
-                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                        pairs.push((k, v));
-                    }
+                    let pairs = self.pop_pairs()?;
                     match self.top()? {
                         Value::Dict(d) => d.extend(pairs),
                         _ => return Err(self.bad("items set on something that is not a dict")),

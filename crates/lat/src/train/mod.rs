@@ -119,11 +119,11 @@ impl Default for TrainSettings {
     fn default() -> Self {
         Self {
             seq_len: 256,
-            batch_size: 8,
+            batch_size: 4,
             grad_accum: 1,
-            max_steps: 4000,
+            max_steps: 20_000,
             time_limit: "15m".into(),
-            lr: 2e-3,
+            lr: 3e-3,
             min_lr: 1e-4,
             warmup_steps: 100,
             weight_decay: 0.1,
@@ -146,9 +146,9 @@ impl Default for TrainSettings {
 
 /// The default model: sized to learn the bundled corpus on two CPU cores in fifteen minutes.
 pub fn default_model() -> Config {
-    let mut c = Config::new(256, 256, 4, 512);
+    let mut c = Config::new(256, 128, 4, 512);
     c.heads = 4;
-    c.dim_head = Some(64);
+    c.dim_head = Some(32);
     c.causal = true;
     c.n_local_attn_heads = crate::config::LocalHeads::Uniform(3);
     c.local_attn_window_size = 64;
