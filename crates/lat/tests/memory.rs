@@ -3,31 +3,12 @@
 //! block's input for the recomputing backward pass). Measured with a counting allocator (this
 //! file is its own test binary and runs its cases one after another).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+#[path = "common/counting.rs"]
+mod counting;
 
 use candle_core::{DType, Device, Tensor};
 use linear_attention_transformer::kernels::cross_entropy::cross_entropy_rows;
 use linear_attention_transformer::{Config, Inputs, LinearAttentionTransformerLM, LocalHeads, Pass};
-
-struct Counting;
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let now = CURRENT.fetch_add(l.size(), SeqCst) + l.size();
-        PEAK.fetch_max(now, SeqCst);
-        System.alloc(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        CURRENT.fetch_sub(l.size(), SeqCst);
-        System.dealloc(p, l)
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
 
 /// Peak heap bytes of one training step (forward, loss, backward), beyond what was allocated
 /// before it (the model).
@@ -44,14 +25,13 @@ fn step_peak(depth: usize, reversible: bool) -> usize {
     let model = LinearAttentionTransformerLM::new(&c, 0, &Device::Cpu, DType::F32).unwrap();
     let ids: Vec<u32> = (0..2 * n as u32).map(|i| i * 7 % 256).collect();
     let tokens = Tensor::from_vec(ids.clone(), (2, n), &Device::Cpu).unwrap();
-    let before = CURRENT.load(SeqCst);
-    PEAK.store(before, SeqCst);
-    let pass = Pass::train(1);
-    let logits = model.forward(&tokens, &Inputs::default(), &pass).unwrap();
-    let loss = cross_entropy_rows(&logits.reshape((2 * n, 256)).unwrap(), &ids).unwrap().mean_all().unwrap();
-    let grads = loss.backward().unwrap();
-    assert!(grads.get(&model.params()[0].tensor).is_some());
-    PEAK.load(SeqCst) - before
+    counting::peak_of(|| {
+        let pass = Pass::train(1);
+        let logits = model.forward(&tokens, &Inputs::default(), &pass).unwrap();
+        let loss = cross_entropy_rows(&logits.reshape((2 * n, 256)).unwrap(), &ids).unwrap().mean_all().unwrap();
+        let grads = loss.backward().unwrap();
+        assert!(grads.get(&model.params()[0].tensor).is_some());
+    }) as usize
 }
 
 #[test]

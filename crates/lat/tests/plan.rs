@@ -4,41 +4,14 @@
 //! counting allocator measures (this file is its own test binary and runs its cases one after
 //! another).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+#[path = "common/counting.rs"]
+mod counting;
 
 use candle_core::{DType, Device, Tensor};
 use linear_attention_transformer::kernels::cross_entropy::cross_entropy_rows;
 use linear_attention_transformer::plan::{plan, Workload};
 use linear_attention_transformer::train::optim::{AdamW, AdamWConfig};
 use linear_attention_transformer::{Config, Inputs, LinearAttentionTransformerLM, LocalHeads, Pass};
-
-struct Counting;
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let now = CURRENT.fetch_add(l.size(), SeqCst) + l.size();
-        PEAK.fetch_max(now, SeqCst);
-        System.alloc(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        CURRENT.fetch_sub(l.size(), SeqCst);
-        System.dealloc(p, l)
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
-
-/// The peak heap of `f`, above what was allocated before it.
-fn peak_of(f: impl FnOnce()) -> u64 {
-    let before = CURRENT.load(SeqCst);
-    PEAK.store(before, SeqCst);
-    f();
-    (PEAK.load(SeqCst) - before) as u64
-}
 
 fn config(dim: usize, depth: usize, local: usize, bucket: usize, reversible: bool) -> Config {
     let mut c = Config::new(256, dim, depth, 1024);
@@ -54,7 +27,7 @@ fn config(dim: usize, depth: usize, local: usize, bucket: usize, reversible: boo
 
 /// Builds the model and its optimizer and runs one training step.
 fn train_peak(c: &Config, batch: usize, n: usize, dtype: DType) -> u64 {
-    peak_of(|| {
+    counting::peak_of(|| {
         let model = LinearAttentionTransformerLM::new(c, 0, &Device::Cpu, DType::F32).unwrap();
         let mut opt = AdamW::new(model.vars(), AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 }).unwrap();
         let ids: Vec<u32> = (0..(batch * n) as u32).map(|i| i * 7 % 256).collect();
@@ -75,7 +48,7 @@ fn inference_model(c: &Config) -> LinearAttentionTransformerLM {
 }
 
 fn forward_peak(c: &Config, batch: usize, n: usize) -> u64 {
-    peak_of(|| {
+    counting::peak_of(|| {
         let model = inference_model(c);
         let tokens = Tensor::from_vec((0..(batch * n) as u32).map(|i| i % 256).collect::<Vec<_>>(), (batch, n), &Device::Cpu).unwrap();
         model.forward(&tokens, &Inputs::default(), &Pass::eval()).unwrap();
@@ -83,7 +56,7 @@ fn forward_peak(c: &Config, batch: usize, n: usize) -> u64 {
 }
 
 fn generate_peak(c: &Config, streams: usize, prompt: usize) -> u64 {
-    peak_of(|| {
+    counting::peak_of(|| {
         let model = inference_model(c);
         let mut states: Vec<_> = (0..streams).map(|s| model.read_prompt(&(0..prompt as u32).map(|i| (i + s as u32) % 256).collect::<Vec<_>>(), &Inputs::default()).unwrap().1).collect();
         let mut refs: Vec<&mut _> = states.iter_mut().collect();
