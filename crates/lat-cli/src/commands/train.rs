@@ -158,7 +158,7 @@ pub fn run(a: Args) -> Result<()> {
         bar.set_position(r.step);
         let secs = session_start.elapsed().as_secs_f64().max(1e-9);
         let tps = (trainer.tokens - session_tokens0) as f64 / secs;
-        let per_step = horizon.seconds_per_step(r.step, elapsed(trainer.elapsed_before)).unwrap_or(secs / (r.step - saved.as_ref().map_or(0, |s| s.step)).max(1) as f64);
+        let per_step = horizon.seconds_per_step(r.step, now).unwrap_or(secs / (r.step - saved.as_ref().map_or(0, |s| s.step)).max(1) as f64);
         let left = horizon.total.saturating_sub(r.step) as f64 * per_step + horizon.reserve_s;
         bar.set_message(format!(
             "loss {:.3} ({:.2} bpc){} | {:.0} tok/s | {} elapsed, {} left",
@@ -166,7 +166,7 @@ pub fn run(a: Args) -> Result<()> {
             r.loss / std::f64::consts::LN_2,
             last_eval.map(|v| format!(" val {v:.3} bpc")).unwrap_or_default(),
             tps,
-            clock(Duration::from_secs_f64(elapsed(trainer.elapsed_before))),
+            clock(Duration::from_secs_f64(now)),
             clock(Duration::from_secs_f64(left)),
         ));
         if r.skipped {
@@ -175,7 +175,7 @@ pub fn run(a: Args) -> Result<()> {
         if r.step % t.log_every.max(1) == 0 || r.step == 1 {
             log.write(&json!({
                 "kind": "train", "step": r.step, "loss": r.loss, "bpc": r.loss / std::f64::consts::LN_2, "lr": r.lr, "grad_norm": r.grad_norm,
-                "tokens": r.tokens, "tokens_per_s": tps, "elapsed_s": elapsed(trainer.elapsed_before),
+                "tokens": r.tokens, "tokens_per_s": tps, "elapsed_s": now,
                 "schedule_steps": horizon.total, "schedule_bound": horizon.bound.name(),
             }))?;
         }
