@@ -26,11 +26,15 @@ enum Command {
     Quantize(commands::quantize::Args),
     /// Write the logits of a model for the tokens of a safetensors file.
     Logits(commands::logits::Args),
-    /// Train a byte-level language model (by default on the bundled Shakespeare).
+    /// Train a language model over bytes or a tokenizer's tokens (by default bytes of the
+    /// bundled Shakespeare).
     Train(commands::train::Args),
+    /// Train a tokenizer (byte-level BPE) on a corpus.
+    #[command(subcommand)]
+    Tokenizer(commands::tokenizer::Command),
     /// The memory a training run or an inference workload needs, before it starts.
     Plan(commands::plan::Args),
-    /// Bits per character of a model on a corpus split.
+    /// Bits per byte (per character) of a model on a corpus split.
     Eval(commands::eval::Args),
     /// Continue a prompt, streaming the new tokens.
     Generate(commands::generate::Args),
@@ -90,6 +94,7 @@ fn main() -> ExitCode {
         Command::Quantize(a) => commands::quantize::run(a),
         Command::Logits(a) => commands::logits::run(a),
         Command::Train(a) => commands::train::run(a),
+        Command::Tokenizer(c) => commands::tokenizer::run(c),
         Command::Plan(a) => commands::plan::run(a),
         Command::Eval(a) => commands::eval::run(a),
         Command::Generate(a) => commands::generate::run(a),

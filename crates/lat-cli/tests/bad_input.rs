@@ -63,7 +63,8 @@ fn model_files() {
     case("safetensors without configuration", &["logits", "--model", &plain, "--tokens", &tokens, "--out", &out], "not a model file");
 
     case("missing model", &["generate", "--model", &p(dir.path(), "nope"), "--prompt", "a", "--max-new", "1"], "No such file");
-    case("directory as model", &["eval", "--model", &p(dir.path(), ""), "--split", "test"], "directory");
+    std::fs::create_dir(dir.path().join("not-a-model")).unwrap();
+    case("a folder that is not a model directory", &["eval", "--model", &p(dir.path(), "not-a-model"), "--split", "test"], "not-a-model/model.safetensors");
     assert!(!Path::new(&out).exists());
 }
 

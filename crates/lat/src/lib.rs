@@ -28,7 +28,7 @@
 //! The public API: [`Config`] and [`LinearAttentionTransformerLM`] (and the bare stack,
 //! [`TransformerConfig`] and [`LinearAttentionTransformer`]); [`generate`] and
 //! [`DecodeState`] for constant-time decoding; [`train`] for the training program behind
-//! `lat train`; [`checkpoint`] for model files and the PyTorch import; [`Error`]. Gradients
+//! `lat train`; [`text`] for tokenizers; [`checkpoint`] for model files and the PyTorch import; [`Error`]. Gradients
 //! come from candle's own `backward()`, so the model also trains from any candle program:
 //!
 //! ```
@@ -70,6 +70,7 @@ pub mod plan;
 pub mod quantize;
 pub mod rng;
 mod stack;
+pub mod text;
 pub mod train;
 
 pub use autoregressive::{AutoregressiveWrapper, Filter, GenerateArgs};

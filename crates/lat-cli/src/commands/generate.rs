@@ -1,5 +1,5 @@
 //! `lat generate --model M (--prompt TEXT | --prompt-tokens IN.safetensors) --max-new N
-//! [--top-k K] [--top-p P] [--temperature T] [--seed S] [--no-cache] [--json]`
+//! [--tokenizer T] [--top-k K] [--top-p P] [--temperature T] [--seed S] [--no-cache] [--json]`
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -7,16 +7,16 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use linear_attention_transformer::generate::{generate, Sampling};
+use linear_attention_transformer::text::TextDecoder;
 use linear_attention_transformer::{checkpoint, LinearAttentionTransformerLM};
 
-use super::{device, usage, Result};
+use super::{device, usage, ModelArgs, Result};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A model file.
-    #[arg(long)]
-    model: PathBuf,
-    /// Prompt text (its UTF-8 bytes are the tokens of a byte-level model).
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text: encoded by the model's tokenizer, or its UTF-8 bytes for a byte-level model.
     #[arg(long, conflicts_with = "prompt_tokens")]
     prompt: Option<String>,
     /// A safetensors file whose `tokens` tensor ([n] or [batch, n], integers) holds the prompts.
@@ -67,8 +67,13 @@ pub fn run_generation(
 
 pub fn run(a: Args) -> Result<()> {
     let dev: Device = device::parse(&a.device)?;
+    let (config, _) = checkpoint::peek(&a.model.path)?;
+    let codec = a.model.codec(&config)?;
     let prompts: Vec<Vec<u32>> = match (&a.prompt, &a.prompt_tokens) {
-        (Some(text), None) => vec![text.bytes().map(u32::from).collect()],
+        (Some(text), None) => match &codec {
+            Some(c) => vec![c.encode(text.as_bytes())?],
+            None => return Err(usage(format!("the model has {} token ids and no tokenizer: give --tokenizer, a model directory with tokenizer.json, or --prompt-tokens", config.num_tokens))),
+        },
         (None, Some(path)) => {
             let t = checkpoint::read_tensors(path)?;
             let tokens = t.get("tokens").ok_or_else(|| usage(format!("{}: no tensor named \"tokens\"", path.display())))?;
@@ -87,29 +92,31 @@ pub fn run(a: Args) -> Result<()> {
         }
         _ => return Err(usage("give --prompt TEXT or --prompt-tokens FILE")),
     };
-    let (config, _) = checkpoint::peek(&a.model)?;
     let work = linear_attention_transformer::plan::Workload::Generate { streams: prompts.len(), prompt_len: prompts.iter().map(Vec::len).max().unwrap_or(0) };
     a.memory.check(&super::plan::inference_plan(&config, work)?, |_| "generate for fewer prompts at once".to_string())?;
-    let model = checkpoint::load(&a.model, &dev, false)?;
+    let model = checkpoint::load(&a.model.path, &dev, false)?;
     let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
-    let bytes = model.config().num_tokens <= 256;
     let stream = !a.json && prompts.len() == 1;
     let mut out = std::io::stdout().lock();
-    if stream && bytes {
-        out.write_all(&prompts[0].iter().map(|&t| t as u8).collect::<Vec<_>>()).ok();
+    // The prompt, then each token's text once its characters are whole.
+    let mut decoder = codec.as_ref().map(|c| TextDecoder::after(c, &prompts[0]));
+    if let (true, Some(c)) = (stream, &codec) {
+        out.write_all(c.decode(&prompts[0]).as_bytes()).ok();
         out.flush().ok();
     }
     let started = Instant::now();
     let result = run_generation(&model, &prompts, a.max_new, &sampling, a.seed, a.eos, a.no_cache, &mut |_, t| {
         if stream {
-            if bytes {
-                out.write_all(&[t as u8]).ok();
-            } else {
-                write!(out, "{t} ").ok();
-            }
+            match &mut decoder {
+                Some(d) => out.write_all(&d.push(t)).ok(),
+                None => write!(out, "{t} ").ok(),
+            };
             out.flush().ok();
         }
     })?;
+    if let (true, Some(d)) = (stream, &mut decoder) {
+        out.write_all(&d.finish()).ok();
+    }
     let seconds = started.elapsed().as_secs_f64();
     let produced: usize = result.iter().map(Vec::len).sum();
     if a.json {
@@ -119,11 +126,10 @@ pub fn run(a: Args) -> Result<()> {
         writeln!(out).ok();
     } else {
         for row in &result {
-            if bytes {
-                writeln!(out, "{}", String::from_utf8_lossy(&row.iter().map(|&t| t as u8).collect::<Vec<_>>())).ok();
-            } else {
-                writeln!(out, "{}", row.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" ")).ok();
-            }
+            match &codec {
+                Some(c) => writeln!(out, "{}", c.decode(row)).ok(),
+                None => writeln!(out, "{}", row.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" ")).ok(),
+            };
         }
     }
     if !a.json {

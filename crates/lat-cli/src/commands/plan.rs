@@ -19,6 +19,9 @@ pub struct Args {
     /// Override a setting of the run: --set train.batch_size=16 (repeatable).
     #[arg(long = "set", value_name = "SECTION.FIELD=VALUE")]
     set: Vec<String>,
+    /// The run's tokenizer, as for lat train (its vocabulary sizes the model).
+    #[arg(long, conflicts_with = "model")]
+    tokenizer: Option<PathBuf>,
     /// Plan inference with this model file instead of a training run.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -41,7 +44,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let (plan, advice) = match &a.model {
         None => {
-            let run = run_config(a.config.as_ref(), &a.set)?;
+            let (run, _) = super::train::run_config(a.config.as_deref(), &a.set, a.tokenizer.as_deref())?;
             let p = training_plan(&run)?;
             let advice = training_advice(&run, a.memory.limit()?.unwrap_or(u64::MAX))?;
             (p, advice)
@@ -72,22 +75,6 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The run configuration `lat train` would use.
-pub fn run_config(config: Option<&PathBuf>, set: &[String]) -> Result<RunConfig> {
-    let mut run = match config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| linear_attention_transformer::Error::io(path, e))?;
-            RunConfig::from_toml(&text).map_err(|e| usage(format!("{}: {e}", path.display())))?
-        }
-        None => RunConfig::default(),
-    };
-    for s in set {
-        run.set(s)?;
-    }
-    run.validate()?;
-    Ok(run)
 }
 
 fn bytes_per_value(p: Precision) -> usize {

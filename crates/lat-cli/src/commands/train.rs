@@ -1,13 +1,15 @@
-//! `lat train [--config FILE.toml] [--data PATH] [--out DIR] [--max-steps N] [--time-limit D] [--resume]`
+//! `lat train [--config FILE.toml] [--data PATH] [--tokenizer tokenizer.json] [--out DIR]
+//! [--max-steps N] [--time-limit D] [--resume]`
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use linear_attention_transformer::text::Codec;
 use linear_attention_transformer::train::data::Split;
-use linear_attention_transformer::train::{peek_checkpoint, RunConfig, RunFiles, Trainer};
+use linear_attention_transformer::train::{check_vocabulary, peek_checkpoint, RunConfig, RunFiles, Trainer};
 use serde_json::json;
 
 use super::{corpus, device, usage, Result};
@@ -19,10 +21,15 @@ pub struct Args {
     /// configuration, printed at start.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Corpus: a file or folder, raw, .gz or .zip. Default: the bundled Shakespeare.
+    #[command(flatten)]
+    source: corpus::Source,
+    /// Train a token-level model with this tokenizer.json (sets train.tokenizer); the corpus
+    /// is tokenized once into a cache in the run folder. model.num_tokens defaults to its
+    /// vocabulary.
     #[arg(long)]
-    data: Option<PathBuf>,
-    /// Run folder: checkpoint, model file, metrics log, loss plot.
+    tokenizer: Option<PathBuf>,
+    /// Run folder: checkpoint, model directory (model.safetensors, config.json, and
+    /// tokenizer.json for a token model), metrics log, loss plot.
     #[arg(long, default_value = "runs/shakespeare")]
     out: PathBuf,
     /// Stop after this many optimizer steps (sets train.max_steps, the length of the
@@ -64,20 +71,24 @@ pub fn run(a: Args) -> Result<()> {
             a.out.display()
         )));
     }
-    let mut run = match (&saved, &a.config) {
-        (Some(s), _) => s.run.clone(),
-        (None, Some(path)) => {
-            let text = std::fs::read_to_string(path).map_err(|e| linear_attention_transformer::Error::Io { path: path.clone(), source: e })?;
-            RunConfig::from_toml(&text).map_err(|e| usage(format!("{}: {e}", path.display())))?
+    let (mut run, codec) = match &saved {
+        Some(s) => {
+            if a.config.is_some() {
+                eprintln!("note: --resume continues with the configuration saved in the checkpoint; --config is ignored (use --set to change training settings)");
+            }
+            let mut run = s.run.clone();
+            for s in &a.set {
+                run.set(s)?;
+            }
+            if a.tokenizer.is_some() || run.train.tokenizer != s.run.train.tokenizer {
+                return Err(usage("--resume continues with the run's own tokenizer (its copy in the run folder); leave out --tokenizer and train.tokenizer"));
+            }
+            // The copy the run keeps, so that the ids stay those it was trained on.
+            let codec = if run.train.tokenizer.is_empty() { Codec::Bytes } else { Codec::load(&files.tokenizer())? };
+            (run, codec)
         }
-        (None, None) => RunConfig::default(),
+        None => run_config(a.config.as_deref(), &a.set, a.tokenizer.as_deref())?,
     };
-    if saved.is_some() && a.config.is_some() {
-        eprintln!("note: --resume continues with the configuration saved in the checkpoint; --config is ignored (use --set to change training settings)");
-    }
-    for s in &a.set {
-        run.set(s)?;
-    }
     if let Some(n) = a.max_steps {
         run.train.max_steps = n;
     }
@@ -85,23 +96,28 @@ pub fn run(a: Args) -> Result<()> {
         run.set(&format!("train.time_limit=\"{t}\""))?;
     }
     run.validate()?;
+    check_vocabulary(&run.model, &codec)?;
     // Before anything is written: a run that cannot fit leaves nothing behind.
     super::plan::check_training(&run, &a.memory)?;
 
-    let (data, corpus) = corpus::open(a.data.as_deref(), &a.out, &files.corpus_cache())?;
+    let (data, text) = corpus::open(&a.source, &a.out, &files.corpus_cache())?;
+    let corpus = corpus::tokens(text, &codec, &files.token_cache(), a.quiet)?;
     let mut trainer = Trainer::start(run.clone(), corpus, &a.out, a.resume, &device)?;
     linear_attention_transformer::checkpoint::write_atomic(&files.config(), run.to_toml().as_bytes())?;
     let t = run.train.clone();
     println!("# resolved configuration (also in {})", files.config().display());
     print!("{}", run.to_toml());
+    let c = trainer.corpus();
     println!(
-        "# {} parameters; corpus {} ({} bytes: {} train, {} validation, {} test); device {}",
+        "# {} parameters; corpus {} ({} bytes, {} {}: {} train, {} validation, {} test); device {}",
         trainer.model.num_parameters(),
         data.display(),
-        trainer.corpus().len(),
-        trainer.corpus().split(Split::Train).len(),
-        trainer.corpus().split(Split::Validation).len(),
-        trainer.corpus().split(Split::Test).len(),
+        c.text_len(),
+        c.len(),
+        if codec.is_bytes() { "byte tokens" } else { "tokens" },
+        c.split(Split::Train).len(),
+        c.split(Split::Validation).len(),
+        c.split(Split::Test).len(),
         a.device,
     );
     if let Some(s) = &saved {
@@ -116,6 +132,8 @@ pub fn run(a: Args) -> Result<()> {
         ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)).map_err(|e| usage(format!("cannot install the Ctrl-C handler: {e}")))?;
     }
 
+    // Bits per byte of text, per character for a byte model.
+    let unit = if codec.is_bytes() { "bpc" } else { "bits/byte" };
     let session_start = Instant::now();
     let elapsed = |before: f64| before + started.elapsed().as_secs_f64();
     let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::with_draw_target(Some(t.max_steps), ProgressDrawTarget::stderr_with_hz(4)) };
@@ -161,10 +179,10 @@ pub fn run(a: Args) -> Result<()> {
         let per_step = horizon.seconds_per_step(r.step, now).unwrap_or(secs / (r.step - saved.as_ref().map_or(0, |s| s.step)).max(1) as f64);
         let left = horizon.total.saturating_sub(r.step) as f64 * per_step + horizon.reserve_s;
         bar.set_message(format!(
-            "loss {:.3} ({:.2} bpc){} | {:.0} tok/s | {} elapsed, {} left",
+            "loss {:.3} ({:.2} {unit}){} | {:.0} tok/s | {} elapsed, {} left",
             r.loss,
-            r.loss / std::f64::consts::LN_2,
-            last_eval.map(|v| format!(" val {v:.3} bpc")).unwrap_or_default(),
+            trainer.bits_per_byte(r.loss),
+            last_eval.map(|v| format!(" val {v:.3} {unit}")).unwrap_or_default(),
             tps,
             clock(Duration::from_secs_f64(now)),
             clock(Duration::from_secs_f64(left)),
@@ -174,7 +192,7 @@ pub fn run(a: Args) -> Result<()> {
         }
         if r.step % t.log_every.max(1) == 0 || r.step == 1 {
             log.write(&json!({
-                "kind": "train", "step": r.step, "loss": r.loss, "bpc": r.loss / std::f64::consts::LN_2, "lr": r.lr, "grad_norm": r.grad_norm,
+                "kind": "train", "step": r.step, "loss": r.loss, "bpc": trainer.bits_per_byte(r.loss), "lr": r.lr, "grad_norm": r.grad_norm,
                 "tokens": r.tokens, "tokens_per_s": tps, "elapsed_s": now,
                 "schedule_steps": horizon.total, "schedule_bound": horizon.bound.name(),
             }))?;
@@ -184,7 +202,7 @@ pub fn run(a: Args) -> Result<()> {
             let bpc = evaluate(&mut trainer, &mut log, Some(t.eval_windows), now)?;
             last_eval = Some(bpc);
             let line = format!(
-                "step {} loss {:.4} | val {:.4} bpc | {:.0} tok/s | {} elapsed | schedule: {} steps ({})",
+                "step {} loss {:.4} | val {:.4} {unit} | {:.0} tok/s | {} elapsed | schedule: {} steps ({})",
                 r.step,
                 r.loss,
                 bpc,
@@ -219,9 +237,10 @@ pub fn run(a: Args) -> Result<()> {
     let now = elapsed(trainer.elapsed_before);
     let bpc = evaluate(&mut trainer, &mut log, None, now)?;
     println!(
-        "step {}: validation {:.4} bits per character after {} ({} tokens). Wrote {}, {}, {}, {}",
+        "step {}: validation {:.4} {} after {} ({} tokens). Wrote {}, {}, {}, {}",
         trainer.step,
         bpc,
+        if codec.is_bytes() { "bits per character" } else { "bits per byte" },
         clock(Duration::from_secs_f64(elapsed(trainer.elapsed_before))),
         trainer.tokens,
         files.model().display(),
@@ -230,6 +249,40 @@ pub fn run(a: Args) -> Result<()> {
         files.plot().display()
     );
     Ok(())
+}
+
+/// The run configuration of a new run: the TOML file (or the defaults), the `--set` overrides and
+/// the tokenizer, with `model.num_tokens`, unless given, the tokenizer's vocabulary; and the
+/// run's codec.
+pub fn run_config(config: Option<&Path>, set: &[String], tokenizer: Option<&Path>) -> Result<(RunConfig, Codec)> {
+    let mut num_tokens_given = set.iter().any(|s| s.trim_start().starts_with("model.num_tokens"));
+    let mut run = match config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| linear_attention_transformer::Error::io(path, e))?;
+            let mut table: toml::Table = toml::from_str(&text).map_err(|e| usage(format!("{}: {e}", path.display())))?;
+            if let Some(model) = table.get_mut("model").and_then(toml::Value::as_table_mut) {
+                num_tokens_given |= model.contains_key("num_tokens");
+                // A placeholder until the tokenizer is read.
+                model.entry("num_tokens").or_insert(toml::Value::Integer(256));
+            }
+            // Checked once every setting is in.
+            toml::Value::Table(table).try_into::<RunConfig>().map_err(|e| usage(format!("{}: {}", path.display(), e.to_string().trim())))?
+        }
+        None => RunConfig::default(),
+    };
+    for s in set {
+        run.set(s)?;
+    }
+    if let Some(t) = tokenizer {
+        run.train.tokenizer = t.to_string_lossy().into_owned();
+    }
+    let codec = if run.train.tokenizer.is_empty() { Codec::Bytes } else { Codec::load(Path::new(&run.train.tokenizer))? };
+    if !codec.is_bytes() && !num_tokens_given {
+        run.model.num_tokens = codec.vocab_size();
+    }
+    run.validate()?;
+    check_vocabulary(&run.model, &codec)?;
+    Ok((run, codec))
 }
 
 fn clock(d: Duration) -> String {

@@ -19,6 +19,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::{Metrics, Outcome};
 use super::text::TextStream;
+use linear_attention_transformer::text::Codec;
 
 /// What a stream tells its request.
 #[derive(Debug)]
@@ -54,6 +55,8 @@ pub struct Shared {
     pub metrics: Mutex<Metrics>,
     /// Set when the server shuts down: the loop ends once nothing is left.
     pub stopping: AtomicBool,
+    /// The model's text codec: prompts are encoded and tokens decoded with it.
+    pub codec: Codec,
 }
 
 /// The queue had no room.
@@ -61,8 +64,8 @@ pub struct Shared {
 pub struct Full;
 
 impl Shared {
-    pub fn new(queue_capacity: usize, metrics: Metrics) -> Arc<Self> {
-        Arc::new(Self { queue: Mutex::new(VecDeque::new()), wake: Condvar::new(), queue_capacity, metrics: Mutex::new(metrics), stopping: AtomicBool::new(false) })
+    pub fn new(queue_capacity: usize, metrics: Metrics, codec: Codec) -> Arc<Self> {
+        Arc::new(Self { queue: Mutex::new(VecDeque::new()), wake: Condvar::new(), queue_capacity, metrics: Mutex::new(metrics), stopping: AtomicBool::new(false), codec })
     }
 
     /// Queues every job of a request, or none when they do not all fit.
@@ -113,7 +116,7 @@ impl Stream {
         self.last_token = now;
         self.generated += 1;
         metrics.generated_tokens += 1;
-        let (mut text, stopped) = self.text.push(&[t as u8]);
+        let (mut text, stopped) = self.text.push_token(t);
         let finish = if stopped || self.job.eos == Some(t) {
             Some("stop")
         } else if self.generated == self.job.max_tokens {
@@ -201,7 +204,7 @@ fn admit(shared: &Shared, active: &mut Vec<Stream>, slots: usize) {
         if job.events.is_closed() {
             continue;
         }
-        let text = TextStream::new(job.stop.clone());
+        let text = TextStream::new(job.stop.clone(), &shared.codec, &job.prompt);
         active.push(Stream { job, state: None, read: 0, next: None, generated: 0, text, last_token: Instant::now() });
     }
     shared.metrics().queue_depth = queue.len();

@@ -13,7 +13,6 @@ mod metrics;
 mod text;
 
 use std::convert::Infallible;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -30,16 +29,15 @@ use linear_attention_transformer::{checkpoint, LinearAttentionTransformerLM};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use super::commands::{device, usage, Result};
+use super::commands::{device, usage, ModelArgs, Result};
 use api::{error_body, Completion, Limits};
 use engine::{Event, Job, Shared};
 use metrics::{Metrics, Outcome};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A model file.
-    #[arg(long)]
-    model: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Address to listen on (loopback unless you mean otherwise).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -84,14 +82,17 @@ pub fn run(a: Args) -> Result<()> {
         return Err(usage("--max-batch must be at least 1"));
     }
     let slots = slots(&a)?;
-    let model = checkpoint::load(&a.model, &dev, false)?;
+    let model = checkpoint::load(&a.model.path, &dev, false)?;
     check_servable(&model)?;
+    let Some(codec) = a.model.codec(model.config())? else {
+        return Err(usage(format!("this model has {} token ids but no tokenizer: give --tokenizer, or serve its model directory (with tokenizer.json)", model.config().num_tokens)));
+    };
     let grace = humantime::parse_duration(&a.grace_period).map_err(|e| usage(format!("--grace-period {}: {e}", a.grace_period)))?;
     let context = model.decode_limit();
     let limits = Limits { num_tokens: model.config().num_tokens, context, max_tokens_cap: a.max_tokens_cap.unwrap_or(context).min(context) };
     let per_stream = model.max_state_bytes();
-    let shared = Shared::new(a.max_queue, Metrics::new(slots, a.max_queue, per_stream));
-    let name = a.served_name.clone().unwrap_or_else(|| a.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()));
+    let shared = Shared::new(a.max_queue, Metrics::new(slots, a.max_queue, per_stream), codec);
+    let name = a.served_name.clone().unwrap_or_else(|| a.model.path.file_stem().filter(|_| a.model.path.is_file()).or(a.model.path.file_name()).map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()));
     let engine = {
         let shared = shared.clone();
         std::thread::Builder::new().name("decoder".into()).spawn(move || engine::run(model, shared, slots)).map_err(|e| usage(format!("cannot start the decoding thread: {e}")))?
@@ -108,7 +109,7 @@ pub fn run(a: Args) -> Result<()> {
 /// the model and one prompt piece, plus each stream's state at its bound.
 fn slots(a: &Args) -> Result<usize> {
     use linear_attention_transformer::plan::{human, Workload};
-    let (config, _) = checkpoint::peek(&a.model)?;
+    let (config, _) = checkpoint::peek(&a.model.path)?;
     let plan = |streams| crate::commands::plan::inference_plan(&config, Workload::Generate { streams, prompt_len: linear_attention_transformer::PROMPT_CHUNK });
     let fixed = plan(0)?.total;
     let per_stream = plan(1)?.total - fixed;
@@ -124,8 +125,8 @@ fn slots(a: &Args) -> Result<usize> {
     Ok(fit)
 }
 
-/// Models the completions API can drive: causal language models with logits over bytes, that
-/// need no context.
+/// Models the completions API can drive: causal language models with logits, that need no
+/// context.
 fn check_servable(model: &LinearAttentionTransformerLM) -> Result<()> {
     let c = model.config();
     if !c.causal || c.return_embeddings {
@@ -133,9 +134,6 @@ fn check_servable(model: &LinearAttentionTransformerLM) -> Result<()> {
     }
     if c.receives_context {
         return Err(usage("this model is a decoder with cross-attention: each request would need a context, which the completions API has no field for"));
-    }
-    if c.num_tokens > 256 {
-        return Err(usage(format!("this model has {} tokens but no tokenizer: lat serve reads prompts as bytes", c.num_tokens)));
     }
     Ok(())
 }
@@ -211,7 +209,7 @@ impl Drop for Tally {
 }
 
 async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let c = match api::parse(&body, &app.limits, &|s: &str| s.bytes().map(u32::from).collect()) {
+    let c = match api::parse(&body, &app.limits, &|s: &str| app.shared.codec.encode(s.as_bytes()).unwrap_or_default()) {
         Ok(c) => c,
         Err(e) => {
             engine::finished(&app.shared, Outcome::BadRequest);

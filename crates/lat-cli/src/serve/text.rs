@@ -1,11 +1,14 @@
-//! From tokens to the text a stream sends: bytes become UTF-8 only once a character is complete
+//! From tokens to the text a stream sends: a tokenizer's tokens are decoded (see
+//! [`TextDecoder`]); bytes become UTF-8 only once a character is complete
 //! (an incomplete sequence is held back; bytes that can never form one become U+FFFD, exactly as
 //! `String::from_utf8_lossy` of the whole output would have them), and text that may be the start
 //! of a stop string is held back until it is known not to be.
 
+use linear_attention_transformer::text::{Codec, TextDecoder};
+
 /// The text of one stream as its tokens arrive.
-#[derive(Debug, Default)]
 pub struct TextStream {
+    decoder: TextDecoder,
     /// Bytes of an incomplete character.
     partial: Vec<u8>,
     /// Decoded text not yet sent: it may begin a stop string.
@@ -14,8 +17,15 @@ pub struct TextStream {
 }
 
 impl TextStream {
-    pub fn new(stop: Vec<String>) -> Self {
-        Self { stop, ..Self::default() }
+    /// The text after `prompt`, decoded by `codec`, ending at the first of `stop`.
+    pub fn new(stop: Vec<String>, codec: &Codec, prompt: &[u32]) -> Self {
+        Self { decoder: TextDecoder::after(codec, prompt), partial: vec![], held: String::new(), stop }
+    }
+
+    /// Adds a token: see [`TextStream::push`].
+    pub fn push_token(&mut self, id: u32) -> (String, bool) {
+        let bytes = self.decoder.push(id);
+        self.push(&bytes)
     }
 
     /// Adds a token's bytes. Returns the text that can be sent now and whether a stop string
@@ -56,6 +66,16 @@ impl TextStream {
 
     /// The rest at the end of the stream (an incomplete character as U+FFFD).
     pub fn finish(&mut self) -> String {
+        let rest = self.decoder.finish();
+        let (mut text, stopped) = self.push(&rest);
+        if stopped {
+            return text;
+        }
+        text.push_str(&self.finish_bytes());
+        text
+    }
+
+    fn finish_bytes(&mut self) -> String {
         if !self.partial.is_empty() {
             self.partial.clear();
             self.held.push(char::REPLACEMENT_CHARACTER);
@@ -97,7 +117,7 @@ mod tests {
     use super::*;
 
     fn run(bytes: &[u8], stop: &[&str]) -> (String, bool) {
-        let mut t = TextStream::new(stop.iter().map(|s| s.to_string()).collect());
+        let mut t = TextStream::new(stop.iter().map(|s| s.to_string()).collect(), &Codec::Bytes, &[]);
         let mut out = String::new();
         for &b in bytes {
             let (text, stopped) = t.push(&[b]);
@@ -119,7 +139,7 @@ mod tests {
 
     #[test]
     fn characters_are_never_split() {
-        let mut t = TextStream::new(vec![]);
+        let mut t = TextStream::new(vec![], &Codec::Bytes, &[]);
         let euro = "€".as_bytes();
         assert_eq!(t.push(&euro[..1]).0, "");
         assert_eq!(t.push(&euro[1..2]).0, "");
@@ -133,7 +153,7 @@ mod tests {
         assert_eq!(run(b"no stop here", &["xyz"]), ("no stop here".to_string(), false));
         // A held prefix that turns out not to be a stop string is sent in the end.
         assert_eq!(run(b"ends with ab", &["abc"]), ("ends with ab".to_string(), false));
-        let mut t = TextStream::new(vec!["STOP".into()]);
+        let mut t = TextStream::new(vec!["STOP".into()], &Codec::Bytes, &[]);
         assert_eq!(t.push(b"go ST"), ("go ".to_string(), false));
         assert_eq!(t.push(b"OP"), (String::new(), true));
     }

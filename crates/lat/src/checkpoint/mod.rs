@@ -5,6 +5,10 @@
 //! object of the Python keyword arguments. Files are written atomically (a temporary file,
 //! synced, then renamed): a crash leaves the previous file intact.
 //!
+//! A model directory holds [`MODEL_FILE`], [`CONFIG_FILE`] (the keyword arguments, for a
+//! weights file without `"lat.config"`) and, for a token-level model, [`TOKENIZER_FILE`];
+//! training runs write one, and every function that reads a model takes the directory too.
+//!
 //! Importing reads the state dicts users keep: `torch.save` archives (PyTorch 1.6 and later) and
 //! the format before them, `safetensors.torch.save_file` files, and training checkpoints that
 //! hold the state dict beside the optimizer's (under `--key` or one of the usual keys); see
@@ -30,6 +34,46 @@ use crate::quantize::{Quantization, QUANTIZATION_KEY};
 
 /// Metadata key of the configuration in model files.
 pub const CONFIG_KEY: &str = "lat.config";
+
+/// The weights in a model directory.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// The keyword arguments in a model directory.
+pub const CONFIG_FILE: &str = "config.json";
+/// The tokenizer in a model directory.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// The model file `path` names: itself, or a model directory's [`MODEL_FILE`].
+pub fn model_file(path: &Path) -> PathBuf {
+    if path.is_dir() { path.join(MODEL_FILE) } else { path.to_path_buf() }
+}
+
+/// The codec of the model at `path`: the tokenizer `explicit`, else the model directory's (a
+/// directory, or a [`MODEL_FILE`] with a [`TOKENIZER_FILE`] beside it), else bytes for a model
+/// of at most 256 ids; `None` for a larger model without a tokenizer (it takes token ids only).
+/// A tokenizer with more ids than the model is refused.
+pub fn codec(path: &Path, explicit: Option<&Path>, config: &Config) -> Result<Option<crate::text::Codec>> {
+    let file = model_file(path);
+    let beside = file.file_name().is_some_and(|n| n == MODEL_FILE).then(|| file.with_file_name(TOKENIZER_FILE)).filter(|t| t.is_file());
+    let codec = match explicit.map(Path::to_path_buf).or(beside) {
+        Some(t) => crate::text::Codec::load(&t)?,
+        // Fewer ids than bytes (an imported model) is for token ids; the model checks them.
+        None if config.num_tokens <= 256 => return Ok(Some(crate::text::Codec::Bytes)),
+        None => return Ok(None),
+    };
+    crate::train::check_vocabulary(config, &codec).map_err(|e| Error::file(&file, e.to_string()))?;
+    Ok(Some(codec))
+}
+
+/// The configuration in `metadata`, else in the [`CONFIG_FILE`] beside `path`.
+fn config_of(path: &Path, metadata: &mut HashMap<String, String>) -> Result<Config> {
+    let beside = path.with_file_name(CONFIG_FILE);
+    let (json, from) = match metadata.remove(CONFIG_KEY) {
+        Some(json) => (json, path.to_path_buf()),
+        None if beside.is_file() => (fs::read_to_string(&beside).map_err(|e| Error::io(&beside, e))?, beside),
+        None => return Err(Error::file(path, format!("no \"{CONFIG_KEY}\" in the header and no {CONFIG_FILE} beside it: not a model file"))),
+    };
+    Config::from_json_str(&json).map_err(|e| Error::file(&from, format!("its configuration is invalid: {e}")))
+}
 
 /// Metadata key of the CRC-32 of a file's tensor data, checked when it is read.
 pub const CHECKSUM_KEY: &str = "lat.crc32";
@@ -170,20 +214,19 @@ pub struct ModelFile {
 /// The configuration and metadata of a model file, from its header alone (its tensors are not
 /// read): what the memory plan needs before the model is loaded.
 pub fn peek(path: impl AsRef<Path>) -> Result<(Config, HashMap<String, String>)> {
-    let path = path.as_ref();
+    let path = &model_file(path.as_ref());
     let f = open_file(path)?;
     // SAFETY: read-only; only the header is looked at.
     let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
     let mut metadata = header.metadata().clone().unwrap_or_default();
-    let json = metadata.remove(CONFIG_KEY).ok_or_else(|| Error::file(path, format!("no \"{CONFIG_KEY}\" in the header: not a model file")))?;
-    let config = Config::from_json_str(&json).map_err(|e| Error::file(path, format!("its configuration is invalid: {e}")))?;
+    let config = config_of(path, &mut metadata)?;
     Ok((config, metadata))
 }
 
 /// Reads a model file (or any safetensors file carrying `lat.config`).
 pub fn read(path: impl AsRef<Path>) -> Result<ModelFile> {
-    let path = path.as_ref();
+    let path = &model_file(path.as_ref());
     let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
     parse(path, &bytes)
 }
@@ -193,8 +236,7 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<ModelFile> {
     let bad = |m: String| Error::file(path, m);
     let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     let mut metadata = header.metadata().clone().unwrap_or_default();
-    let config_json = metadata.remove(CONFIG_KEY).ok_or_else(|| bad(format!("no \"{CONFIG_KEY}\" in the header: not a model file")))?;
-    let config = Config::from_json_str(&config_json).map_err(|e| bad(format!("its configuration is invalid: {e}")))?;
+    let config = config_of(path, &mut metadata)?;
     let quantization = metadata.remove(QUANTIZATION_KEY).map(|q| q.parse::<Quantization>()).transpose().map_err(|e| bad(e.to_string()))?;
     let tensors = tensors_of(path, bytes)?;
     metadata.remove(CHECKSUM_KEY);
@@ -229,7 +271,7 @@ fn tensors_of(path: &Path, bytes: &[u8]) -> Result<HashMap<String, Tensor>> {
 
 /// Loads a model file onto `device`. A quantized file loads on the CPU, for inference only.
 pub fn load(path: impl AsRef<Path>, device: &Device, trainable: bool) -> Result<LinearAttentionTransformerLM> {
-    let path = path.as_ref();
+    let path = &model_file(path.as_ref());
     let file = read(path)?;
     let tensors = canonical_names(&file.config, file.tensors);
     let in_file = |e: Error| match e {

@@ -1,6 +1,6 @@
-//! Training a byte-level language model: the run configuration (model plus training settings,
-//! one TOML file), the optimisation step, evaluation in bits per character, and checkpoints
-//! that resume exactly.
+//! Training a language model over bytes or a tokenizer's tokens: the run configuration (model
+//! plus training settings, one TOML file), the optimisation step, evaluation in bits per byte
+//! of text, and checkpoints that resume exactly.
 //!
 //! Every random choice of step `s` (its data windows, its dropout masks) is drawn from a seed
 //! derived from the run's seed and `s`, so a resumed run repeats the uninterrupted one.
@@ -9,6 +9,7 @@ pub mod copy_task;
 pub mod data;
 pub mod horizon;
 pub mod optim;
+pub mod token_cache;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,7 +25,8 @@ use crate::kernels::cross_entropy::cross_entropy_rows;
 use crate::model::{Inputs, LinearAttentionTransformerLM};
 use crate::pass::Pass;
 use crate::rng::{derive, Rng};
-use data::{eval_windows, random_windows, Corpus, Split};
+use crate::text::Codec;
+use data::{eval_windows, random_windows, Corpus, Split, Tokens};
 use horizon::Horizon;
 use optim::{schedule, AdamW, AdamWConfig};
 
@@ -32,7 +34,7 @@ use optim::{schedule, AdamW, AdamWConfig};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSettings {
-    /// Tokens (bytes) per training window.
+    /// Tokens per training window.
     pub seq_len: usize,
     /// Windows per micro-batch.
     pub batch_size: usize,
@@ -68,7 +70,7 @@ pub struct TrainSettings {
     pub eval_windows: usize,
     /// Steps between printed samples (0 = none).
     pub sample_every: u64,
-    /// Bytes per sample.
+    /// Tokens per sample.
     pub sample_len: usize,
     /// What samples continue.
     pub sample_prompt: String,
@@ -78,6 +80,8 @@ pub struct TrainSettings {
     pub max_bad_steps: u32,
     /// What the training steps compute in (the weights and optimizer state stay f32).
     pub precision: Precision,
+    /// A `tokenizer.json` to train a token-level model with; empty for bytes.
+    pub tokenizer: String,
 }
 
 /// Arithmetic of the training steps.
@@ -140,6 +144,7 @@ impl Default for TrainSettings {
             checkpoint_every: 250,
             max_bad_steps: 5,
             precision: Precision::F32,
+            tokenizer: String::new(),
         }
     }
 }
@@ -224,11 +229,11 @@ impl RunConfig {
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         let t = &self.train;
-        if self.model.num_tokens != 256 {
-            return Err(Error::config("num_tokens", "byte-level training needs num_tokens = 256"));
+        if self.train.tokenizer.is_empty() && self.model.num_tokens != 256 {
+            return Err(Error::config("num_tokens", "byte-level training needs num_tokens = 256 (or give train.tokenizer)"));
         }
         if !self.model.causal {
-            return Err(Error::config("causal", "a language model trained to predict the next byte must be causal; set causal = true"));
+            return Err(Error::config("causal", "a language model trained to predict the next token must be causal; set causal = true"));
         }
         if self.model.return_embeddings || self.model.receives_context {
             return Err(Error::config("model", "language-model training needs logits: turn off return_embeddings and receives_context"));
@@ -293,11 +298,12 @@ pub struct StepReport {
 /// Loss on a split.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Evaluation {
-    /// Mean cross-entropy in nats per byte.
+    /// Mean cross-entropy in nats per token.
     pub loss: f64,
-    /// Bits per character (byte).
+    /// Bits per byte of the text (per character, for a byte model): the loss per token over the
+    /// split's bytes per token, comparable across tokenizers.
     pub bpc: f64,
-    /// Bytes predicted.
+    /// Tokens predicted.
     pub tokens: usize,
 }
 
@@ -309,10 +315,10 @@ fn summed_loss(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
 }
 
 /// Mean loss of `model` on the windows of `data` starting at `starts`, `batch` at a time.
-pub fn evaluate(model: &LinearAttentionTransformerLM, data: &[u8], seq_len: usize, batch: usize, max_windows: Option<usize>) -> Result<Evaluation> {
-    let starts = eval_windows(data, seq_len, max_windows);
+pub fn evaluate(model: &LinearAttentionTransformerLM, data: Tokens, seq_len: usize, batch: usize, max_windows: Option<usize>) -> Result<Evaluation> {
+    let starts = eval_windows(data.len(), seq_len, max_windows);
     if starts.is_empty() {
-        return Err(Error::input("the evaluation split is too small: it needs at least two bytes"));
+        return Err(Error::input("the evaluation split is too small: it needs at least two tokens"));
     }
     let len = seq_len.min(data.len() - 1);
     // Consecutive windows may overlap at the end of the data: count each target once.
@@ -322,11 +328,11 @@ pub fn evaluate(model: &LinearAttentionTransformerLM, data: &[u8], seq_len: usiz
         let mut x = Vec::with_capacity(group.len() * len);
         let mut y = Vec::with_capacity(group.len() * len);
         for &s in group {
-            x.extend(data[s..s + len].iter().map(|&b| b as u32));
-            for (i, &t) in data[s + 1..s + len + 1].iter().enumerate() {
+            x.extend(data.ids(s..s + len));
+            for (i, t) in data.ids(s + 1..s + len + 1).into_iter().enumerate() {
                 let position = s + 1 + i;
                 let fresh = max_windows.is_some() || position > counted_to;
-                y.push(if fresh { t as u32 } else { crate::kernels::cross_entropy::IGNORE });
+                y.push(if fresh { t } else { crate::kernels::cross_entropy::IGNORE });
                 count += fresh as usize;
             }
             counted_to = counted_to.max(s + len);
@@ -336,7 +342,20 @@ pub fn evaluate(model: &LinearAttentionTransformerLM, data: &[u8], seq_len: usiz
         total += summed_loss(&logits, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     }
     let loss = total / count as f64;
-    Ok(Evaluation { loss, bpc: loss / std::f64::consts::LN_2, tokens: count })
+    Ok(Evaluation { loss, bpc: loss / std::f64::consts::LN_2 / data.bytes_per_token(), tokens: count })
+}
+
+/// Refuses a model with fewer token ids than `codec` produces.
+pub fn check_vocabulary(model: &Config, codec: &Codec) -> Result<()> {
+    let vocab = codec.vocab_size();
+    if model.num_tokens < vocab {
+        let what = match codec {
+            Codec::Bytes => "bytes take 256".to_string(),
+            Codec::Tokenizer { path, .. } => format!("the tokenizer {} has {vocab}", path.display()),
+        };
+        return Err(Error::config("num_tokens", format!("the model has {} token ids but {what}; raise model.num_tokens to at least {vocab} (left out, it defaults to the tokenizer's vocabulary)", model.num_tokens)));
+    }
+    Ok(())
 }
 
 /// Where a run keeps its files.
@@ -350,9 +369,21 @@ impl RunFiles {
     pub fn checkpoint(&self) -> PathBuf {
         self.dir.join("checkpoint.safetensors")
     }
-    /// The model file.
+    /// The model file (the run folder is also a model directory: see [`crate::checkpoint`]).
     pub fn model(&self) -> PathBuf {
-        self.dir.join("model.safetensors")
+        self.dir.join(checkpoint::MODEL_FILE)
+    }
+    /// The model's keyword arguments, as the reference takes them.
+    pub fn model_config(&self) -> PathBuf {
+        self.dir.join(checkpoint::CONFIG_FILE)
+    }
+    /// The tokenizer of a token-level model.
+    pub fn tokenizer(&self) -> PathBuf {
+        self.dir.join(checkpoint::TOKENIZER_FILE)
+    }
+    /// The corpus tokenized (see [`token_cache`]).
+    pub fn token_cache(&self) -> PathBuf {
+        self.dir.join("tokens.bin")
     }
     /// The metrics log.
     pub fn metrics(&self) -> PathBuf {
@@ -432,6 +463,7 @@ impl Trainer {
     /// Starts a run in `dir` on `corpus`, or resumes the one saved there.
     pub fn start(run: RunConfig, corpus: Corpus, dir: &Path, resume: bool, device: &Device) -> Result<Self> {
         run.validate()?;
+        check_vocabulary(&run.model, corpus.codec())?;
         let files = RunFiles { dir: dir.to_path_buf() };
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         // Temporary files of writes that a crash interrupted are garbage.
@@ -474,15 +506,20 @@ impl Trainer {
         };
         let train = corpus.split(Split::Train).len();
         if train < run.train.seq_len + 1 {
-            return Err(Error::file(&corpus.source, format!("the training split has {train} bytes, fewer than seq_len + 1; use more data or a smaller seq_len")));
+            return Err(Error::file(&corpus.source, format!("the training split has {train} tokens, fewer than seq_len + 1; use more data or a smaller seq_len")));
         }
-        let final_windows = eval_windows(corpus.split(Split::Validation), run.train.seq_len, None).len();
+        let final_windows = eval_windows(corpus.split(Split::Validation).len(), run.train.seq_len, None).len();
         Ok(Self { run, model, opt, corpus, files, step, tokens, elapsed_before: elapsed, horizon, eval_s_per_window: None, save_s: 0.0, final_windows, bad_steps: 0 })
     }
 
     /// The corpus trained on.
     pub fn corpus(&self) -> &Corpus {
         &self.corpus
+    }
+
+    /// Bits per byte of text of a training loss (nats per token).
+    pub fn bits_per_byte(&self, loss: f64) -> f64 {
+        loss / std::f64::consts::LN_2 / self.corpus.split(Split::Train).bytes_per_token()
     }
 
     /// Learning rate of the next step.
@@ -497,8 +534,10 @@ impl Trainer {
     pub fn observe(&mut self, elapsed: f64) {
         let t = &self.run.train;
         let per_window = self.eval_s_per_window.or_else(|| self.horizon.seconds_per_step(self.step, elapsed).map(|s| s / (3 * t.batch_size * t.grad_accum) as f64));
-        // A tenth more, for the noise of a shared machine.
-        self.horizon.reserve_s = 1.1 * (per_window.unwrap_or(0.0) * self.final_windows as f64 + self.save_s);
+        // A fifth more and a hundredth of the limit besides: a shared machine slows down
+        // unannounced, and the process's start and exit lie outside this clock.
+        let limit = self.time_limit_s().unwrap_or(0.0);
+        self.horizon.reserve_s = 1.2 * (per_window.unwrap_or(0.0) * self.final_windows as f64 + self.save_s) + 0.01 * limit;
         self.horizon.observe(self.step, elapsed, self.time_limit_s(), t.max_steps, t.warmup_steps);
     }
 
@@ -576,17 +615,18 @@ impl Trainer {
         let started = std::time::Instant::now();
         let data = self.corpus.split(split);
         let e = evaluate(&self.model, data, self.run.train.seq_len, self.run.train.batch_size, max_windows)?;
-        let windows = eval_windows(data, self.run.train.seq_len, max_windows).len();
+        let windows = eval_windows(data.len(), self.run.train.seq_len, max_windows).len();
         self.eval_s_per_window = Some(started.elapsed().as_secs_f64() / windows.max(1) as f64);
         Ok(e)
     }
 
     /// A text sample continuing `prompt`.
     pub fn sample(&self, prompt: &str, len: usize, seed: u64) -> Result<String> {
-        let prompt: Vec<u32> = if prompt.is_empty() { vec![b'\n' as u32] } else { prompt.bytes().map(u32::from).collect() };
+        let codec = self.corpus.codec();
+        let prompt = codec.encode(if prompt.is_empty() { b"\n" } else { prompt.as_bytes() })?;
         let sampling = Sampling { temperature: 0.8, top_k: None, top_p: Some(0.95) };
-        let out = generate(&self.model, &[prompt], len, &sampling, seed, None, true, &mut |_, _| {})?;
-        Ok(String::from_utf8_lossy(&out[0].iter().map(|&t| t as u8).collect::<Vec<_>>()).into_owned())
+        let out = generate(&self.model, &[prompt], len, &sampling, seed, codec.end_of_text(), true, &mut |_, _| {})?;
+        Ok(codec.decode(&out[0]))
     }
 
     /// Writes the checkpoint (model, optimizer, position, schedule) and the model file, each
@@ -611,7 +651,12 @@ impl Trainer {
         ]);
         write_safetensors(&self.files.checkpoint(), &tensors, &meta)?;
         let info = HashMap::from([(STEP_KEY.to_string(), self.step.to_string()), ("lat.seq_len".to_string(), self.run.train.seq_len.to_string())]);
-        checkpoint::save(&self.model, self.files.model(), &info)
+        checkpoint::save(&self.model, self.files.model(), &info)?;
+        checkpoint::write_atomic(&self.files.model_config(), self.run.model.to_json().as_bytes())?;
+        if let Codec::Tokenizer { json, .. } = self.corpus.codec() {
+            checkpoint::write_atomic(&self.files.tokenizer(), json)?;
+        }
+        Ok(())
     }
 }
 
