@@ -107,13 +107,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", one_line(&e.to_string()));
+            eprintln!("error: {}", linear_attention_transformer::error::one_line(&e.to_string()));
             ExitCode::FAILURE
         }
     }
-}
-
-/// Errors are printed on one line.
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }

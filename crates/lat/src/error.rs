@@ -48,6 +48,12 @@ pub enum Error {
 /// The library's result type.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// `message` with every run of whitespace (line breaks of nested errors included) made one
+/// space, so that an error prints as one line.
+pub fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 impl Error {
     /// A configuration error on `field`.
     pub fn config(field: &'static str, message: impl Into<String>) -> Self {

@@ -11,7 +11,7 @@ use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::error::{Error, Result};
+use crate::error::{one_line, Error, Result};
 
 /// The end-of-text token a trained tokenizer gets, and the names looked for in others.
 pub const END_OF_TEXT: &str = "<|endoftext|>";
@@ -160,10 +160,6 @@ pub fn save_tokenizer(tokenizer: &Tokenizer, path: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     crate::checkpoint::write_atomic(path, json.as_bytes())
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// A stream's text as its tokens arrive. A byte model's tokens come out as they are (a caller

@@ -50,15 +50,22 @@ pub fn name(source: &Source, path: &Path) -> String {
 }
 
 /// `text` as a model with `codec` reads it: the bytes themselves, or ids from the token cache
-/// at `cache` (built, with a progress bar unless `quiet`, when it is missing or stale).
-pub fn tokens(text: Text, codec: &Codec, cache: &Path, quiet: bool) -> Result<Corpus> {
+/// at `existing` if given and matching (left untouched otherwise), else from the one at `cache`
+/// (built, with a progress bar unless `quiet`, when it is missing or stale).
+pub fn tokens(text: Text, codec: &Codec, existing: Option<&Path>, cache: &Path, quiet: bool) -> Result<Corpus> {
     if codec.is_bytes() {
         return Ok(Corpus::of_bytes(text));
+    }
+    let key = token_cache::Key::of(&text, codec);
+    if let Some(existing) = existing {
+        if let Some(corpus) = token_cache::reuse(&text, codec, &key, existing)? {
+            return Ok(corpus);
+        }
     }
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::with_draw_target(Some(text.bytes().len() as u64), ProgressDrawTarget::stderr_with_hz(4)) };
     bar.set_style(ProgressStyle::with_template("tokenizing {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta} left)").expect("a valid template"));
     let started = std::time::Instant::now();
-    let (corpus, opened) = token_cache::open(&text, codec, cache, &|done| bar.set_position(done))?;
+    let (corpus, opened) = token_cache::open(&text, codec, &key, cache, &|done| bar.set_position(done))?;
     bar.finish_and_clear();
     let took = format!(" in {:.1} s", started.elapsed().as_secs_f64());
     let what = match opened {
@@ -253,12 +260,17 @@ impl<W: Write> Documents<'_, W> {
                     return Ok(());
                 }
                 let start = self.len;
-                let mut counted = Counting { out: &mut self.out, len: 0 };
-                io::copy(&mut r, &mut counted).map_err(|e| bad(format!("cannot read: {e}")))?;
-                let n = counted.len;
-                if n > 0 {
+                loop {
+                    let chunk = r.fill_buf().map_err(|e| bad(format!("cannot read: {e}")))?;
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    let n = chunk.len();
+                    self.write(chunk, name)?;
+                    r.consume(n);
+                }
+                if self.len > start {
                     self.starts.push(start);
-                    self.len += n;
                 }
                 Ok(())
             }
@@ -274,22 +286,6 @@ impl<W: Write> Documents<'_, W> {
         self.out.write_all(bytes).map_err(|e| Error::file(Path::new(name), format!("cannot write the unpacked corpus: {e}")))?;
         self.len += bytes.len();
         Ok(())
-    }
-}
-
-struct Counting<'a, W: Write> {
-    out: &'a mut W,
-    len: usize,
-}
-
-impl<W: Write> Write for Counting<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.out.write(buf)?;
-        self.len += n;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
     }
 }
 

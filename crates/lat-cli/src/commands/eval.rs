@@ -2,7 +2,7 @@
 
 use linear_attention_transformer::checkpoint;
 use linear_attention_transformer::train::data::Split;
-use linear_attention_transformer::train::{evaluate, token_cache};
+use linear_attention_transformer::train::evaluate;
 
 use super::{corpus, device, usage, ModelArgs, Result};
 
@@ -63,10 +63,7 @@ pub fn run(a: Args) -> Result<()> {
     let (data, text) = corpus::open(&a.source, scratch.path(), &scratch.path().join("corpus.bin"))?;
     // A run folder's token cache, when it holds this corpus, else one made here.
     let run_cache = checkpoint::model_file(&a.model.path).with_file_name("tokens.bin");
-    let corpus = match token_cache::reuse(&text, &codec, &run_cache)? {
-        Some(c) => c,
-        None => corpus::tokens(text, &codec, &scratch.path().join("tokens.bin"), a.json)?,
-    };
+    let corpus = corpus::tokens(text, &codec, Some(&run_cache), &scratch.path().join("tokens.bin"), a.json)?;
     let tokens = match split {
         None => corpus.all(),
         Some(s) => corpus.split(s),

@@ -101,7 +101,7 @@ pub fn run(a: Args) -> Result<()> {
     super::plan::check_training(&run, &a.memory)?;
 
     let (data, text) = corpus::open(&a.source, &a.out, &files.corpus_cache())?;
-    let corpus = corpus::tokens(text, &codec, &files.token_cache(), a.quiet)?;
+    let corpus = corpus::tokens(text, &codec, None, &files.token_cache(), a.quiet)?;
     let mut trainer = Trainer::start(run.clone(), corpus, &a.out, a.resume, &device)?;
     linear_attention_transformer::checkpoint::write_atomic(&files.config(), run.to_toml().as_bytes())?;
     let t = run.train.clone();

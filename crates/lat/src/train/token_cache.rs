@@ -37,7 +37,7 @@ pub enum Opened {
     Rebuilt(String),
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Header {
     width: u32,
     tokenizer_crc: u32,
@@ -93,26 +93,37 @@ impl Header {
     }
 }
 
-/// The corpus of `text` tokenized by `codec`, from the cache at `path` when it matches, else
-/// built there first; `progress` is told the bytes of text encoded so far.
-pub fn open(text: &Text, codec: &Codec, path: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<(Corpus, Opened)> {
+/// What a cache must match to be read for a text and a tokenizer. Working it out reads the
+/// whole text (a CRC-32, about a second per GB), so a caller trying two caches does it once.
+pub struct Key(Header);
+
+impl Key {
+    /// The key of `text` tokenized by `codec`.
+    pub fn of(text: &Text, codec: &Codec) -> Self {
+        Key(Header::of(text, codec))
+    }
+}
+
+/// The corpus of `text` tokenized by `codec` (whose key is `key`), from the cache at `path`
+/// when it matches, else built there first; `progress` is told the bytes of text encoded so far.
+pub fn open(text: &Text, codec: &Codec, key: &Key, path: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<(Corpus, Opened)> {
     if codec.is_bytes() {
         return Err(Error::input("a token cache needs a tokenizer: byte-level corpora are read directly"));
     }
-    let want = Header::of(text, codec);
-    let opened = match check(path, &want)? {
+    let want = &key.0;
+    let opened = match check(path, want)? {
         Some(have) => return Ok((corpus(path, &have, text, codec)?, Opened::Reused)),
         None if !path.exists() => Opened::Built,
-        None => Opened::Rebuilt(stale(path, &want)),
+        None => Opened::Rebuilt(stale(path, want)),
     };
-    let header = build(text, codec, path, want, progress)?;
+    let header = build(text, codec, path, *want, progress)?;
     Ok((corpus(path, &header, text, codec)?, opened))
 }
 
-/// The corpus from the cache at `path` if it is complete and keyed to `text` and `codec`;
-/// `None` (and the file untouched) otherwise.
-pub fn reuse(text: &Text, codec: &Codec, path: &Path) -> Result<Option<Corpus>> {
-    match check(path, &Header::of(text, codec))? {
+/// The corpus from the cache at `path` if it is complete and matches `key`; `None` (and the
+/// file untouched) otherwise.
+pub fn reuse(text: &Text, codec: &Codec, key: &Key, path: &Path) -> Result<Option<Corpus>> {
+    match check(path, &key.0)? {
         Some(have) if !codec.is_bytes() => Ok(Some(corpus(path, &have, text, codec)?)),
         _ => Ok(None),
     }
@@ -235,7 +246,7 @@ mod tests {
         let body = "the cat sat on the mat.\n".repeat(300) + "Ünïcödé fog 🦀\n";
         let mut text = Text::from_bytes(body.clone().into_bytes()).unwrap();
         let none = |_| {};
-        let (c, how) = open(&text, &a, &cache, &none).unwrap();
+        let (c, how) = open(&text, &a, &Key::of(&text, &a), &cache, &none).unwrap();
         assert_eq!(how, Opened::Built);
         // Each split decodes to exactly its bytes of the text.
         for s in SPLITS {
@@ -244,15 +255,15 @@ mod tests {
         }
         assert!(c.split(Split::Train).bytes_per_token() > 1.5);
         let ids = c.all().ids(0..c.len());
-        assert_eq!(open(&text, &a, &cache, &none).unwrap().1, Opened::Reused);
-        assert_eq!(open(&text, &a, &cache, &none).unwrap().0.all().ids(0..c.len()), ids);
+        assert_eq!(open(&text, &a, &Key::of(&text, &a), &cache, &none).unwrap().1, Opened::Reused);
+        assert_eq!(open(&text, &a, &Key::of(&text, &a), &cache, &none).unwrap().0.all().ids(0..c.len()), ids);
         // Another tokenizer.
-        assert_eq!(open(&text, &b, &cache, &none).unwrap().1, Opened::Rebuilt("the tokenizer changed".into()));
+        assert_eq!(open(&text, &b, &Key::of(&text, &b), &cache, &none).unwrap().1, Opened::Rebuilt("the tokenizer changed".into()));
         // Another text, and the same text cut into documents: each after the first begins with <|endoftext|>.
         text = Text::from_bytes((body.clone() + "more").into_bytes()).unwrap();
-        assert_eq!(open(&text, &b, &cache, &none).unwrap().1, Opened::Rebuilt("the corpus changed".into()));
+        assert_eq!(open(&text, &b, &Key::of(&text, &b), &cache, &none).unwrap().1, Opened::Rebuilt("the corpus changed".into()));
         text.documents = vec![0, 24];
-        let (c, how) = open(&text, &b, &cache, &none).unwrap();
+        let (c, how) = open(&text, &b, &Key::of(&text, &b), &cache, &none).unwrap();
         assert_eq!(how, Opened::Rebuilt("the corpus changed".into()));
         let train = c.split(Split::Train);
         assert_eq!(train.ids(0..train.len()).iter().filter(|&&t| t == 0).count(), 1);
@@ -260,10 +271,10 @@ mod tests {
         let len = std::fs::metadata(&cache).unwrap().len();
         drop(c);
         std::fs::OpenOptions::new().write(true).open(&cache).unwrap().set_len(len - 10).unwrap();
-        assert_eq!(open(&text, &b, &cache, &none).unwrap().1, Opened::Rebuilt("it is incomplete (truncated)".into()));
+        assert_eq!(open(&text, &b, &Key::of(&text, &b), &cache, &none).unwrap().1, Opened::Rebuilt("it is incomplete (truncated)".into()));
         assert_eq!(std::fs::metadata(&cache).unwrap().len(), len);
         std::fs::write(&cache, b"junk").unwrap();
-        assert_eq!(open(&text, &b, &cache, &none).unwrap().1, Opened::Rebuilt("it is not a token cache".into()));
+        assert_eq!(open(&text, &b, &Key::of(&text, &b), &cache, &none).unwrap().1, Opened::Rebuilt("it is not a token cache".into()));
         // Nothing half-written is left behind.
         let names: Vec<String> = std::fs::read_dir(dir.path().join("run")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert_eq!(names, vec!["tokens.bin".to_string()]);
