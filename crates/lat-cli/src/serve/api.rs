@@ -52,8 +52,11 @@ const FIELDS: [&str; 18] = [
     "best_of", "presence_penalty", "frequency_penalty",
 ];
 
-/// Reads a request body. `encode` turns prompt text into tokens.
-pub fn parse(body: &[u8], limits: &Limits, encode: &dyn Fn(&str) -> Vec<u32>) -> Result<Completion, BadRequest> {
+/// Turns prompt text into tokens, or says why it cannot.
+pub type Encode<'a> = &'a dyn Fn(&str) -> Result<Vec<u32>, String>;
+
+/// Reads a request body.
+pub fn parse(body: &[u8], limits: &Limits, encode: Encode) -> Result<Completion, BadRequest> {
     let value: Value = serde_json::from_slice(body).map_err(|e| BadRequest { param: None, message: format!("the body is not valid JSON: {e}") })?;
     let Value::Object(map) = value else { return Err(BadRequest { param: None, message: "the body must be a JSON object".into() }) };
     if let Some(unknown) = map.keys().find(|k| !FIELDS.contains(&k.as_str()) && k.as_str() != "logit_bias") {
@@ -144,7 +147,7 @@ fn unsupported(map: &Map<String, Value>) -> Result<(), BadRequest> {
 }
 
 /// A string, a list of strings, a list of token ids, or a list of such lists.
-fn prompts(v: &Value, limits: &Limits, encode: &dyn Fn(&str) -> Vec<u32>) -> Result<Vec<Vec<u32>>, BadRequest> {
+fn prompts(v: &Value, limits: &Limits, encode: Encode) -> Result<Vec<Vec<u32>>, BadRequest> {
     let ids = |items: &[Value]| -> Result<Vec<u32>, BadRequest> {
         items
             .iter()
@@ -154,9 +157,12 @@ fn prompts(v: &Value, limits: &Limits, encode: &dyn Fn(&str) -> Vec<u32>) -> Res
             })
             .collect()
     };
+    let text = |s: &str| encode(s).map_err(|e| bad("prompt", format!("cannot be encoded: {e}")));
     let prompts = match v {
-        Value::String(s) => vec![encode(s)],
-        Value::Array(items) if items.iter().all(Value::is_string) && !items.is_empty() => items.iter().map(|s| encode(s.as_str().expect("a string"))).collect(),
+        Value::String(s) => vec![text(s)?],
+        Value::Array(items) if items.iter().all(Value::is_string) && !items.is_empty() => {
+            items.iter().map(|s| text(s.as_str().expect("a string"))).collect::<Result<_, _>>()?
+        }
         Value::Array(items) if items.iter().all(Value::is_array) && !items.is_empty() => {
             items.iter().map(|row| ids(row.as_array().expect("an array"))).collect::<Result<_, _>>()?
         }
@@ -180,8 +186,8 @@ mod tests {
         Limits { num_tokens: 256, context: 512, max_tokens_cap: 256 }
     }
 
-    fn bytes(s: &str) -> Vec<u32> {
-        s.bytes().map(u32::from).collect()
+    fn bytes(s: &str) -> Result<Vec<u32>, String> {
+        Ok(s.bytes().map(u32::from).collect())
     }
 
     fn param(body: &str) -> Option<String> {
@@ -212,5 +218,14 @@ mod tests {
         assert_eq!(param(r#"{"prompt": "a", "stop": [1]}"#).as_deref(), Some("stop"));
         assert_eq!(param(r#"{"prompt": "a", "logprobs": 3}"#).as_deref(), Some("logprobs"));
         assert_eq!(param(r#"{"prompt": "a", "n": 0}"#).as_deref(), Some("n"));
+    }
+
+    #[test]
+    fn a_prompt_the_tokenizer_cannot_encode_is_a_bad_prompt_with_the_reason() {
+        let refuse = |_: &str| Err("the tokenizer failed".to_string());
+        for body in [r#"{"prompt": "a"}"#, r#"{"prompt": ["a", "b"]}"#] {
+            let e = parse(body.as_bytes(), &limits(), &refuse).expect_err(body);
+            assert_eq!((e.param.as_deref(), e.message.as_str()), (Some("prompt"), "prompt cannot be encoded: the tokenizer failed"), "{body}");
+        }
     }
 }

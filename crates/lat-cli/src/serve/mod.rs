@@ -209,7 +209,7 @@ impl Drop for Tally {
 }
 
 async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let c = match api::parse(&body, &app.limits, &|s: &str| app.shared.codec.encode(s.as_bytes()).unwrap_or_default()) {
+    let c = match api::parse(&body, &app.limits, &|s: &str| app.shared.codec.encode(s.as_bytes()).map_err(|e| e.to_string())) {
         Ok(c) => c,
         Err(e) => {
             engine::finished(&app.shared, Outcome::BadRequest);
