@@ -1,63 +1,65 @@
 //! The products of a decoding step: `y = x Wᵀ (+ b)` for a few rows `x` [rows, in] (one per
 //! stream) against a weight [out, in]. A decoding step is bound by reading the weights, so they
 //! are read from memory once for all rows; and each output element is one dot product summed in
-//! a fixed order whatever the number of rows, so a stream's logits do not depend on what else is
-//! in its batch. Weights are f32, bf16, or int8 with one scale per output channel, dequantized on
-//! the fly into f32 accumulation.
+//! one order whatever the number of rows (a fused multiply-add per element, first to last), so
+//! a stream's logits do not depend on what else is in its batch. Weights are f32, bf16, or int8
+//! with one scale per output channel, dequantized on the fly into f32 accumulation.
+//!
+//! An f32 weight is the model's own [out, in], which training's products share: each output
+//! is a dot product in eight interleaved partial sums (input i in lane i mod 8), added in a
+//! fixed tree, then the tail. A quantized weight is ours to lay out, so it is kept in panels of
+//! 32 outputs stored [in][32] ([`Panels`]): each output sums first to last along its own vector
+//! lane, one weight vector serves every row, and the weights are read front to back. Either
+//! way the order of an output's sum depends on the weight alone, never on the rows.
 //!
 //! The fast path uses AVX2 and FMA (picked at run time); [`reference`] is the plain version.
 
 use rayon::prelude::*;
 
-/// A weight [out, in], row-major.
+/// Outputs per panel.
+const PANEL: usize = 32;
+
+/// A weight for [`matmul`].
 #[derive(Clone, Copy, Debug)]
 pub enum Weight<'a> {
-    /// float32.
+    /// float32 [out, in], row-major.
     F32(&'a [f32]),
-    /// bfloat16, as raw bits.
-    Bf16(&'a [u16]),
-    /// int8 with the scale of each output row: `w[o][i] = q[o][i] · scale[o]`.
-    Int8 {
-        /// The quantized values.
-        q: &'a [i8],
-        /// One scale per output row.
-        scale: &'a [f32],
-    },
+    /// A quantized weight in the decoding layout.
+    Panels(&'a Panels),
 }
 
 impl Weight<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Weight::F32(w) => w.len(),
-            Weight::Bf16(w) => w.len(),
-            Weight::Int8 { q, .. } => q.len(),
-        }
-    }
-
-    /// Element `i` as f32 (without the int8 scale).
+    /// Element (o, i) as f32, without the int8 scale.
     #[inline(always)]
-    fn at(&self, i: usize) -> f32 {
+    fn at(&self, o: usize, i: usize, k: usize) -> f32 {
         match self {
-            Weight::F32(w) => w[i],
-            Weight::Bf16(w) => f32::from_bits((w[i] as u32) << 16),
-            Weight::Int8 { q, .. } => q[i] as f32,
+            Weight::F32(w) => w[o * k + i],
+            Weight::Panels(p) => p.at(o, i),
         }
     }
 
-    fn row_scale(&self, o: usize) -> f32 {
+    fn scale(&self, o: usize) -> f32 {
         match self {
-            Weight::Int8 { scale, .. } => scale[o],
-            _ => 1.0,
+            Weight::F32(_) => 1.0,
+            Weight::Panels(p) => p.scale(o),
+        }
+    }
+
+    /// Whether the weight is [out, k].
+    fn is(&self, out: usize, k: usize) -> bool {
+        match self {
+            Weight::F32(w) => w.len() == out * k,
+            Weight::Panels(p) => (p.out, p.k) == (out, k),
         }
     }
 }
 
-/// A weight kept small for decoding: what a quantized model file holds for each matrix.
+/// A linear layer's weight quantized, [out, in] row-major, as a quantized model file holds it.
 #[derive(Clone, PartialEq)]
 pub enum Packed {
-    /// bfloat16 bits, row-major [out, in].
+    /// bfloat16 bits.
     Bf16(Vec<u16>),
-    /// int8 [out, in] with one scale per output row.
+    /// int8 with one scale per output row: `w[o][i] = q[o][i] · scale[o]`.
     Int8 {
         /// The quantized values.
         q: Vec<i8>,
@@ -96,25 +98,14 @@ impl Packed {
         Packed::Int8 { q, scale }
     }
 
-    /// The view the products read.
-    pub fn weight(&self) -> Weight<'_> {
-        match self {
-            Packed::Bf16(w) => Weight::Bf16(w),
-            Packed::Int8 { q, scale } => Weight::Int8 { q, scale },
-        }
-    }
-
     /// The weight back in f32 [out, in].
     pub fn dequantize(&self) -> Vec<f32> {
-        let w = self.weight();
-        let k = w.len() / self.rows().max(1);
-        (0..w.len()).map(|i| w.at(i) * w.row_scale(i / k.max(1))).collect()
-    }
-
-    fn rows(&self) -> usize {
         match self {
-            Packed::Bf16(_) => 1,
-            Packed::Int8 { scale, .. } => scale.len(),
+            Packed::Bf16(w) => w.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect(),
+            Packed::Int8 { q, scale } => {
+                let k = q.len() / scale.len().max(1);
+                q.iter().enumerate().map(|(i, &v)| v as f32 * scale[i / k.max(1)]).collect()
+            }
         }
     }
 
@@ -127,72 +118,163 @@ impl Packed {
     }
 }
 
-/// Lanes of the accumulators: each output element sums its products in 8 interleaved partial
-/// sums (k ≡ lane mod 8), then adds them in a fixed tree, then the tail.
+/// A quantized weight [out, in] in the decoding layout: panels of 32 output rows, each stored
+/// [in][32], the last one padded with zero rows. A product reads it front to back, once.
+#[derive(Clone, PartialEq)]
+pub struct Panels {
+    out: usize,
+    k: usize,
+    values: Values,
+}
+
+#[derive(Clone, PartialEq)]
+enum Values {
+    Bf16(Vec<u16>),
+    Int8 { q: Vec<i8>, scale: Vec<f32> },
+}
+
+impl std::fmt::Debug for Panels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.values {
+            Values::Bf16(_) => "bf16",
+            Values::Int8 { .. } => "int8",
+        };
+        write!(f, "Panels({kind} [{}, {}])", self.out, self.k)
+    }
+}
+
+impl Panels {
+    /// `packed` [out, in] laid out for decoding.
+    pub fn new(packed: &Packed, out: usize) -> Self {
+        let (len, values) = match packed {
+            Packed::Bf16(w) => (w.len(), Values::Bf16(turned(w, out))),
+            Packed::Int8 { q, scale } => (q.len(), Values::Int8 { q: turned(q, out), scale: scale.clone() }),
+        };
+        Self { out, k: len / out.max(1), values }
+    }
+
+    /// Element (o, i), without the int8 scale.
+    fn at(&self, o: usize, i: usize) -> f32 {
+        let at = (o / PANEL * self.k + i) * PANEL + o % PANEL;
+        match &self.values {
+            Values::Bf16(w) => f32::from_bits((w[at] as u32) << 16),
+            Values::Int8 { q, .. } => q[at] as f32,
+        }
+    }
+
+    fn scale(&self, o: usize) -> f32 {
+        match &self.values {
+            Values::Bf16(_) => 1.0,
+            Values::Int8 { scale, .. } => scale[o],
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match &self.values {
+            Values::Bf16(w) => w.len() * 2,
+            Values::Int8 { q, scale } => q.len() + scale.len() * 4,
+        }
+    }
+}
+
+/// `w` [out, k] as panels [out / PANEL][k][PANEL], zero-padded to whole panels.
+fn turned<T: Copy + Default>(w: &[T], out: usize) -> Vec<T> {
+    let k = w.len() / out.max(1);
+    let mut t = vec![T::default(); out.div_ceil(PANEL) * k * PANEL];
+    for (o, row) in w.chunks(k.max(1)).enumerate() {
+        let panel = &mut t[o / PANEL * k * PANEL..];
+        for (i, &v) in row.iter().enumerate() {
+            panel[i * PANEL + o % PANEL] = v;
+        }
+    }
+    t
+}
+
+/// Lanes of an f32 product's partial sums.
 const LANES: usize = 8;
 
 /// `y [rows, out] = x [rows, in] Wᵀ (+ bias)`.
 pub fn matmul(x: &[f32], rows: usize, w: Weight, out: usize, bias: Option<&[f32]>, y: &mut [f32]) {
     let k = x.len() / rows.max(1);
     assert_eq!(x.len(), rows * k, "decode product: x is not [rows, in]");
-    assert_eq!(w.len(), out * k, "decode product: the weight is not [out, in]");
+    assert!(w.is(out, k), "decode product: the weight is not [out, in]");
     assert_eq!(y.len(), rows * out, "decode product: y is not [rows, out]");
     assert!(bias.is_none_or(|b| b.len() == out), "decode product: the bias is not [out]");
     if rows == 0 || out == 0 {
         return;
     }
-    // Blocks of outputs in parallel, each writing its columns of every row.
-    let threads = rayon::current_num_threads().max(1);
-    let block = (out.div_ceil(4 * threads)).next_multiple_of(3).max(18).min(out);
+    // Blocks of outputs in parallel (whole tiles of three, or whole panels), each writing its
+    // columns of every row.
+    let per_block = out.div_ceil(4 * rayon::current_num_threads().max(1));
+    let block = match w {
+        Weight::F32(_) => per_block.next_multiple_of(3).max(18),
+        Weight::Panels(_) => per_block.next_multiple_of(PANEL),
+    }
+    .min(out);
     let shared = super::SharedOut::new(y);
     (0..out.div_ceil(block)).into_par_iter().for_each(|bi| {
         let o0 = bi * block;
         let n = block.min(out - o0);
-        let mut part = vec![0f32; rows * n];
-        block_product(x, rows, k, w, o0, n, &mut part);
-        for row in part.chunks_mut(n) {
+        // Panels are written whole: rows of whole panels, of which the first n are kept.
+        let stride = if matches!(w, Weight::Panels(_)) { n.next_multiple_of(PANEL) } else { n };
+        let mut part = vec![0f32; rows * stride];
+        block_product(x, rows, k, w, o0, n, stride, &mut part);
+        for (r, row) in part.chunks_mut(stride).enumerate() {
+            let row = &mut row[..n];
             for (j, v) in row.iter_mut().enumerate() {
-                *v = *v * w.row_scale(o0 + j) + bias.map_or(0.0, |b| b[o0 + j]);
+                *v = *v * w.scale(o0 + j) + bias.map_or(0.0, |b| b[o0 + j]);
             }
-        }
-        for (r, row) in part.chunks(n).enumerate() {
             // SAFETY: block bi alone writes columns o0 .. o0 + n of each row.
             unsafe { shared.write(r * out + o0, row) };
         }
     });
 }
 
-/// Outputs `o0 .. o0 + n` for every row, into `dst` [rows, n] (unscaled, no bias).
-fn block_product(x: &[f32], rows: usize, k: usize, w: Weight, o0: usize, n: usize, dst: &mut [f32]) {
+/// Outputs `o0 .. o0 + n` for every row, into `part` [rows, stride] (unscaled, no bias).
+#[allow(clippy::too_many_arguments)]
+fn block_product(x: &[f32], rows: usize, k: usize, w: Weight, o0: usize, n: usize, stride: usize, part: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA; the callee reads x[rows·k], w[(o0+n)·k] and writes
-        // dst[n·rows], which the asserts in `matmul` guarantee.
-        unsafe { avx2::block_product(x, rows, k, w, o0, n, dst) };
+        // SAFETY: the CPU has AVX2 and FMA; the asserts in `matmul`, the panel layout (whole
+        // panels from o0, a multiple of PANEL) and `stride` bound every access.
+        unsafe {
+            match w {
+                Weight::F32(w) => avx2::block(x, rows, k, w, o0, n, part),
+                Weight::Panels(p) => {
+                    for col in (0..n).step_by(PANEL) {
+                        let at = (o0 + col) * k;
+                        match &p.values {
+                            Values::Bf16(v) => avx2::rows_by_panel(x, rows, k, v[at..].as_ptr(), part, stride, col),
+                            Values::Int8 { q, .. } => avx2::rows_by_panel(x, rows, k, q[at..].as_ptr(), part, stride, col),
+                        }
+                    }
+                }
+            }
+        }
         return;
     }
-    for j in 0..n {
-        for r in 0..rows {
-            dst[r * n + j] = dot(&x[r * k..(r + 1) * k], w, (o0 + j) * k, k);
+    for r in 0..rows {
+        for j in 0..n {
+            part[r * stride + j] = dot(&x[r * k..(r + 1) * k], w, o0 + j, k);
         }
     }
 }
 
-/// The dot product of `x` with the weight row starting at `at`, in the fixed order of the
-/// vector path (LANES partial sums, a fixed tree, then the tail).
-fn dot(x: &[f32], w: Weight, at: usize, k: usize) -> f32 {
+/// The dot product of `x` with output row `o` of the weight, in the order of the vector path:
+/// for f32, LANES partial sums, a fixed tree, then the tail; for panels, first to last.
+fn dot(x: &[f32], w: Weight, o: usize, k: usize) -> f32 {
+    if matches!(w, Weight::Panels(_)) {
+        return (0..k).fold(0f32, |s, i| x[i].mul_add(w.at(o, i, k), s));
+    }
     let mut acc = [0f32; LANES];
     let full = k / LANES * LANES;
     for i in (0..full).step_by(LANES) {
-        for l in 0..LANES {
-            acc[l] = x[i + l].mul_add(w.at(at + i + l), acc[l]);
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a = x[i + l].mul_add(w.at(o, i + l, k), *a);
         }
     }
-    let mut s = tree(acc);
-    for i in full..k {
-        s = x[i].mul_add(w.at(at + i), s);
-    }
-    s
+    (full..k).fold(tree(acc), |s, i| x[i].mul_add(w.at(o, i, k), s))
 }
 
 /// The fixed sum of eight partial sums: ((0+4)+(2+6)) + ((1+5)+(3+7)).
@@ -208,7 +290,7 @@ pub fn reference(x: &[f32], rows: usize, w: Weight, out: usize, bias: Option<&[f
     (0..rows)
         .flat_map(|r| (0..out).map(move |o| (r, o)))
         .map(|(r, o)| {
-            let s: f64 = (0..k).map(|i| x[r * k + i] as f64 * (w.at(o * k + i) * w.row_scale(o)) as f64).sum();
+            let s: f64 = (0..k).map(|i| x[r * k + i] as f64 * (w.at(o, i, k) * w.scale(o)) as f64).sum();
             (s + bias.map_or(0.0, |b| b[o] as f64)) as f32
         })
         .collect()
@@ -218,26 +300,15 @@ pub fn reference(x: &[f32], rows: usize, w: Weight, out: usize, bias: Option<&[f
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Weight, LANES};
+    use super::{LANES, PANEL};
 
     /// How far ahead of each weight stream to prefetch, in bytes: the hardware's prefetchers
     /// stop at page boundaries, and batch-1 decoding is bound by how fast the weights arrive.
     const PREFETCH: usize = 4096;
 
-    /// A weight element type: eight of them loaded as f32.
-    trait Elem: Copy {
+    /// A quantized element type: eight of them loaded as f32.
+    pub trait Elem: Copy {
         unsafe fn load8(p: *const Self) -> __m256;
-        fn to_f32(self) -> f32;
-    }
-
-    impl Elem for f32 {
-        #[inline(always)]
-        unsafe fn load8(p: *const f32) -> __m256 {
-            _mm256_loadu_ps(p)
-        }
-        fn to_f32(self) -> f32 {
-            self
-        }
     }
 
     /// bfloat16 bits: the high half of an f32.
@@ -246,18 +317,12 @@ mod avx2 {
         unsafe fn load8(p: *const u16) -> __m256 {
             _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)), 16))
         }
-        fn to_f32(self) -> f32 {
-            f32::from_bits((self as u32) << 16)
-        }
     }
 
     impl Elem for i8 {
         #[inline(always)]
         unsafe fn load8(p: *const i8) -> __m256 {
             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
-        }
-        fn to_f32(self) -> f32 {
-            self as f32
         }
     }
 
@@ -269,10 +334,11 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, 1)))
     }
 
-    /// R rows (from `r0`) by O outputs (from `o`): each (row, output) pair accumulates exactly
-    /// as `super::dot`, into `dst[r · n + j + b]`.
+    /// f32: R rows (from `r0`) by O outputs (from `o`): each (row, output) pair accumulates
+    /// exactly as `super::dot`, into `dst[r · n + j + b]`.
     #[inline(always)]
-    unsafe fn tile<E: Elem, const R: usize, const O: usize>(x: &[f32], r0: usize, k: usize, w: &[E], o: usize, dst: &mut [f32], n: usize, j: usize) {
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dot_tile<const R: usize, const O: usize>(x: &[f32], r0: usize, k: usize, w: &[f32], o: usize, dst: &mut [f32], n: usize, j: usize) {
         let (xp, wp) = (x.as_ptr().add(r0 * k), w.as_ptr().add(o * k));
         let mut acc = [[_mm256_setzero_ps(); O]; R];
         let full = k / LANES * LANES;
@@ -280,7 +346,7 @@ mod avx2 {
         while i < full {
             let mut wv = [_mm256_setzero_ps(); O];
             for (b, v) in wv.iter_mut().enumerate() {
-                *v = E::load8(wp.add(b * k + i));
+                *v = _mm256_loadu_ps(wp.add(b * k + i));
                 _mm_prefetch::<_MM_HINT_T0>((wp.add(b * k + i) as *const i8).add(PREFETCH));
             }
             for (r, a) in acc.iter_mut().enumerate() {
@@ -295,56 +361,107 @@ mod avx2 {
             for b in 0..O {
                 let mut s = reduce(acc[r][b]);
                 for t in full..k {
-                    s = x[(r0 + r) * k + t].mul_add(w[(o + b) * k + t].to_f32(), s);
+                    s = x[(r0 + r) * k + t].mul_add(w[(o + b) * k + t], s);
                 }
                 dst[(r0 + r) * n + j + b] = s;
             }
         }
     }
 
-    /// Outputs `o0 + j ..` of rows `r ..` with O outputs per tile: as many rows (up to 4) at a
-    /// time as are left.
+    /// f32: outputs `o0 + j ..` of rows `r ..` with O outputs per tile: as many rows (up to
+    /// 4) at a time as are left.
     #[inline(always)]
-    unsafe fn rows_of<E: Elem, const O: usize>(x: &[f32], rows: std::ops::Range<usize>, k: usize, w: &[E], o: usize, dst: &mut [f32], n: usize, j: usize) {
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dot_rows<const O: usize>(x: &[f32], rows: std::ops::Range<usize>, k: usize, w: &[f32], o: usize, dst: &mut [f32], n: usize, j: usize) {
         let mut r = rows.start;
         while r < rows.end {
             match rows.end - r {
-                4.. => tile::<E, 4, O>(x, r, k, w, o, dst, n, j),
-                3 => tile::<E, 3, O>(x, r, k, w, o, dst, n, j),
-                2 => tile::<E, 2, O>(x, r, k, w, o, dst, n, j),
-                _ => tile::<E, 1, O>(x, r, k, w, o, dst, n, j),
+                4.. => dot_tile::<4, O>(x, r, k, w, o, dst, n, j),
+                3 => dot_tile::<3, O>(x, r, k, w, o, dst, n, j),
+                2 => dot_tile::<2, O>(x, r, k, w, o, dst, n, j),
+                _ => dot_tile::<1, O>(x, r, k, w, o, dst, n, j),
             }
             r += 4.min(rows.end - r);
         }
     }
 
-    /// See `super::block_product`. Tiles of 4 rows by 3 outputs keep 12 accumulators (of the
-    /// 16 vector registers) busy for every 7 loads; one or two rows take 6 outputs at a time,
-    /// so that enough weight rows stream at once.
+    /// f32, see `super::block_product`. Tiles of 4 rows by 3 outputs keep 12 accumulators (of
+    /// the 16 vector registers) busy for every 7 loads; one or two rows take 6 outputs at a
+    /// time, so that enough weight rows stream at once.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn block<E: Elem>(x: &[f32], rows: usize, k: usize, w: &[E], o0: usize, n: usize, dst: &mut [f32]) {
+    pub unsafe fn block(x: &[f32], rows: usize, k: usize, w: &[f32], o0: usize, n: usize, dst: &mut [f32]) {
         let mut j = 0;
         while j < n {
             let outs = (n - j).min(if rows <= 2 { 6 } else { 3 });
             match outs {
-                6 => rows_of::<E, 6>(x, 0..rows, k, w, o0 + j, dst, n, j),
-                5 => rows_of::<E, 5>(x, 0..rows, k, w, o0 + j, dst, n, j),
-                4 => rows_of::<E, 4>(x, 0..rows, k, w, o0 + j, dst, n, j),
-                3 => rows_of::<E, 3>(x, 0..rows, k, w, o0 + j, dst, n, j),
-                2 => rows_of::<E, 2>(x, 0..rows, k, w, o0 + j, dst, n, j),
-                _ => rows_of::<E, 1>(x, 0..rows, k, w, o0 + j, dst, n, j),
+                6 => dot_rows::<6>(x, 0..rows, k, w, o0 + j, dst, n, j),
+                5 => dot_rows::<5>(x, 0..rows, k, w, o0 + j, dst, n, j),
+                4 => dot_rows::<4>(x, 0..rows, k, w, o0 + j, dst, n, j),
+                3 => dot_rows::<3>(x, 0..rows, k, w, o0 + j, dst, n, j),
+                2 => dot_rows::<2>(x, 0..rows, k, w, o0 + j, dst, n, j),
+                _ => dot_rows::<1>(x, 0..rows, k, w, o0 + j, dst, n, j),
             }
             j += outs;
         }
     }
 
-    /// See `super::block_product`.
+    /// Panels: rows `r0 .. r0 + R` against the panel's columns `c .. c + 8 · V`, into
+    /// `part[r · stride + col + c ..]`. R · V accumulators, each summing its products first to
+    /// last as `super::dot`; at most 12 of the 16 vector registers, so that the V weight
+    /// vectors and a broadcast fit beside them.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn block_product(x: &[f32], rows: usize, k: usize, w: Weight, o0: usize, n: usize, dst: &mut [f32]) {
-        match w {
-            Weight::F32(w) => block(x, rows, k, w, o0, n, dst),
-            Weight::Bf16(w) => block(x, rows, k, w, o0, n, dst),
-            Weight::Int8 { q, .. } => block(x, rows, k, q, o0, n, dst),
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<E: Elem, const R: usize, const V: usize>(x: &[f32], r0: usize, k: usize, panel: *const E, c: usize, part: &mut [f32], stride: usize, col: usize) {
+        let (xp, pp) = (x.as_ptr().add(r0 * k), panel.add(c));
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        for i in 0..k {
+            let p = pp.add(i * PANEL);
+            _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(PREFETCH));
+            let mut wv = [_mm256_setzero_ps(); V];
+            for (v, w) in wv.iter_mut().enumerate() {
+                *w = E::load8(p.add(8 * v));
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_broadcast_ss(&*xp.add(r * k + i));
+                for (a, w) in a.iter_mut().zip(&wv) {
+                    *a = _mm256_fmadd_ps(xv, *w, *a);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (v, a) in a.iter().enumerate() {
+                _mm256_storeu_ps(part.as_mut_ptr().add((r0 + r) * stride + col + c + 8 * v), *a);
+            }
+        }
+    }
+
+    /// Panels: R rows from `r0` across the whole panel, 16 outputs at a time.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn halves<E: Elem, const R: usize>(x: &[f32], r0: usize, k: usize, panel: *const E, part: &mut [f32], stride: usize, col: usize) {
+        tile::<E, R, 2>(x, r0, k, panel, 0, part, stride, col);
+        tile::<E, R, 2>(x, r0, k, panel, 16, part, stride, col);
+    }
+
+    /// Every row against one panel [k, PANEL] into columns `col .. col + PANEL` of `part`
+    /// [rows, stride]. Six rows by 16 outputs (12 accumulators) while six are left; one or two
+    /// rows take all 32 outputs at once, so that enough sums are in flight to hide the FMA's
+    /// latency.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rows_by_panel<E: Elem>(x: &[f32], rows: usize, k: usize, panel: *const E, part: &mut [f32], stride: usize, col: usize) {
+        let mut r = 0;
+        while rows - r >= 6 {
+            halves::<E, 6>(x, r, k, panel, part, stride, col);
+            r += 6;
+        }
+        match rows - r {
+            5 => halves::<E, 5>(x, r, k, panel, part, stride, col),
+            4 => halves::<E, 4>(x, r, k, panel, part, stride, col),
+            3 => halves::<E, 3>(x, r, k, panel, part, stride, col),
+            2 => tile::<E, 2, 4>(x, r, k, panel, 0, part, stride, col),
+            1 => tile::<E, 1, 4>(x, r, k, panel, 0, part, stride, col),
+            _ => {}
         }
     }
 }
@@ -359,22 +476,45 @@ mod tests {
         (0..n).map(|_| rng.normal() as f32).collect()
     }
 
+    /// `w` [out, k] in bf16 and in int8, laid out for decoding.
+    fn panels(w: &[f32], out: usize) -> [Panels; 2] {
+        [Panels::new(&Packed::bf16(w), out), Panels::new(&Packed::int8(w, out), out)]
+    }
+
     #[test]
     fn products_match_the_reference_for_every_weight_type() {
-        for (rows, out, k) in [(1, 3, 5), (5, 17, 37), (32, 64, 128), (7, 130, 512)] {
+        for (rows, out, k) in [(1, 3, 5), (5, 17, 37), (32, 64, 128), (7, 130, 512), (13, 33, 8)] {
             let x = data(rows * k, 1);
             let w = data(out * k, 2);
             let bias = data(out, 3);
-            let bf: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
-            let scale: Vec<f32> = (0..out).map(|o| w[o * k..(o + 1) * k].iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0).collect();
-            let q: Vec<i8> = w.iter().enumerate().map(|(i, v)| (v / scale[i / k]).round() as i8).collect();
-            for weight in [Weight::F32(&w), Weight::Bf16(&bf), Weight::Int8 { q: &q, scale: &scale }] {
+            let [bf, q8] = panels(&w, out);
+            for weight in [Weight::F32(&w), Weight::Panels(&bf), Weight::Panels(&q8)] {
                 let mut y = vec![0f32; rows * out];
                 matmul(&x, rows, weight, out, Some(&bias), &mut y);
                 let want = reference(&x, rows, weight, out, Some(&bias));
                 let worst = y.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs() / b.abs().max(1.0)));
                 assert!(worst < 1e-5 * k as f32, "{rows}x{out}x{k} {weight:?}: {worst}");
             }
+        }
+    }
+
+    #[test]
+    fn panels_hold_the_quantized_weights_in_whole_panels() {
+        let (out, k) = (37, 11);
+        let w = data(out * k, 9);
+        for packed in [Packed::bf16(&w), Packed::int8(&w, out)] {
+            let p = Panels::new(&packed, out);
+            let back = packed.dequantize();
+            for o in 0..out {
+                for i in 0..k {
+                    assert_eq!(p.at(o, i) * p.scale(o), back[o * k + i], "{packed:?} ({o}, {i})");
+                }
+            }
+            let bytes = match packed {
+                Packed::Bf16(_) => 2 * PANEL * k * 2,
+                Packed::Int8 { .. } => 2 * PANEL * k + out * 4,
+            };
+            assert_eq!(p.bytes(), bytes, "{packed:?}: two panels of {PANEL} rows");
         }
     }
 
@@ -404,7 +544,7 @@ mod tests {
         let bound = |r: usize, per_weight: f32| x[r * k..(r + 1) * k].iter().map(|v| v.abs()).sum::<f32>() * per_weight;
         for packed in [Packed::bf16(&w), Packed::int8(&w, out)] {
             let mut y = vec![0f32; rows * out];
-            matmul(&x, rows, packed.weight(), out, None, &mut y);
+            matmul(&x, rows, Weight::Panels(&Panels::new(&packed, out)), out, None, &mut y);
             let mut typical = 0f32;
             for r in 0..rows {
                 for o in 0..out {
@@ -427,26 +567,26 @@ mod tests {
     fn a_row_gives_the_same_bits_in_any_batch() {
         let (out, k) = (70, 93);
         let w = data(out * k, 4);
-        let x = data(9 * k, 5);
-        let (bf, q8) = (Packed::bf16(&w), Packed::int8(&w, out));
-        for weight in [Weight::F32(&w), bf.weight(), q8.weight()] {
-            let one: Vec<Vec<f32>> = (0..9)
+        let x = data(13 * k, 5);
+        let [bf, q8] = panels(&w, out);
+        for weight in [Weight::F32(&w), Weight::Panels(&bf), Weight::Panels(&q8)] {
+            let one: Vec<Vec<f32>> = (0..13)
                 .map(|r| {
                     let mut y = vec![0f32; out];
                     matmul(&x[r * k..(r + 1) * k], 1, weight, out, None, &mut y);
                     y
                 })
                 .collect();
-            for r in 0..9 {
-                let scalar: Vec<f32> = (0..out).map(|o| dot(&x[r * k..(r + 1) * k], weight, o * k, k) * weight.row_scale(o)).collect();
-                assert_eq!(one[r], scalar, "{weight:?} row {r}: the vector path sums as the scalar one");
+            for (r, one) in one.iter().enumerate() {
+                let scalar: Vec<f32> = (0..out).map(|o| dot(&x[r * k..(r + 1) * k], weight, o, k) * weight.scale(o)).collect();
+                assert_eq!(*one, scalar, "{weight:?} row {r}: the vector path sums as the scalar one");
             }
-            // Every tile shape: 1 and 2 rows take six outputs at a time, more rows three.
-            for rows in [2, 3, 5, 9] {
+            // Every tile shape: six rows at a time, then five down to one.
+            for rows in 2..=13 {
                 let mut all = vec![0f32; rows * out];
                 matmul(&x[..rows * k], rows, weight, out, None, &mut all);
-                for r in 0..rows {
-                    assert_eq!(one[r], all[r * out..(r + 1) * out], "{weight:?}: row {r} of {rows}");
+                for (r, one) in one.iter().enumerate().take(rows) {
+                    assert_eq!(*one, all[r * out..(r + 1) * out], "{weight:?}: row {r} of {rows}");
                 }
             }
         }

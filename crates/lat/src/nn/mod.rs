@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 use crate::error::Result;
 use crate::graph::Grads;
 use crate::kernels;
-use crate::kernels::decode::Packed;
+use crate::kernels::decode::Panels;
 use crate::layers::Mode;
 use crate::params::{fan_in_bound, Builder, Init};
 use crate::rng::uniform_at;
@@ -24,8 +24,8 @@ pub struct Linear {
     pub weight: Tensor,
     /// [out], when the layer has one.
     pub bias: Option<Tensor>,
-    /// The weight in bf16 or int8, for the decoding products.
-    pub packed: Option<Arc<Packed>>,
+    /// The weight in bf16 or int8, laid out for the decoding products.
+    pub packed: Option<Arc<Panels>>,
 }
 
 impl Linear {
@@ -33,7 +33,7 @@ impl Linear {
         let bound = fan_in_bound(d_in);
         let (weight, packed) = b.matrix("weight", &[d_out, d_in], Init::Uniform(bound))?;
         let bias = if bias { Some(b.get("bias", &[d_out], Init::Uniform(bound))?) } else { None };
-        Ok(Self { weight, bias, packed: packed.map(Arc::new) })
+        Ok(Self { weight, bias, packed: packed.map(|p| Arc::new(Panels::new(&p, d_out))) })
     }
 
     /// Applies the layer to the last dimension of `x`.
@@ -96,7 +96,7 @@ impl Linear {
             parts.extend(bias.as_ref());
             kernels::read::<f32, _>(&parts, |s| {
                 let (weight, bias) = match &self.packed {
-                    Some(p) => (p.weight(), s.get(1)),
+                    Some(p) => (kernels::decode::Weight::Panels(p), s.get(1)),
                     None => (kernels::decode::Weight::F32(s[1]), s.get(2)),
                 };
                 kernels::decode::matmul(s[0], rows, weight, out, bias.copied(), &mut y)
