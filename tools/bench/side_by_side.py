@@ -77,11 +77,11 @@ def cpu_flags():
 
 
 def avx2_build(path):
-    """Our binary without gemm's AVX-512 kernels, built when missing."""
-    if not os.path.exists(path):
-        print("building the AVX2-only lat into target/avx2 (once)", flush=True)
-        subprocess.run(["cargo", "build", "--release", "-p", "lat-cli", "--no-default-features", "--target-dir", os.path.join(ROOT, "target", "avx2")],
-                       check=True, cwd=ROOT)
+    """Our binary without gemm's AVX-512 kernels, brought up to date with the sources (a stale
+    binary would measure old code)."""
+    print("building the AVX2-only lat into target/avx2", flush=True)
+    subprocess.run(["cargo", "build", "--release", "-p", "lat-cli", "--no-default-features", "--target-dir", os.path.join(ROOT, "target", "avx2")],
+                   check=True, cwd=ROOT)
     return path
 
 
@@ -99,7 +99,7 @@ def run(cmd, env, timeout):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lat", default=os.path.join(ROOT, "target", "release", "lat"))
-    ap.add_argument("--lat-avx2", default=os.path.join(ROOT, "target", "avx2", "release", "lat"), help="the AVX2-only build (built when missing)")
+    ap.add_argument("--lat-avx2", default=os.path.join(ROOT, "target", "avx2", "release", "lat"), help="the AVX2-only build (brought up to date first)")
     ap.add_argument("--isa", nargs="+", choices=["avx2", "native"], help="instruction sets to measure (default: avx2, and native where the CPU has AVX-512)")
     ap.add_argument("--quantized", action="store_true", help="also per-token decoding with f32, bf16 and int8 weights at batch 1 and 32")
     ap.add_argument("--python", default=sys.executable)
