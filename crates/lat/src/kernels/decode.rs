@@ -1,16 +1,16 @@
 //! The products of a decoding step: `y = x Wᵀ (+ b)` for a few rows `x` [rows, in] (one per
 //! stream) against a weight [out, in]. A decoding step is bound by reading the weights, so they
-//! are read from memory once for all rows; and each output element is one dot product summed in
-//! one order whatever the number of rows (a fused multiply-add per element, first to last), so
-//! a stream's logits do not depend on what else is in its batch. Weights are f32, bf16, or int8
+//! are streamed from memory once for all rows (larger batches re-read a block from the caches);
+//! and each output element is one dot product summed in one order whatever the number of rows,
+//! so a stream's logits do not depend on what else is in its batch. Weights are f32, bf16, or int8
 //! with one scale per output channel, dequantized on the fly into f32 accumulation.
 //!
 //! An f32 weight is the model's own [out, in], which training's products share: each output
 //! is a dot product in eight interleaved partial sums (input i in lane i mod 8), added in a
 //! fixed tree, then the tail. A quantized weight is ours to lay out, so it is kept in panels of
 //! 32 outputs stored [in][32] ([`Panels`]): each output sums first to last along its own vector
-//! lane, one weight vector serves every row, and the weights are read front to back. Either
-//! way the order of an output's sum depends on the weight alone, never on the rows.
+//! lane, one weight vector serves up to six rows, and the weights are read front to back.
+//! Either way the order of an output's sum depends on the weight alone, never on the rows.
 //!
 //! The fast path uses AVX2 and FMA (picked at run time); [`reference`] is the plain version.
 
@@ -108,18 +108,13 @@ impl Packed {
             }
         }
     }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        match self {
-            Packed::Bf16(w) => w.len() * 2,
-            Packed::Int8 { q, scale } => q.len() + scale.len() * 4,
-        }
-    }
 }
 
 /// A quantized weight [out, in] in the decoding layout: panels of 32 output rows, each stored
-/// [in][32], the last one padded with zero rows. A product reads it front to back, once.
+/// [in][32], the last one padded with zero rows (at most 31 more rows read per product). A
+/// product streams each panel front to back, for one or two rows once, for more rows once per
+/// six rows and 16 outputs (from the caches after the first pass: a panel is 64 bytes per input
+/// in bf16, 32 in int8).
 #[derive(Clone, PartialEq)]
 pub struct Panels {
     out: usize,
@@ -166,14 +161,6 @@ impl Panels {
         match &self.values {
             Values::Bf16(_) => 1.0,
             Values::Int8 { scale, .. } => scale[o],
-        }
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        match &self.values {
-            Values::Bf16(w) => w.len() * 2,
-            Values::Int8 { q, scale } => q.len() + scale.len() * 4,
         }
     }
 }
@@ -242,6 +229,7 @@ fn block_product(x: &[f32], rows: usize, k: usize, w: Weight, o0: usize, n: usiz
             match w {
                 Weight::F32(w) => avx2::block(x, rows, k, w, o0, n, part),
                 Weight::Panels(p) => {
+                    debug_assert_eq!(o0 % PANEL, 0, "blocks of panels start at a panel");
                     for col in (0..n).step_by(PANEL) {
                         let at = (o0 + col) * k;
                         match &p.values {
@@ -514,7 +502,11 @@ mod tests {
                 Packed::Bf16(_) => 2 * PANEL * k * 2,
                 Packed::Int8 { .. } => 2 * PANEL * k + out * 4,
             };
-            assert_eq!(p.bytes(), bytes, "{packed:?}: two panels of {PANEL} rows");
+            let stored = match &p.values {
+                Values::Bf16(v) => v.len() * 2,
+                Values::Int8 { q, scale } => q.len() + scale.len() * 4,
+            };
+            assert_eq!(stored, bytes, "{packed:?}: two panels of {PANEL} rows");
         }
     }
 
@@ -530,7 +522,6 @@ mod tests {
         for (i, (a, b)) in w.iter().zip(&back).enumerate() {
             assert!((a - b).abs() <= scale[i / k] * 0.5 + 1e-7, "int8 weight {i}: {a} vs {b}");
         }
-        assert_eq!(p.bytes(), out * k + out * 4);
         assert_eq!(Packed::int8(&vec![0.0; 6], 2).dequantize(), vec![0.0; 6]);
     }
 
