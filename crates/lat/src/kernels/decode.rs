@@ -101,7 +101,7 @@ impl Packed {
     /// The weight back in f32 [out, in].
     pub fn dequantize(&self) -> Vec<f32> {
         match self {
-            Packed::Bf16(w) => w.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect(),
+            Packed::Bf16(w) => w.iter().map(|&b| bf16_to_f32(b)).collect(),
             Packed::Int8 { q, scale } => {
                 let k = q.len() / scale.len().max(1);
                 q.iter().enumerate().map(|(i, &v)| v as f32 * scale[i / k.max(1)]).collect()
@@ -150,9 +150,9 @@ impl Panels {
 
     /// Element (o, i), without the int8 scale.
     fn at(&self, o: usize, i: usize) -> f32 {
-        let at = (o / PANEL * self.k + i) * PANEL + o % PANEL;
+        let at = panel_offset(o, i, self.k);
         match &self.values {
-            Values::Bf16(w) => f32::from_bits((w[at] as u32) << 16),
+            Values::Bf16(w) => bf16_to_f32(w[at]),
             Values::Int8 { q, .. } => q[at] as f32,
         }
     }
@@ -165,17 +165,26 @@ impl Panels {
     }
 }
 
-/// `w` [out, k] as panels [out / PANEL][k][PANEL], zero-padded to whole panels.
+/// Where element (o, i) of a weight [out, k] lies in its panels [out / PANEL][k][PANEL].
+fn panel_offset(o: usize, i: usize, k: usize) -> usize {
+    (o / PANEL * k + i) * PANEL + o % PANEL
+}
+
+/// `w` [out, k] in panels, zero-padded to whole panels.
 fn turned<T: Copy + Default>(w: &[T], out: usize) -> Vec<T> {
     let k = w.len() / out.max(1);
     let mut t = vec![T::default(); out.div_ceil(PANEL) * k * PANEL];
     for (o, row) in w.chunks(k.max(1)).enumerate() {
-        let panel = &mut t[o / PANEL * k * PANEL..];
         for (i, &v) in row.iter().enumerate() {
-            panel[i * PANEL + o % PANEL] = v;
+            t[panel_offset(o, i, k)] = v;
         }
     }
     t
+}
+
+/// bfloat16 bits as the f32 whose high half they are.
+fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
 }
 
 /// Lanes of an f32 product's partial sums.
@@ -231,7 +240,7 @@ fn block_product(x: &[f32], rows: usize, k: usize, w: Weight, o0: usize, n: usiz
                 Weight::Panels(p) => {
                     debug_assert_eq!(o0 % PANEL, 0, "blocks of panels start at a panel");
                     for col in (0..n).step_by(PANEL) {
-                        let at = (o0 + col) * k;
+                        let at = panel_offset(o0 + col, 0, k);
                         match &p.values {
                             Values::Bf16(v) => avx2::rows_by_panel(x, rows, k, v[at..].as_ptr(), part, stride, col),
                             Values::Int8 { q, .. } => avx2::rows_by_panel(x, rows, k, q[at..].as_ptr(), part, stride, col),
