@@ -27,7 +27,7 @@ import time
 import httpx
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-SEED = ["model.dim=512", "model.depth=6", "model.heads=8", "model.dim_head=64", "model.n_local_attn_heads=4", "model.local_attn_window_size=128",
+SEED = ["train.tokenizer=bytes", "model.dim=512", "model.depth=6", "model.heads=8", "model.dim_head=64", "model.n_local_attn_heads=4", "model.local_attn_window_size=128",
         "model.blindspot_size=64", "model.reversible=true", "model.ff_chunks=2", "model.max_seq_len=1536"]
 DEFAULT = ["model.max_seq_len=1536"]
 

@@ -94,7 +94,7 @@ def main():
             print("wrote", os.path.join(ckpt, "export.pt"), "and export_reference.safetensors")
         # 2. A byte-level model trained here by `lat train`.
         run_dir = os.path.join(work, "run")
-        run(args.lat, "train", "--out", run_dir, "--max-steps", "5", "--quiet", "--set", "model.dim=32", "--set", "model.depth=2",
+        run(args.lat, "train", "--out", run_dir, "--max-steps", "5", "--quiet", "--tokenizer", "bytes", "--set", "model.dim=32", "--set", "model.depth=2",
             "--set", "model.heads=2", "--set", "model.dim_head=16", "--set", "model.n_local_attn_heads=1", "--set", "train.batch_size=2", "--set", "train.seq_len=64",
             "--set", "train.eval_every=0", "--set", "train.sample_every=0", "--set", "train.eval_windows=1")
         check(args.lat, "trained", os.path.join(run_dir, "model.safetensors"), 256, work)

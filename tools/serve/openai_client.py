@@ -9,7 +9,6 @@ Without --model it trains a tiny byte-level model for a few steps first.
 """
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -22,8 +21,10 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 
 
 def lat_generate(lat, model, prompt, max_new):
-    out = subprocess.run([lat, "generate", "--model", model, "--prompt", prompt, "--max-new", str(max_new), "--top-k", "1", "--json"], check=True, capture_output=True)
-    return bytes(json.loads(out.stdout)["tokens"]).decode("utf-8", errors="replace")
+    # The text `lat generate` prints: the prompt, the new text, and a closing newline.
+    out = subprocess.run([lat, "generate", "--model", model, "--prompt", prompt, "--max-new", str(max_new), "--top-k", "1"], check=True, capture_output=True, text=True)
+    assert out.stdout.startswith(prompt) and out.stdout.endswith("\n"), out.stdout
+    return out.stdout[len(prompt):-1]
 
 
 def main():
@@ -62,7 +63,7 @@ def main():
             for c in chunk.choices:
                 text += c.text
                 reason = c.finish_reason or reason
-        assert text == expected and reason == "length" and usage.total_tokens == len(prompt.encode()) + 40, (text, reason, usage)
+        assert text == expected and reason == "length" and usage.total_tokens == whole.usage.prompt_tokens + 40, (text, reason, usage)
         print("streamed completion equals it, usage", usage.prompt_tokens, "+", usage.completion_tokens)
 
         several = client.completions.create(model=name, prompt=["To be", "Now is"], max_tokens=10, temperature=0.8, seed=3)

@@ -1,6 +1,7 @@
 """Compares variants of `lat train`'s defaults by the validation split (never the test split),
 each trained for the same wall-clock budget on this machine, one after another, and prints a
-markdown table: variant, settings, steps reached, step time, validation bits per character.
+markdown table: variant, settings, steps reached, step time, validation bits per byte (bits per
+character of this corpus, whatever the tokenizer).
 
     python tools/train/search_defaults.py [--minutes 5] [--only NAME ...] [--out runs/search]
 
@@ -26,6 +27,10 @@ from side_by_side import wait_quiet  # noqa: E402
 # Each variant changes the defaults in the listed ways only.
 VARIANTS = {
     "default": [],
+    "bytes": ["train.tokenizer=bytes"],
+    "bpe 512": ["train.tokenizer=bpe:512"],
+    "bpe 2048": ["train.tokenizer=bpe:2048"],
+    "bpe 8192": ["train.tokenizer=bpe:8192"],
     "lr 4e-3": ["train.lr=4e-3"],
     "lr 2e-3": ["train.lr=2e-3"],
     "min_lr 1e-5": ["train.min_lr=1e-5"],

@@ -26,8 +26,8 @@ enum Command {
     Quantize(commands::quantize::Args),
     /// Write the logits of a model for the tokens of a safetensors file.
     Logits(commands::logits::Args),
-    /// Train a language model over bytes or a tokenizer's tokens (by default bytes of the
-    /// bundled Shakespeare).
+    /// Train a language model over a tokenizer's tokens or bytes (by default over a BPE of 1024
+    /// tokens it learns first, on the bundled Shakespeare).
     Train(commands::train::Args),
     /// Train a tokenizer (byte-level BPE) on a corpus.
     #[command(subcommand)]

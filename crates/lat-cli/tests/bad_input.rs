@@ -130,7 +130,7 @@ fn inputs_and_corpora() {
     case("missing corpus", &["train", "--data", &p(dir.path(), "nothing"), "--out", &p(dir.path(), "run2")], "No such file");
     let tiny = p(dir.path(), "tiny.txt");
     std::fs::write(&tiny, b"too short").unwrap();
-    case("corpus shorter than a window", &["train", "--data", &tiny, "--out", &p(dir.path(), "run3")], "fewer than seq_len");
+    case("corpus shorter than a window", &["train", "--data", &tiny, "--out", &p(dir.path(), "run3"), "--quiet"], "fewer than seq_len");
     case("unknown setting", &["train", "--set", "model.nope=1", "--out", &p(dir.path(), "run4")], "unknown field");
     case("invalid setting", &["train", "--set", "model.n_local_attn_heads=9", "--out", &p(dir.path(), "run5")], "n_local_attn_heads");
     case("unreadable duration", &["train", "--time-limit", "soon", "--out", &p(dir.path(), "run6")], "duration");

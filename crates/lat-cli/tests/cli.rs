@@ -105,7 +105,7 @@ const TINY: &[&str] = &[
     "--set", "model.max_seq_len=32", "--set", "model.local_attn_window_size=8", "--set", "train.seq_len=32",
     "--set", "train.batch_size=2", "--set", "train.eval_every=5", "--set", "train.eval_windows=4",
     "--set", "train.sample_every=5", "--set", "train.sample_len=20", "--set", "train.checkpoint_every=5",
-    "--set", "train.log_every=2", "--quiet",
+    "--set", "train.log_every=2", "--set", "train.tokenizer=bytes", "--quiet",
 ];
 
 fn train(dir: &Path, extra: &[&str]) -> Output {
@@ -185,6 +185,13 @@ fn quantized_models_generate_evaluate_and_refuse_training() {
     fails(&lat(&["quantize", "--model", &int8, "--to", "bf16", "--out", &path(dir.path(), "again.safetensors")]), "already quantized (int8)");
     fails(&lat(&["quantize", "--model", &model, "--to", "int4", "--out", &path(dir.path(), "q.safetensors")]), "unknown quantization \"int4\"");
     fails(&lat(&["quantize", "--model", &model, "--to", "int8", "--out", &model]), "--out must differ");
+    fails(&lat(&["quantize", "--model", &path(dir.path(), "run"), "--to", "int8", "--out", &path(dir.path(), "run")]), "--out must differ");
+    // Into a model directory; one that cannot be written from leaves none behind.
+    let o = lat(&["quantize", "--model", &path(dir.path(), "run"), "--to", "int8", "--out", &path(dir.path(), "int8-dir")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(dir.path().join("int8-dir/model.safetensors").is_file());
+    fails(&lat(&["quantize", "--model", &int8, "--to", "int8", "--out", &path(dir.path(), "again-dir")]), "already quantized");
+    assert!(!dir.path().join("again-dir").exists());
     fails(&lat(&["bench", "--model", &int8, "--mode", "train", "--seq-len", "16", "--steps", "1"]), "cannot be trained");
     fails(&lat(&["export", "--model", &bf16, "--out", &path(dir.path(), "sd.pt")]), "cannot be exported");
     assert!(!dir.path().join("again.safetensors").exists() && !dir.path().join("q.safetensors").exists() && !dir.path().join("sd.pt").exists());

@@ -157,3 +157,61 @@ fn bad_token_inputs_are_one_line_errors_and_leave_nothing() {
     fails(&lat(&["generate", "--model", s(&lone), "--prompt", "x", "--max-new", "2"]), "no tokenizer");
     ok(&lat(&["generate", "--model", s(&lone), "--tokenizer", s(&tok), "--prompt", "x", "--max-new", "2"]));
 }
+
+#[test]
+fn a_run_learns_its_tokenizer_from_the_training_split_and_resumes_with_its_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let tok = dir.path().join("tok.json");
+    ok(&lat(&["tokenizer", "train", "--data", s(&data), "--vocab-size", "300", "--out", s(&tok), "--quiet"]));
+    let train = |run: &Path, extra: &[&str]| {
+        let mut args = vec!["train", "--data", s(&data), "--out", s(run), "--max-steps", "2", "--quiet"];
+        args.extend(SMALL);
+        args.extend(extra);
+        lat(&args)
+    };
+    let num_tokens = |run: &Path| serde_json::from_str::<Value>(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap()["num_tokens"].clone();
+
+    // bpe:N learns what `lat tokenizer train` learns from the same split, into the run folder.
+    let run = dir.path().join("bpe");
+    ok(&train(&run, &["--tokenizer", "bpe:300"]));
+    assert_eq!(std::fs::read(run.join("tokenizer.json")).unwrap(), std::fs::read(&tok).unwrap());
+    assert_eq!(num_tokens(&run), 300);
+    assert!(std::fs::read_to_string(run.join("config.toml")).unwrap().contains("tokenizer = \"bpe:300\""));
+    // Resuming reads that copy: without it the run cannot go on.
+    let resumed = lat(&["train", "--data", s(&data), "--out", s(&run), "--resume", "--max-steps", "3"]);
+    ok(&resumed);
+    assert!(String::from_utf8_lossy(&resumed.stderr).contains("(reused)"), "{}", String::from_utf8_lossy(&resumed.stderr));
+    // Quantized into a model directory, the model keeps its tokenizer; as a lone file it is
+    // told where the tokenizer is.
+    let int8 = dir.path().join("int8");
+    ok(&lat(&["quantize", "--model", s(&run), "--to", "int8", "--out", s(&int8)]));
+    assert_eq!(std::fs::read(int8.join("tokenizer.json")).unwrap(), std::fs::read(&tok).unwrap());
+    assert!(ok(&lat(&["generate", "--model", s(&int8), "--prompt", "To be", "--max-new", "8"])).starts_with("To be"));
+    let lone = lat(&["quantize", "--model", s(&run), "--to", "bf16", "--out", s(&dir.path().join("bf16.safetensors"))]);
+    ok(&lone);
+    assert!(String::from_utf8_lossy(&lone.stderr).contains("pass --tokenizer"), "{}", String::from_utf8_lossy(&lone.stderr));
+    std::fs::remove_file(run.join("tokenizer.json")).unwrap();
+    fails(&lat(&["train", "--data", s(&data), "--out", s(&run), "--resume", "--max-steps", "4"]), "tokenizer.json");
+
+    // The built-in run learns a BPE of 1 024 ids; bytes stay a setting away.
+    let default = dir.path().join("default");
+    ok(&train(&default, &[]));
+    assert_eq!(num_tokens(&default), 1024);
+    assert!(Codec::load(&default.join("tokenizer.json")).unwrap().vocab_size() <= 1024);
+    let bytes = dir.path().join("bytes");
+    ok(&train(&bytes, &["--tokenizer", "bytes"]));
+    assert_eq!(num_tokens(&bytes), 256);
+    assert!(!bytes.join("tokenizer.json").exists());
+
+    for (extra, needle) in [
+        (&["--tokenizer", "bpe:12"][..], "at least 257"),
+        (&["--tokenizer", "bpe:many"][..], "bpe:N learns"),
+        (&["--tokenizer", "bpe:300", "--set", "model.num_tokens=100"][..], "raise model.num_tokens to at least 300"),
+        (&["--tokenizer", "bytes", "--set", "model.num_tokens=300"][..], "num_tokens = 256"),
+    ] {
+        let run = dir.path().join("refused");
+        fails(&train(&run, extra), needle);
+        assert!(!run.exists(), "{extra:?} left a run folder");
+    }
+}

@@ -16,6 +16,8 @@ use crate::error::{one_line, Error, Result};
 /// The end-of-text token a trained tokenizer gets, and the names looked for in others.
 pub const END_OF_TEXT: &str = "<|endoftext|>";
 const END_OF_TEXT_NAMES: [&str; 4] = [END_OF_TEXT, "<|end_of_text|>", "</s>", "<eos>"];
+/// The fewest ids of a byte-level BPE: the 256 bytes and the end-of-text token.
+pub const MIN_BPE_VOCABULARY: usize = 257;
 
 /// How a model's token ids map to text.
 #[derive(Clone)]
@@ -134,8 +136,8 @@ where
     S: AsRef<str> + Send,
 {
     // 256 bytes and the end-of-text token come first.
-    if vocab_size < 257 {
-        return Err(Error::config("vocab_size", format!("{vocab_size} is too small: a byte-level BPE needs at least 257 ids (256 bytes and {END_OF_TEXT})")));
+    if vocab_size < MIN_BPE_VOCABULARY {
+        return Err(Error::config("vocab_size", format!("{vocab_size} is too small: a byte-level BPE needs at least {MIN_BPE_VOCABULARY} ids (256 bytes and {END_OF_TEXT})")));
     }
     let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)

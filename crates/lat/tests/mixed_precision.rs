@@ -67,6 +67,8 @@ fn a_mixed_precision_run_learns() {
     std::fs::write(&data, text).unwrap();
     let mut run = RunConfig::default();
     for s in [
+        "train.tokenizer=bytes",
+        "model.num_tokens=256",
         "model.dim=32",
         "model.depth=1",
         "model.heads=2",

@@ -10,6 +10,8 @@ use linear_attention_transformer::train::{peek_checkpoint, RunConfig, Trainer};
 fn tiny() -> RunConfig {
     let mut run = RunConfig::default();
     for s in [
+        "train.tokenizer=bytes",
+        "model.num_tokens=256",
         "model.dim=16",
         "model.depth=2",
         "model.heads=2",

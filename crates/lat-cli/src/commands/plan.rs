@@ -21,7 +21,7 @@ pub struct Args {
     set: Vec<String>,
     /// The run's tokenizer, as for lat train (its vocabulary sizes the model).
     #[arg(long, conflicts_with = "model")]
-    tokenizer: Option<PathBuf>,
+    tokenizer: Option<String>,
     /// Plan inference with this model file instead of a training run.
     #[arg(long)]
     model: Option<PathBuf>,

@@ -1,10 +1,11 @@
 //! `lat tokenizer train --data PATH --vocab-size N --out tokenizer.json [--split train|all]`:
 //! a byte-level BPE trained on a corpus (on every core), which round-trips any text.
 
-use std::path::PathBuf;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 
 use linear_attention_transformer::text::{save_tokenizer, train_bpe, Codec};
-use linear_attention_transformer::train::data::Split;
+use linear_attention_transformer::train::data::{Split, Text};
 
 use super::{corpus, usage, Result};
 
@@ -52,11 +53,7 @@ fn train(a: TrainArgs) -> Result<()> {
     let (data, text) = corpus::open(&a.source, scratch.path(), &scratch.path().join("corpus.bin"))?;
     let range = range_of(&text)?;
     let started = std::time::Instant::now();
-    let texts = text.chunks(range.clone(), 1 << 16).into_iter().map(|c| String::from_utf8_lossy(&text.bytes()[c.range]).into_owned());
-    let tokenizer = train_bpe(texts, a.vocab_size, !a.quiet)?;
-    save_tokenizer(&tokenizer, &a.out)?;
-    // Read back as every command will read it.
-    let codec = Codec::load(&a.out)?;
+    let codec = learn(&text, range.clone(), a.vocab_size, usize::MAX, &a.out, !a.quiet)?;
     let sample = &text.bytes()[range.start..range.end.min(range.start + (1 << 20))];
     let ids = codec.encode(sample)?;
     println!(
@@ -69,4 +66,46 @@ fn train(a: TrainArgs) -> Result<()> {
         sample.len() as f64 / ids.len().max(1) as f64
     );
     Ok(())
+}
+
+/// A byte-level BPE of `vocab_size` ids learned from `range` of `text` (from at most `budget`
+/// bytes of it, in pieces spread evenly over it), written to `out` and read back as every command
+/// reads it.
+pub fn learn(text: &Text, range: Range<usize>, vocab_size: usize, budget: usize, out: &Path, progress: bool) -> Result<Codec> {
+    let texts = spread(text, range, budget).into_iter().map(|r| String::from_utf8_lossy(&text.bytes()[r]).into_owned());
+    let tokenizer = train_bpe(texts, vocab_size, progress)?;
+    save_tokenizer(&tokenizer, out)?;
+    Ok(Codec::load(out)?)
+}
+
+/// Pieces of `range` (of about 64 KiB, cut at line ends) to learn from: all of them, or every
+/// k-th when the range is over `budget`, so that the sample spans the whole range.
+fn spread(text: &Text, range: Range<usize>, budget: usize) -> Vec<Range<usize>> {
+    const PIECE: usize = 1 << 16;
+    let pieces = text.chunks(range, PIECE);
+    let every = pieces.len().div_ceil((budget / PIECE).max(1)).max(1);
+    pieces.into_iter().step_by(every).map(|c| c.range).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sample_over_budget_spans_the_range_within_the_budget() {
+        let line = "a line of text to learn from\n";
+        let text = Text::from_bytes(line.repeat((1 << 20) / line.len()).into_bytes()).unwrap();
+        let n = text.bytes().len();
+        let all = spread(&text, 100..n, usize::MAX);
+        assert_eq!((all[0].start, all.last().unwrap().end), (100, n));
+        assert_eq!(all.iter().map(|r| r.len()).sum::<usize>(), n - 100);
+        for budget in [1 << 16, 1 << 18, 300_000] {
+            let some = spread(&text, 100..n, budget);
+            let taken: usize = some.iter().map(|r| r.len()).sum();
+            assert!(taken <= budget && taken > budget / 2, "budget {budget}: took {taken}");
+            assert_eq!(some[0].start, 100);
+            assert!(some.last().unwrap().end > n - n / some.len(), "the sample reaches the end of the range");
+            assert!(some.windows(2).all(|w| w[0].end <= w[1].start));
+        }
+    }
 }

@@ -25,7 +25,7 @@ use crate::kernels::cross_entropy::cross_entropy_rows;
 use crate::model::{Inputs, LinearAttentionTransformerLM};
 use crate::pass::Pass;
 use crate::rng::{derive, Rng};
-use crate::text::Codec;
+use crate::text::{Codec, MIN_BPE_VOCABULARY};
 use data::{eval_windows, random_windows, Corpus, Split, Tokens};
 use horizon::Horizon;
 use optim::{schedule, AdamW, AdamWConfig};
@@ -80,9 +80,45 @@ pub struct TrainSettings {
     pub max_bad_steps: u32,
     /// What the training steps compute in (the weights and optimizer state stay f32).
     pub precision: Precision,
-    /// A `tokenizer.json` to train a token-level model with; empty for bytes.
+    /// The run's tokens: `bytes` (or empty), `bpe:N` (a byte-level BPE of N ids learned from
+    /// the corpus's training split when the run starts), or a `tokenizer.json`; see
+    /// [`TokenizerSetting`].
     pub tokenizer: String,
 }
+
+/// What `train.tokenizer` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenizerSetting {
+    /// `bytes` (or empty): token `b` is the byte `b`.
+    Bytes,
+    /// `bpe:N`: a byte-level BPE of N ids, learned from the corpus's training split when a new
+    /// run starts and kept in the run folder (which resumes and evaluations read).
+    Learned(usize),
+    /// Anything else: the `tokenizer.json` at this path.
+    File(PathBuf),
+}
+
+impl TokenizerSetting {
+    /// Reads a `train.tokenizer` value.
+    pub fn parse(value: &str) -> Result<Self> {
+        let value = value.trim();
+        if value.is_empty() || value == "bytes" {
+            return Ok(Self::Bytes);
+        }
+        match value.strip_prefix("bpe:") {
+            Some(n) => match n.trim().parse::<usize>() {
+                Ok(n) if n >= MIN_BPE_VOCABULARY => Ok(Self::Learned(n)),
+                _ => Err(Error::config("tokenizer", format!("\"{value}\": bpe:N learns a byte-level BPE of N ids, N a number of at least {MIN_BPE_VOCABULARY} (256 bytes and the end-of-text token)"))),
+            },
+            None => Ok(Self::File(PathBuf::from(value))),
+        }
+    }
+}
+
+/// The vocabulary of the built-in run's tokenizer: at the main job's budget on two cores a
+/// BPE of this size beat bytes and larger vocabularies on the validation split (see the
+/// README's search).
+pub const DEFAULT_VOCABULARY: usize = 1024;
 
 /// Arithmetic of the training steps.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,14 +180,21 @@ impl Default for TrainSettings {
             checkpoint_every: 250,
             max_bad_steps: 5,
             precision: Precision::F32,
-            tokenizer: String::new(),
+            tokenizer: "bytes".into(),
         }
+    }
+}
+
+impl TrainSettings {
+    /// What `tokenizer` names.
+    pub fn tokenizer_setting(&self) -> Result<TokenizerSetting> {
+        TokenizerSetting::parse(&self.tokenizer)
     }
 }
 
 /// The default model: sized to learn the bundled corpus on two CPU cores in fifteen minutes.
 pub fn default_model() -> Config {
-    let mut c = Config::new(256, 128, 4, 512);
+    let mut c = Config::new(DEFAULT_VOCABULARY, 128, 4, 512);
     c.heads = 4;
     c.dim_head = Some(32);
     c.causal = true;
@@ -183,9 +226,12 @@ pub struct RunConfig {
     pub train: TrainSettings,
 }
 
+/// The built-in run: the default model over a BPE of [`DEFAULT_VOCABULARY`] ids learned from
+/// the corpus. (A `[train]` table that leaves out `tokenizer` trains on bytes.)
 impl Default for RunConfig {
     fn default() -> Self {
-        Self { model: default_model(), train: TrainSettings::default() }
+        let train = TrainSettings { tokenizer: format!("bpe:{DEFAULT_VOCABULARY}"), ..TrainSettings::default() };
+        Self { model: default_model(), train }
     }
 }
 
@@ -229,8 +275,14 @@ impl RunConfig {
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         let t = &self.train;
-        if self.train.tokenizer.is_empty() && self.model.num_tokens != 256 {
-            return Err(Error::config("num_tokens", "byte-level training needs num_tokens = 256 (or give train.tokenizer)"));
+        match self.train.tokenizer_setting()? {
+            TokenizerSetting::Bytes if self.model.num_tokens != 256 => {
+                return Err(Error::config("num_tokens", "byte-level training needs num_tokens = 256 (or set train.tokenizer)"));
+            }
+            TokenizerSetting::Learned(n) if self.model.num_tokens < n => {
+                return Err(Error::config("num_tokens", format!("the model has {} token ids but train.tokenizer learns a BPE of {n}; raise model.num_tokens to at least {n} (left out, it is {n})", self.model.num_tokens)));
+            }
+            _ => {}
         }
         if !self.model.causal {
             return Err(Error::config("causal", "a language model trained to predict the next token must be causal; set causal = true"));
@@ -463,6 +515,9 @@ impl Trainer {
     /// Starts a run in `dir` on `corpus`, or resumes the one saved there.
     pub fn start(run: RunConfig, corpus: Corpus, dir: &Path, resume: bool, device: &Device) -> Result<Self> {
         run.validate()?;
+        if (run.train.tokenizer_setting()? == TokenizerSetting::Bytes) != corpus.codec().is_bytes() {
+            return Err(Error::config("tokenizer", format!("train.tokenizer is \"{}\" but the corpus is read as {}", run.train.tokenizer, if corpus.codec().is_bytes() { "bytes" } else { "tokens" })));
+        }
         check_vocabulary(&run.model, corpus.codec())?;
         let files = RunFiles { dir: dir.to_path_buf() };
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -671,6 +726,31 @@ mod tests {
         assert_eq!(time_limit("90").unwrap().unwrap().as_secs(), 90);
         assert_eq!(time_limit("").unwrap(), None);
         assert!(time_limit("5x").is_err());
+    }
+
+    #[test]
+    fn tokenizer_settings_read_and_size_the_model() {
+        assert_eq!(TokenizerSetting::parse("").unwrap(), TokenizerSetting::Bytes);
+        assert_eq!(TokenizerSetting::parse("bytes").unwrap(), TokenizerSetting::Bytes);
+        assert_eq!(TokenizerSetting::parse("bpe:1024").unwrap(), TokenizerSetting::Learned(1024));
+        assert_eq!(TokenizerSetting::parse("runs/t.json").unwrap(), TokenizerSetting::File("runs/t.json".into()));
+        for bad in ["bpe:", "bpe:256", "bpe:-3", "bpe:1e3"] {
+            assert!(TokenizerSetting::parse(bad).is_err(), "{bad}");
+        }
+        // The built-in run learns its tokenizer; a file that names none trains bytes.
+        let built_in = RunConfig::default();
+        assert_eq!(built_in.train.tokenizer_setting().unwrap(), TokenizerSetting::Learned(DEFAULT_VOCABULARY));
+        assert_eq!(built_in.model.num_tokens, DEFAULT_VOCABULARY);
+        built_in.validate().unwrap();
+        let file = RunConfig::from_toml("[model]\nnum_tokens = 256\ndim = 32\ndepth = 1\nmax_seq_len = 64\ncausal = true\n[train]\nseq_len = 32\n").unwrap();
+        assert_eq!(file.train.tokenizer_setting().unwrap(), TokenizerSetting::Bytes);
+        let mut run = file.clone();
+        run.set("train.tokenizer=bpe:300").unwrap();
+        assert!(run.validate().unwrap_err().to_string().contains("at least 300"));
+        run.set("model.num_tokens=300").unwrap();
+        run.validate().unwrap();
+        run.set("train.tokenizer=bytes").unwrap();
+        assert!(run.validate().is_err());
     }
 
     #[test]
