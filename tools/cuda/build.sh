@@ -6,7 +6,8 @@
 #
 #     tools/cuda/build.sh            # -> dist/cuda/lat (stripped) and lat.xz, for compute capability 90
 #     CUDA_COMPUTE_CAP=80 tools/cuda/build.sh
-#     LAT_CUDA_PACK=0 tools/cuda/build.sh   # skip lat.xz (CI: compile and link only)
+#     LAT_CUDA_PACK=0 tools/cuda/build.sh   # skip lat.xz
+#     LAT_CUDA_PROFILE=cuda-check LAT_CUDA_PACK=0 tools/cuda/build.sh   # CI: compile and link only, unoptimised
 #
 # The toolchain (about 670 MB of wheels, unpacked) is cached outside the clone, in
 # ${LAT_CUDA_CACHE:-~/.cache/lat-cuda}, so repeated builds and fresh clones download it once;
@@ -67,10 +68,11 @@ export PATH=$CU/bin:$PATH CUDA_HOME=$CU CUDA_PATH=$CU NVCC=$CU/bin/nvcc
 export LIBRARY_PATH=$CACHE/stub:$CU/lib:${LIBRARY_PATH:-}
 export RUSTFLAGS="${RUSTFLAGS:-} -L $CACHE/stub -L $CU/lib"
 cd "$ROOT"
-say "compiling lat with --features cuda for compute capability $CUDA_COMPUTE_CAP (target/cuda; a clean build takes about 7 minutes on 2 cores)"
-cargo build --release -p lat-cli --features cuda --target-dir target/cuda
+PROFILE=${LAT_CUDA_PROFILE:-release}
+say "compiling lat with --features cuda for compute capability $CUDA_COMPUTE_CAP (profile $PROFILE, target/cuda; a clean release build takes about 17 minutes on 2 cores)"
+cargo build --profile "$PROFILE" -p lat-cli --features cuda --target-dir target/cuda
 mkdir -p dist/cuda
-cp target/cuda/release/lat dist/cuda/lat
+cp "target/cuda/$PROFILE/lat" dist/cuda/lat
 strip dist/cuda/lat
 if [ "${LAT_CUDA_PACK:-1}" != 0 ]; then
     # Compressed for travel: most of the binary is PTX text.
