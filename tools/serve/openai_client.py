@@ -5,7 +5,7 @@ and a bad request as the client's own exception. Every completion must equal `la
     pip install openai
     python tools/serve/openai_client.py [--lat target/release/lat] [--model MODEL.safetensors]
 
-Without --model it trains a tiny byte-level model for a few steps first.
+Without --model it trains a tiny model (the built-in run's BPE, narrower) for a few steps first.
 """
 
 import argparse

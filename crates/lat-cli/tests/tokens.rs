@@ -203,6 +203,20 @@ fn a_run_learns_its_tokenizer_from_the_training_split_and_resumes_with_its_copy(
     ok(&train(&bytes, &["--tokenizer", "bytes"]));
     assert_eq!(num_tokens(&bytes), 256);
     assert!(!bytes.join("tokenizer.json").exists());
+    // A tokenizer that another model left behind does not stay beside a byte model: not in a
+    // new run's folder, nor in the directory a byte model is quantized into.
+    let reused = dir.path().join("reused");
+    std::fs::create_dir_all(&reused).unwrap();
+    std::fs::copy(&tok, reused.join("tokenizer.json")).unwrap();
+    ok(&train(&reused, &["--tokenizer", "bytes"]));
+    assert!(!reused.join("tokenizer.json").exists());
+    ok(&lat(&["quantize", "--model", s(&bytes), "--to", "int8", "--out", s(&int8)]));
+    assert!(!int8.join("tokenizer.json").exists());
+    // (A barely trained byte model may print bytes that are not UTF-8.)
+    assert!(lat(&["generate", "--model", s(&int8), "--prompt", "To be", "--max-new", "4"]).status.success());
+    // The f32 model is not overwritten through another spelling of its path.
+    let other_spelling = dir.path().join("bytes/../bytes");
+    fails(&lat(&["quantize", "--model", s(&bytes), "--to", "int8", "--out", s(&other_spelling)]), "--out must differ");
 
     for (extra, needle) in [
         (&["--tokenizer", "bpe:12"][..], "at least 257"),

@@ -26,7 +26,8 @@ pub fn run(a: Args) -> Result<()> {
     let model = checkpoint::model_file(&a.model);
     let into_directory = a.out.is_dir() || a.out.extension().is_none_or(|e| e != "safetensors");
     let out = if into_directory { a.out.join(MODEL_FILE) } else { a.out.clone() };
-    if out == model {
+    let same_file = |a: &std::path::Path, b: &std::path::Path| a == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y);
+    if same_file(&out, &model) {
         return Err(usage("--out must differ from --model: the f32 model is the one to keep"));
     }
     // A token model's tokenizer, where the model is a model directory's.
@@ -54,6 +55,13 @@ pub fn run(a: Args) -> Result<()> {
     match (tokenizer, tokenizer_json) {
         (Some(_), Some(json)) if into_directory => checkpoint::write_atomic(&a.out.join(TOKENIZER_FILE), &json)?,
         (Some(t), _) => eprintln!("note: the model's tokenizer is {}: pass --tokenizer with it, or quantize into a model directory (--out DIR)", t.display()),
+        // A tokenizer left in the directory by another model would be read as this one's.
+        (None, _) if into_directory => {
+            let stale = a.out.join(TOKENIZER_FILE);
+            if stale.exists() {
+                std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
+            }
+        }
         _ => {}
     }
     Ok(())

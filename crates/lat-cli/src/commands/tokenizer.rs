@@ -53,7 +53,7 @@ fn train(a: TrainArgs) -> Result<()> {
     let (data, text) = corpus::open(&a.source, scratch.path(), &scratch.path().join("corpus.bin"))?;
     let range = range_of(&text)?;
     let started = std::time::Instant::now();
-    let codec = learn(&text, range.clone(), a.vocab_size, usize::MAX, &a.out, !a.quiet)?;
+    let (codec, _) = learn(&text, range.clone(), a.vocab_size, usize::MAX, &a.out, !a.quiet)?;
     let sample = &text.bytes()[range.start..range.end.min(range.start + (1 << 20))];
     let ids = codec.encode(sample)?;
     println!(
@@ -70,21 +70,34 @@ fn train(a: TrainArgs) -> Result<()> {
 
 /// A byte-level BPE of `vocab_size` ids learned from `range` of `text` (from at most `budget`
 /// bytes of it, in pieces spread evenly over it), written to `out` and read back as every command
-/// reads it.
-pub fn learn(text: &Text, range: Range<usize>, vocab_size: usize, budget: usize, out: &Path, progress: bool) -> Result<Codec> {
-    let texts = spread(text, range, budget).into_iter().map(|r| String::from_utf8_lossy(&text.bytes()[r]).into_owned());
+/// reads it; with the bytes it learned from.
+pub fn learn(text: &Text, range: Range<usize>, vocab_size: usize, budget: usize, out: &Path, progress: bool) -> Result<(Codec, usize)> {
+    let pieces = spread(text, range, budget);
+    let learned = pieces.iter().map(|r| r.len()).sum();
+    let texts = pieces.into_iter().map(|r| String::from_utf8_lossy(&text.bytes()[r]).into_owned());
     let tokenizer = train_bpe(texts, vocab_size, progress)?;
     save_tokenizer(&tokenizer, out)?;
-    Ok(Codec::load(out)?)
+    Ok((Codec::load(out)?, learned))
 }
 
-/// Pieces of `range` (of about 64 KiB, cut at line ends) to learn from: all of them, or every
-/// k-th when the range is over `budget`, so that the sample spans the whole range.
+/// Pieces of `range` (of at most 64 KiB, cut at line ends and document starts) to learn from: all
+/// of them, or, when the range is over `budget`, each piece that keeps what is taken within the
+/// budget's share of the range up to its end, so that the sample spans the whole range.
 fn spread(text: &Text, range: Range<usize>, budget: usize) -> Vec<Range<usize>> {
     const PIECE: usize = 1 << 16;
-    let pieces = text.chunks(range, PIECE);
-    let every = pieces.len().div_ceil((budget / PIECE).max(1)).max(1);
-    pieces.into_iter().step_by(every).map(|c| c.range).collect()
+    let pieces = text.chunks(range.clone(), PIECE).into_iter().map(|c| c.range);
+    if range.len() <= budget {
+        return pieces.collect();
+    }
+    let mut taken = 0;
+    pieces
+        .filter(|piece| {
+            let share = ((piece.end - range.start) as u128 * budget as u128 / range.len() as u128) as usize;
+            let keep = taken + piece.len() <= share;
+            taken += if keep { piece.len() } else { 0 };
+            keep
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -94,18 +107,23 @@ mod tests {
     #[test]
     fn a_sample_over_budget_spans_the_range_within_the_budget() {
         let line = "a line of text to learn from\n";
-        let text = Text::from_bytes(line.repeat((1 << 20) / line.len()).into_bytes()).unwrap();
-        let n = text.bytes().len();
-        let all = spread(&text, 100..n, usize::MAX);
-        assert_eq!((all[0].start, all.last().unwrap().end), (100, n));
-        assert_eq!(all.iter().map(|r| r.len()).sum::<usize>(), n - 100);
-        for budget in [1 << 16, 1 << 18, 300_000] {
-            let some = spread(&text, 100..n, budget);
-            let taken: usize = some.iter().map(|r| r.len()).sum();
-            assert!(taken <= budget && taken > budget / 2, "budget {budget}: took {taken}");
-            assert_eq!(some[0].start, 100);
-            assert!(some.last().unwrap().end > n - n / some.len(), "the sample reaches the end of the range");
-            assert!(some.windows(2).all(|w| w[0].end <= w[1].start));
+        for document_every in [None, Some(1000)] {
+            let mut text = Text::from_bytes(line.repeat((1 << 20) / line.len()).into_bytes()).unwrap();
+            let n = text.bytes().len();
+            if let Some(every) = document_every {
+                text.documents = (0..n).step_by(every).collect();
+            }
+            let all = spread(&text, 100..n, usize::MAX);
+            assert_eq!((all[0].start, all.last().unwrap().end), (100, n));
+            assert_eq!(all.iter().map(|r| r.len()).sum::<usize>(), n - 100);
+            assert_eq!(spread(&text, 100..n, n - 100), all, "a range within budget is taken whole");
+            for budget in [1 << 16, 1 << 18, 300_000] {
+                let some = spread(&text, 100..n, budget);
+                let taken: usize = some.iter().map(|r| r.len()).sum();
+                assert!(taken <= budget && taken > budget * 3 / 4, "{document_every:?}, budget {budget}: took {taken}");
+                assert!(some[0].start < 100 + n / some.len() && some.last().unwrap().end > n - n / some.len(), "{document_every:?}, budget {budget}: the sample spans the range");
+                assert!(some.windows(2).all(|w| w[0].end <= w[1].start));
+            }
         }
     }
 }

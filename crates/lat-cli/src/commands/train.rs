@@ -326,9 +326,9 @@ const LEARN_BUDGET: usize = 32 << 20;
 fn learn_tokenizer(vocab_size: usize, run: &RunConfig, text: &Text, files: &RunFiles, quiet: bool) -> Result<Codec> {
     let started = Instant::now();
     let range = text.split_range(Split::Train);
-    let codec = super::tokenizer::learn(text, range.clone(), vocab_size, LEARN_BUDGET, &files.tokenizer(), !quiet)?;
+    let (codec, learned) = super::tokenizer::learn(text, range, vocab_size, LEARN_BUDGET, &files.tokenizer(), !quiet)?;
     if !quiet {
-        let mb = range.len().min(LEARN_BUDGET) as f64 / 1e6;
+        let mb = learned as f64 / 1e6;
         let path = files.tokenizer();
         eprintln!("# tokenizer {}: a byte-level BPE of {} ids learned from {mb:.1} MB of the training split in {:.1} s", path.display(), codec.vocab_size(), started.elapsed().as_secs_f64());
     }

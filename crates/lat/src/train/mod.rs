@@ -555,6 +555,10 @@ impl Trainer {
             let horizon = saved.horizon.unwrap_or_else(|| Horizon::new(run.train.max_steps));
             (model, opt, saved.step, saved.tokens, saved.elapsed, horizon)
         } else {
+            // A tokenizer left by an earlier run that failed would be read as this byte model's.
+            if corpus.codec().is_bytes() && files.tokenizer().exists() {
+                std::fs::remove_file(files.tokenizer()).map_err(|e| Error::io(files.tokenizer(), e))?;
+            }
             let model = LinearAttentionTransformerLM::new(&run.model, derive(run.train.seed, 0x1417), device, DType::F32)?;
             let opt = AdamW::new(model.vars(), adam)?;
             (model, opt, 0, 0, 0.0, Horizon::new(run.train.max_steps))
