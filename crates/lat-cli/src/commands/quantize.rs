@@ -30,9 +30,7 @@ pub fn run(a: Args) -> Result<()> {
     if same_file(&out, &model) {
         return Err(usage("--out must differ from --model: the f32 model is the one to keep"));
     }
-    // A token model's tokenizer, where the model is a model directory's.
-    let tokenizer = model.with_file_name(TOKENIZER_FILE);
-    let tokenizer = (model.file_name().is_some_and(|n| n == MODEL_FILE) && tokenizer.is_file()).then_some(tokenizer);
+    let tokenizer = checkpoint::directory_tokenizer(&model);
     let tokenizer_json = tokenizer.as_ref().map(|t| std::fs::read(t).map_err(|e| Error::io(t, e))).transpose()?;
     let created = into_directory && !a.out.exists();
     if into_directory {

@@ -47,14 +47,20 @@ pub fn model_file(path: &Path) -> PathBuf {
     if path.is_dir() { path.join(MODEL_FILE) } else { path.to_path_buf() }
 }
 
+/// The [`TOKENIZER_FILE`] of the model directory that `path` (a directory, or its
+/// [`MODEL_FILE`]) is, if it has one.
+pub fn directory_tokenizer(path: &Path) -> Option<PathBuf> {
+    let file = model_file(path);
+    file.file_name().is_some_and(|n| n == MODEL_FILE).then(|| file.with_file_name(TOKENIZER_FILE)).filter(|t| t.is_file())
+}
+
 /// The codec of the model at `path`: the tokenizer `explicit`, else the model directory's (a
 /// directory, or a [`MODEL_FILE`] with a [`TOKENIZER_FILE`] beside it), else bytes for a model
 /// of at most 256 ids; `None` for a larger model without a tokenizer (it takes token ids only).
 /// A tokenizer with more ids than the model is refused.
 pub fn codec(path: &Path, explicit: Option<&Path>, config: &Config) -> Result<Option<crate::text::Codec>> {
     let file = model_file(path);
-    let beside = file.file_name().is_some_and(|n| n == MODEL_FILE).then(|| file.with_file_name(TOKENIZER_FILE)).filter(|t| t.is_file());
-    let codec = match explicit.map(Path::to_path_buf).or(beside) {
+    let codec = match explicit.map(Path::to_path_buf).or_else(|| directory_tokenizer(path)) {
         Some(t) => crate::text::Codec::load(&t)?,
         // Fewer ids than bytes (an imported model) is for token ids; the model checks them.
         None if config.num_tokens <= 256 => return Ok(Some(crate::text::Codec::Bytes)),
