@@ -117,6 +117,10 @@ pub fn run(a: Args) -> Result<()> {
     let t = run.train.clone();
     println!("# resolved configuration (also in {})", files.config().display());
     print!("{}", run.to_toml());
+    if a.config.is_none() && !a.resume {
+        let isa = linear_attention_transformer::kernels::matrix_isa();
+        println!("# the built-in model's width follows the matrix kernels: dim {} for {isa}", linear_attention_transformer::train::default_model().dim);
+    }
     let c = trainer.corpus();
     println!(
         "# {} parameters; corpus {} ({} bytes, {} {}: {} train, {} validation, {} test); device {}",

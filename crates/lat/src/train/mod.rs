@@ -192,11 +192,21 @@ impl TrainSettings {
     }
 }
 
-/// The default model: sized to learn the bundled corpus on two CPU cores in fifteen minutes.
+/// The default model: sized to learn the bundled corpus on two CPU cores in fifteen minutes,
+/// for the matrix kernels this machine runs ([`crate::kernels::matrix_isa`]).
 pub fn default_model() -> Config {
-    let mut c = Config::new(DEFAULT_VOCABULARY, 128, 4, 512);
+    default_model_for(crate::kernels::matrix_isa())
+}
+
+/// The default model where the matrix products run on `isa`'s kernels: 4 heads of `dim / 4`,
+/// dim 160 with gemm's AVX-512 kernels and 128 elsewhere. Each width won its machine's search on
+/// the validation split (the README's tables): with the faster products a wider model learns
+/// more in the time, with the slower ones the extra steps of a narrower one count for more.
+pub fn default_model_for(isa: &str) -> Config {
+    let dim = if isa == "avx512" { 160 } else { 128 };
+    let mut c = Config::new(DEFAULT_VOCABULARY, dim, 4, 512);
     c.heads = 4;
-    c.dim_head = Some(32);
+    c.dim_head = Some(dim / 4);
     c.causal = true;
     c.n_local_attn_heads = crate::config::LocalHeads::Uniform(3);
     c.local_attn_window_size = 64;
@@ -746,6 +756,13 @@ mod tests {
         assert_eq!(built_in.train.tokenizer_setting().unwrap(), TokenizerSetting::Learned(DEFAULT_VOCABULARY));
         assert_eq!(built_in.model.num_tokens, DEFAULT_VOCABULARY);
         built_in.validate().unwrap();
+        // Its width follows the machine's matrix kernels.
+        assert_eq!(built_in.model, default_model_for(crate::kernels::matrix_isa()));
+        for (isa, dim) in [("avx512", 160), ("avx2", 128), ("neon", 128), ("scalar", 128)] {
+            let run = RunConfig { model: default_model_for(isa), ..RunConfig::default() };
+            assert_eq!((run.model.dim, run.model.dim_head, run.model.heads), (dim, Some(dim / 4), 4), "{isa}");
+            run.validate().unwrap();
+        }
         let file = RunConfig::from_toml("[model]\nnum_tokens = 256\ndim = 32\ndepth = 1\nmax_seq_len = 64\ncausal = true\n[train]\nseq_len = 32\n").unwrap();
         assert_eq!(file.train.tokenizer_setting().unwrap(), TokenizerSetting::Bytes);
         let mut run = file.clone();
