@@ -20,7 +20,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{gemm, read, slice, softmax_rows, softmax_rows_backward, with_float, Elem, Heads, Mat, SharedOut};
+use super::{gemm, read, slice, softmax_rows, softmax_rows_backward, vectorized, with_float, Elem, Heads, Mat, SharedOut};
 
 /// The reference's clamp on the denominator (0.19.1).
 pub const EPS: f64 = 1e-3;
@@ -546,36 +546,12 @@ impl LinearState {
     }
 
     fn fold(&mut self, k: &[f32], v: &[f32]) {
-        let mk = k.iter().fold(self.m, |a, &b| a.max(b));
-        if mk > self.m {
-            let f = (self.m - mk).exp();
-            self.s.iter_mut().chain(self.z.iter_mut()).for_each(|x| *x *= f);
-            self.m = mk;
-        }
-        for (d, &kd) in k.iter().enumerate() {
-            let w = (kd - self.m).exp();
-            self.z[d] += w;
-            self.s[d * self.ev..(d + 1) * self.ev].iter_mut().zip(v).for_each(|(a, &b)| *a += w * b);
-        }
-    }
-
-    fn query_one(&self, q: &[f32], out: &mut [f32]) {
-        let mut qh = q.to_vec();
-        softmax_rows(&mut qh, self.e, (self.e as f32).powf(-0.5));
-        out.fill(0.0);
-        let mut den = 0.0;
-        for (d, &qd) in qh.iter().enumerate() {
-            den += qd * self.z[d];
-            out.iter_mut().zip(&self.s[d * self.ev..(d + 1) * self.ev]).for_each(|(o, &x)| *o += qd * x);
-        }
-        let floor = ((EPS as f32) * (-self.m).exp()).max(f32::MIN_POSITIVE);
-        let inv = 1.0 / den.max(floor);
-        out.iter_mut().for_each(|o| *o *= inv);
+        fold(self, k, v);
     }
 
     fn query(&self, queries: &[f32], out: &mut [f32]) {
         for (q, o) in queries.chunks(self.e).zip(out.chunks_mut(self.ev)) {
-            self.query_one(q, o);
+            query_one(self, q, o);
         }
     }
 
@@ -600,6 +576,40 @@ impl LinearState {
                 (self.pending_k, self.pending_v) = (pk, pv);
             }
         }
+    }
+}
+
+vectorized! {
+    /// Folds one key and value into the running sums.
+    fn fold(st: &mut LinearState, k: &[f32], v: &[f32]) {
+        let mk = k.iter().fold(st.m, |a, &b| a.max(b));
+        if mk > st.m {
+            let f = (st.m - mk).exp();
+            st.s.iter_mut().chain(st.z.iter_mut()).for_each(|x| *x *= f);
+            st.m = mk;
+        }
+        for (d, &kd) in k.iter().enumerate() {
+            let w = (kd - st.m).exp();
+            st.z[d] += w;
+            st.s[d * st.ev..(d + 1) * st.ev].iter_mut().zip(v).for_each(|(a, &b)| *a += w * b);
+        }
+    }
+}
+
+vectorized! {
+    /// One query against the running sums.
+    fn query_one(st: &LinearState, q: &[f32], out: &mut [f32]) {
+        let mut qh = q.to_vec();
+        softmax_rows(&mut qh, st.e, (st.e as f32).powf(-0.5));
+        out.fill(0.0);
+        let mut den = 0.0;
+        for (d, &qd) in qh.iter().enumerate() {
+            den += qd * st.z[d];
+            out.iter_mut().zip(&st.s[d * st.ev..(d + 1) * st.ev]).for_each(|(o, &x)| *o += qd * x);
+        }
+        let floor = ((EPS as f32) * (-st.m).exp()).max(f32::MIN_POSITIVE);
+        let inv = 1.0 / den.max(floor);
+        out.iter_mut().for_each(|o| *o *= inv);
     }
 }
 
@@ -713,6 +723,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn decoding_steps_give_the_same_bits_in_either_instruction_set() {
+        let (n, e) = (90, 64);
+        let [q, k, v] = [1, 2, 3].map(|s| randn(&[n * e], 2.0, DType::F32, 60 + s).as_tensor().to_vec1::<f32>().unwrap());
+        let run = || {
+            let mut st = LinearState::from_prefix(&k[..10 * e], &v[..10 * e], e, e, 4);
+            let mut outs = vec![0f32; n * e];
+            for i in 10..n {
+                let at = i * e..(i + 1) * e;
+                st.step(&q[at.clone()], &k[at.clone()], &v[at.clone()], &mut outs[at]);
+            }
+            outs
+        };
+        assert_eq!(run(), plain(run));
     }
 
     #[test]

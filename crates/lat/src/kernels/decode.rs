@@ -209,13 +209,17 @@ pub fn matmul(x: &[f32], rows: usize, w: Weight, out: usize, bias: Option<&[f32]
     }
     .min(out);
     let shared = super::SharedOut::new(y);
+    let xs = match w {
+        Weight::F32(_) => Interleaved::new(x, rows, k),
+        Weight::Panels(_) => Interleaved::default(),
+    };
     (0..out.div_ceil(block)).into_par_iter().for_each(|bi| {
         let o0 = bi * block;
         let n = block.min(out - o0);
         // Panels are written whole: rows of whole panels, of which the first n are kept.
         let stride = if matches!(w, Weight::Panels(_)) { n.next_multiple_of(PANEL) } else { n };
         let mut part = vec![0f32; rows * stride];
-        block_product(x, rows, k, w, o0, n, stride, &mut part);
+        block_product(x, &xs, rows, k, w, o0, n, stride, &mut part);
         for (r, row) in part.chunks_mut(stride).enumerate() {
             let row = &mut row[..n];
             for (j, v) in row.iter_mut().enumerate() {
@@ -227,16 +231,52 @@ pub fn matmul(x: &[f32], rows: usize, w: Weight, out: usize, bias: Option<&[f32]
     });
 }
 
+/// The rows of `x` [rows, k] for the f32 products, in groups of [`GROUP`] rows (the last
+/// group may have fewer), each group's first `k / LANES · LANES` inputs interleaved eight at a
+/// time, [k / 8][rows in the group][8]: a tile reads its rows' next vectors from one place. The
+/// inputs past the last whole eight stay in `x`.
+#[derive(Default)]
+struct Interleaved {
+    values: Vec<f32>,
+    /// Whole eights per row.
+    chunks: usize,
+}
+
+/// Rows per group of [`Interleaved`]: the rows of one f32 tile.
+const GROUP: usize = 4;
+
+impl Interleaved {
+    fn new(x: &[f32], rows: usize, k: usize) -> Self {
+        let chunks = k / LANES;
+        let mut values = Vec::with_capacity(rows * chunks * LANES);
+        for g in (0..rows).step_by(GROUP) {
+            let group = g..rows.min(g + GROUP);
+            for c in 0..chunks {
+                for r in group.clone() {
+                    values.extend_from_slice(&x[r * k + c * LANES..r * k + (c + 1) * LANES]);
+                }
+            }
+        }
+        Self { values, chunks }
+    }
+
+    /// Group `g` (rows `GROUP · g ..`).
+    fn group(&self, g: usize) -> &[f32] {
+        let at = g * GROUP * self.chunks * LANES;
+        &self.values[at..(at + GROUP * self.chunks * LANES).min(self.values.len())]
+    }
+}
+
 /// Outputs `o0 .. o0 + n` for every row, into `part` [rows, stride] (unscaled, no bias).
 #[allow(clippy::too_many_arguments)]
-fn block_product(x: &[f32], rows: usize, k: usize, w: Weight, o0: usize, n: usize, stride: usize, part: &mut [f32]) {
+fn block_product(x: &[f32], xs: &Interleaved, rows: usize, k: usize, w: Weight, o0: usize, n: usize, stride: usize, part: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA; the asserts in `matmul`, the panel layout (whole
         // panels from o0, a multiple of PANEL) and `stride` bound every access.
         unsafe {
             match w {
-                Weight::F32(w) => avx2::block(x, rows, k, w, o0, n, part),
+                Weight::F32(w) => avx2::block(x, xs, rows, k, w, o0, n, part),
                 Weight::Panels(p) => {
                     debug_assert_eq!(o0 % PANEL, 0, "blocks of panels start at a panel");
                     for col in (0..n).step_by(PANEL) {
@@ -297,7 +337,7 @@ pub fn reference(x: &[f32], rows: usize, w: Weight, out: usize, bias: Option<&[f
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{LANES, PANEL};
+    use super::{Interleaved, GROUP, LANES, PANEL};
 
     /// How far ahead of each weight stream to prefetch, in bytes: the hardware's prefetchers
     /// stop at page boundaries, and batch-1 decoding is bound by how fast the weights arrive.
@@ -331,29 +371,24 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, 1)))
     }
 
-    /// f32: R rows (from `r0`) by O outputs (from `o`): each (row, output) pair accumulates
-    /// exactly as `super::dot`, into `dst[r · n + j + b]`.
+    /// How an f32 tile prefetches weights: one or two rows stream them from memory, each
+    /// weight row [`PREFETCH`] bytes ahead; more rows re-read each tile's weights from L1 once
+    /// per group of rows, and fetch the next tile's during all of those passes, each pass
+    /// `lines` cache lines from `next`, one per iteration, so that memory is busy the whole time.
+    #[derive(Clone, Copy)]
+    enum Ahead {
+        Rows,
+        Next { next: *const i8, lines: usize },
+    }
+
+    /// f32: the R rows of an interleaved group `xs` (rows `r0 ..`) by O outputs (from `o`):
+    /// each (row, output) pair accumulates exactly as `super::dot`, into `dst[r · n + j + b]`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn dot_tile<const R: usize, const O: usize>(x: &[f32], r0: usize, k: usize, w: &[f32], o: usize, dst: &mut [f32], n: usize, j: usize) {
-        let (xp, wp) = (x.as_ptr().add(r0 * k), w.as_ptr().add(o * k));
-        let mut acc = [[_mm256_setzero_ps(); O]; R];
+    unsafe fn dot_tile<const R: usize, const O: usize>(xs: &[f32], x: &[f32], r0: usize, k: usize, w: &[f32], o: usize, dst: &mut [f32], n: usize, j: usize, ahead: Ahead) {
         let full = k / LANES * LANES;
-        let mut i = 0;
-        while i < full {
-            let mut wv = [_mm256_setzero_ps(); O];
-            for (b, v) in wv.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(wp.add(b * k + i));
-                _mm_prefetch::<_MM_HINT_T0>((wp.add(b * k + i) as *const i8).add(PREFETCH));
-            }
-            for (r, a) in acc.iter_mut().enumerate() {
-                let xv = _mm256_loadu_ps(xp.add(r * k + i));
-                for b in 0..O {
-                    a[b] = _mm256_fmadd_ps(xv, wv[b], a[b]);
-                }
-            }
-            i += LANES;
-        }
+        debug_assert!(xs.len() >= R * full && w.len() >= (o + O) * k);
+        let acc = sums::<R, O>(xs.as_ptr(), w.as_ptr().add(o * k), k, full / LANES, ahead);
         for r in 0..R {
             for b in 0..O {
                 let mut s = reduce(acc[r][b]);
@@ -365,40 +400,81 @@ mod avx2 {
         }
     }
 
-    /// f32: outputs `o0 + j ..` of rows `r ..` with O outputs per tile: as many rows (up to
-    /// 4) at a time as are left.
+    /// The tile's loop on its own, so that its pointers stay in registers.
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sums<const R: usize, const O: usize>(mut xp: *const f32, mut wp: *const f32, k: usize, iters: usize, ahead: Ahead) -> [[__m256; O]; R] {
+        let mut acc = [[_mm256_setzero_ps(); O]; R];
+        for i in 0..iters {
+            match ahead {
+                Ahead::Rows => (0..O).for_each(|b| _mm_prefetch::<_MM_HINT_T0>((wp.add(b * k) as *const i8).wrapping_add(PREFETCH))),
+                Ahead::Next { next, lines } if i < lines => _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * i)),
+                Ahead::Next { .. } => {}
+            }
+            let mut wv = [_mm256_setzero_ps(); O];
+            for (b, v) in wv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(wp.add(b * k));
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_loadu_ps(xp.add(r * LANES));
+                for b in 0..O {
+                    a[b] = _mm256_fmadd_ps(xv, wv[b], a[b]);
+                }
+            }
+            xp = xp.add(R * LANES);
+            wp = wp.add(LANES);
+        }
+        acc
+    }
+
+    /// f32: `outs` (at most O) outputs from `o0 + j` for every row of group `g`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn dot_rows<const O: usize>(x: &[f32], rows: std::ops::Range<usize>, k: usize, w: &[f32], o: usize, dst: &mut [f32], n: usize, j: usize) {
-        let mut r = rows.start;
-        while r < rows.end {
-            match rows.end - r {
-                4.. => dot_tile::<4, O>(x, r, k, w, o, dst, n, j),
-                3 => dot_tile::<3, O>(x, r, k, w, o, dst, n, j),
-                2 => dot_tile::<2, O>(x, r, k, w, o, dst, n, j),
-                _ => dot_tile::<1, O>(x, r, k, w, o, dst, n, j),
-            }
-            r += 4.min(rows.end - r);
+    unsafe fn dot_group<const O: usize>(xs: &Interleaved, x: &[f32], rows: usize, g: usize, k: usize, w: &[f32], o: usize, outs: usize, dst: &mut [f32], n: usize, j: usize, ahead: Ahead) {
+        let (xg, r0) = (xs.group(g), g * GROUP);
+        macro_rules! outs {
+            ($r:literal) => {
+                match outs {
+                    6.. if O >= 6 => dot_tile::<$r, 6>(xg, x, r0, k, w, o, dst, n, j, ahead),
+                    5 if O >= 5 => dot_tile::<$r, 5>(xg, x, r0, k, w, o, dst, n, j, ahead),
+                    4 if O >= 4 => dot_tile::<$r, 4>(xg, x, r0, k, w, o, dst, n, j, ahead),
+                    3.. => dot_tile::<$r, 3>(xg, x, r0, k, w, o, dst, n, j, ahead),
+                    2 => dot_tile::<$r, 2>(xg, x, r0, k, w, o, dst, n, j, ahead),
+                    _ => dot_tile::<$r, 1>(xg, x, r0, k, w, o, dst, n, j, ahead),
+                }
+            };
+        }
+        match rows - r0 {
+            4.. => outs!(4),
+            3 => outs!(3),
+            2 => outs!(2),
+            _ => outs!(1),
         }
     }
 
-    /// f32, see `super::block_product`. Tiles of 4 rows by 3 outputs keep 12 accumulators (of
-    /// the 16 vector registers) busy for every 7 loads; one or two rows take 6 outputs at a
-    /// time, so that enough weight rows stream at once.
+    /// f32, see `super::block_product`. One or two rows read the weights once, six outputs at
+    /// a time so that enough weight rows stream at once. More rows take three outputs at a
+    /// time by each group of four rows: 12 accumulators (of the 16 vector registers) for every
+    /// 7 loads, the three weight rows from L1 after the first group; meanwhile the next three
+    /// rows (contiguous in [out, in]) come from memory, a share in each group's pass.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn block(x: &[f32], rows: usize, k: usize, w: &[f32], o0: usize, n: usize, dst: &mut [f32]) {
-        let mut j = 0;
-        while j < n {
-            let outs = (n - j).min(if rows <= 2 { 6 } else { 3 });
-            match outs {
-                6 => dot_rows::<6>(x, 0..rows, k, w, o0 + j, dst, n, j),
-                5 => dot_rows::<5>(x, 0..rows, k, w, o0 + j, dst, n, j),
-                4 => dot_rows::<4>(x, 0..rows, k, w, o0 + j, dst, n, j),
-                3 => dot_rows::<3>(x, 0..rows, k, w, o0 + j, dst, n, j),
-                2 => dot_rows::<2>(x, 0..rows, k, w, o0 + j, dst, n, j),
-                _ => dot_rows::<1>(x, 0..rows, k, w, o0 + j, dst, n, j),
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn block(x: &[f32], xs: &Interleaved, rows: usize, k: usize, w: &[f32], o0: usize, n: usize, dst: &mut [f32]) {
+        if rows <= 2 {
+            for j in (0..n).step_by(6) {
+                dot_group::<6>(xs, x, rows, 0, k, w, o0 + j, n - j, dst, n, j, Ahead::Rows);
             }
-            j += outs;
+            return;
+        }
+        let groups = rows.div_ceil(GROUP);
+        let lines = (3 * k * 4).div_ceil(64 * groups);
+        for j in (0..n).step_by(3) {
+            // Past the last tile this points beyond the weight: prefetching never faults.
+            let next = w.as_ptr().wrapping_add((o0 + j + 3) * k) as *const i8;
+            for g in 0..groups {
+                let ahead = Ahead::Next { next: next.wrapping_add(64 * lines * g), lines };
+                dot_group::<3>(xs, x, rows, g, k, w, o0 + j, n - j, dst, n, j, ahead);
+            }
         }
     }
 
@@ -567,10 +643,10 @@ mod tests {
     fn a_row_gives_the_same_bits_in_any_batch() {
         let (out, k) = (70, 93);
         let w = data(out * k, 4);
-        let x = data(13 * k, 5);
+        let x = data(33 * k, 5);
         let [bf, q8] = panels(&w, out);
         for weight in [Weight::F32(&w), Weight::Panels(&bf), Weight::Panels(&q8)] {
-            let one: Vec<Vec<f32>> = (0..13)
+            let one: Vec<Vec<f32>> = (0..33)
                 .map(|r| {
                     let mut y = vec![0f32; out];
                     matmul(&x[r * k..(r + 1) * k], 1, weight, out, None, &mut y);
@@ -581,8 +657,8 @@ mod tests {
                 let scalar: Vec<f32> = (0..out).map(|o| dot(&x[r * k..(r + 1) * k], weight, o, k) * weight.scale(o)).collect();
                 assert_eq!(*one, scalar, "{weight:?} row {r}: the vector path sums as the scalar one");
             }
-            // Every tile shape: six rows at a time, then five down to one.
-            for rows in 2..=13 {
+            // Every tile shape (six or four rows at a time, then fewer), and a full batch.
+            for rows in (2..=13).chain([32, 33]) {
                 let mut all = vec![0f32; rows * out];
                 matmul(&x[..rows * k], rows, weight, out, None, &mut all);
                 for (r, one) in one.iter().enumerate().take(rows) {

@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{read, slice, tensor, with_float, Elem};
+use super::{read, slice, tensor, vectorized, with_float, Elem};
 
 /// `gelu(x + bias)` with the exact GELU `0.5 z (1 + erf(z / sqrt 2))`; `bias` spans the last
 /// dimension of `x`.
@@ -40,7 +40,19 @@ struct BiasGelu;
 
 const CHUNK: usize = 1 << 14;
 
-#[inline]
+vectorized! {
+    /// `y = gelu(x + b)` for rows of x as long as b.
+    fn gelu_rows<T: Elem>(y: &mut [T], x: &[T], b: &[T]) {
+        let d = b.len();
+        for (yr, xr) in y.chunks_mut(d).zip(x.chunks(d)) {
+            for i in 0..d {
+                yr[i] = gelu(xr[i] + b[i]);
+            }
+        }
+    }
+}
+
+#[inline(always)]
 fn gelu<T: Elem>(z: T) -> T {
     T::of(0.5) * z * (T::ONE + (z * T::of(std::f64::consts::FRAC_1_SQRT_2)).erf())
 }
@@ -66,13 +78,7 @@ impl CustomOp2 for BiasGelu {
             let (x, b) = (slice::<T>(xs, xl)?, slice::<T>(bs, bl)?);
             let mut y = vec![T::ZERO; x.len()];
             let chunk = CHUNK.div_ceil(d.max(1)) * d.max(1);
-            y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(yc, xc)| {
-                for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                    for i in 0..d {
-                        yr[i] = gelu(xr[i] + b[i]);
-                    }
-                }
-            });
+            y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(yc, xc)| gelu_rows(yc, xc, b));
             Ok((super::storage::<T>(y), xl.shape().clone()))
         })
     }
@@ -113,6 +119,18 @@ mod tests {
     use super::*;
     use crate::kernels::testing::*;
     use candle_core::DType;
+
+    #[test]
+    fn the_vector_form_gives_the_same_bits() {
+        let v = |n: usize, s: u64| randn(&[n], 3.0, DType::F32, s).as_tensor().to_vec1::<f32>().unwrap();
+        let (x, b) = (v(37 * 70, 11), v(70, 12));
+        let run = || {
+            let mut y = vec![0f32; x.len()];
+            gelu_rows(&mut y, &x, &b);
+            y
+        };
+        assert_eq!(run(), plain(run));
+    }
 
     #[test]
     fn fused_matches_reference_forward_and_backward() {

@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{read, slice, tensor, with_float, Elem};
+use super::{read, slice, tensor, vectorized, with_float, Elem};
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension of `x`.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
@@ -46,6 +46,7 @@ fn rows_per_task(d: usize) -> usize {
     (16384 / d.max(1)).max(1)
 }
 
+#[inline(always)]
 fn stats<T: Elem>(row: &[T], eps: f64) -> (T, T) {
     let d = T::of(row.len() as f64);
     let mean = row.iter().copied().sum::<T>() / d;
@@ -57,15 +58,21 @@ fn forward<T: Elem>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
     let d = w.len();
     let mut y = vec![T::ZERO; x.len()];
     let chunk = rows_per_task(d) * d;
-    y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(yc, xc)| {
-        for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+    y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(yc, xc)| normalize_rows(yc, xc, w, b, eps));
+    y
+}
+
+vectorized! {
+    /// `y = (x - mean) / std · w + b` for rows of x as long as w.
+    fn normalize_rows<T: Elem>(y: &mut [T], x: &[T], w: &[T], b: &[T], eps: f64) {
+        let d = w.len();
+        for (yr, xr) in y.chunks_mut(d).zip(x.chunks(d)) {
             let (mean, rstd) = stats(xr, eps);
             for i in 0..d {
                 yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
             }
         }
-    });
-    y
+    }
 }
 
 /// Returns (dx, dweight, dbias).
@@ -150,6 +157,18 @@ mod tests {
     use super::*;
     use crate::kernels::testing::*;
     use candle_core::DType;
+
+    #[test]
+    fn the_vector_form_gives_the_same_bits() {
+        let v = |n: usize, s: u64| randn(&[n], 3.0, DType::F32, s).as_tensor().to_vec1::<f32>().unwrap();
+        let (x, w, b) = (v(37 * 70, 11), v(70, 12), v(70, 13));
+        let run = || {
+            let mut y = vec![0f32; x.len()];
+            normalize_rows(&mut y, &x, &w, &b, 1e-5);
+            y
+        };
+        assert_eq!(run(), plain(run));
+    }
 
     #[test]
     fn fused_matches_reference_forward_and_backward() {

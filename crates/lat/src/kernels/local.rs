@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{gemm, read, slice, with_float, Elem, Heads, Mat, SharedOut};
+use super::{gemm, read, slice, vectorized, with_float, Elem, Heads, Mat, SharedOut};
 use crate::rng::uniform_at;
 
 /// Dropout on the attention probabilities: probability `p`, masks drawn from stream `seed`.
@@ -510,35 +510,59 @@ impl LocalCache {
         self.keys.extend_from_slice(k);
         self.values.extend_from_slice(v);
         for (q, o) in queries.chunks(self.e).zip(out.chunks_mut(self.e)) {
-            self.attend(q, o);
+            attend(&self.keys, &self.values, self.e, q, o);
         }
     }
+}
 
-    fn attend(&self, q: &[f32], out: &mut [f32]) {
-        let scale = (self.e as f32).powf(-0.5);
-        let mut w: Vec<f32> = self.keys.chunks(self.e).map(|kr| dot(kr, q) * scale).collect();
-        let mx = w.iter().fold(f32::MIN, |a, &b| a.max(b));
-        w.iter_mut().for_each(|s| *s = (*s - mx).exp());
-        let inv = 1.0 / w.iter().sum::<f32>();
+vectorized! {
+    /// Softmax attention of one query over the cached keys and values (rows of e).
+    fn attend(keys: &[f32], values: &[f32], e: usize, q: &[f32], out: &mut [f32]) {
+        // Plain loops: iterator adaptors such as `collect` and `sum` are not inlined here, and
+        // would run without this function's instruction set.
+        let scale = (e as f32).powf(-0.5);
+        let mut w = Vec::with_capacity(keys.len() / e.max(1));
+        let mut mx = f32::MIN;
+        for kr in keys.chunks(e) {
+            let s = dot(kr, q) * scale;
+            mx = mx.max(s);
+            w.push(s);
+        }
+        let mut sum = 0.0;
+        for s in w.iter_mut() {
+            *s = (*s - mx).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
         out.fill(0.0);
-        for (wj, vr) in w.iter().zip(self.values.chunks(self.e)) {
+        for (wj, vr) in w.iter().zip(values.chunks(e)) {
             let f = wj * inv;
-            out.iter_mut().zip(vr).for_each(|(o, &x)| *o += f * x);
+            for (o, &x) in out.iter_mut().zip(vr) {
+                *o += f * x;
+            }
         }
     }
 }
 
 /// A dot product in eight interleaved partial sums, which the compiler turns into vector code.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let mut tail = 0.0;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += x * y;
+    }
     for (x, y) in ca.zip(cb) {
         for l in 0..8 {
             acc[l] += x[l] * y[l];
         }
     }
-    acc.iter().sum::<f32>() + tail
+    let mut sum = 0.0;
+    for a in acc {
+        sum += a;
+    }
+    sum + tail
 }
 
 #[cfg(test)]
@@ -602,6 +626,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn decoding_steps_give_the_same_bits_in_either_instruction_set() {
+        let (n, e, w) = (300, 64, 128);
+        let [q, k, v] = [1, 2, 3].map(|s| randn(&[n * e], 2.0, DType::F32, 70 + s).as_tensor().to_vec1::<f32>().unwrap());
+        let run = || {
+            let mut c = LocalCache::from_prefix(&k[..10 * e], &v[..10 * e], e, w);
+            let mut outs = vec![0f32; n * e];
+            for i in 10..n {
+                let at = i * e..(i + 1) * e;
+                c.step(&q[at.clone()], &k[at.clone()], &v[at.clone()], &mut outs[at]);
+            }
+            outs
+        };
+        assert_eq!(run(), plain(run));
     }
 
     #[test]

@@ -147,6 +147,66 @@ pub(crate) fn most_negative(dtype: candle_core::DType, device: &Device) -> candl
 }
 
 /// Whether `LAT_KERNELS=reference` asks for the plain versions everywhere.
+/// `vectorized! { fn name(args) -> R { body } }` defines `name`, which runs `body` compiled for
+/// AVX2 and FMA where the CPU has them, and as built (SSE2 on x86-64) elsewhere. It is the same
+/// code, and Rust neither fuses nor reorders float operations, so both give the same bits: the
+/// loops the compiler vectorizes get registers twice as wide, and `mul_add` one instruction.
+/// Everything the body calls must be `#[inline(always)]` (or generic) to share its features.
+macro_rules! vectorized {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if $crate::kernels::has_avx2() {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+    ($(#[$meta:meta])* $vis:vis fn $name:ident<$t:ident: $bound:path>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body<$t: $bound>($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
+                    body::<$t>($($arg),*)
+                }
+                if $crate::kernels::has_avx2() {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    return unsafe { wide::<$t>($($arg),*) };
+                }
+            }
+            body::<$t>($($arg),*)
+        }
+    };
+}
+pub(crate) use vectorized;
+
+/// Whether [`vectorized`] functions take their AVX2 form: the CPU has AVX2 and FMA, and (in
+/// tests) the thread has not asked for the plain form.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn has_avx2() -> bool {
+    static AVX2: OnceLock<bool> = OnceLock::new();
+    #[cfg(test)]
+    if testing::PLAIN.with(|p| p.get()) {
+        return false;
+    }
+    *AVX2.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
+}
+
 fn reference_requested() -> bool {
     static REFERENCE: OnceLock<bool> = OnceLock::new();
     *REFERENCE.get_or_init(|| std::env::var("LAT_KERNELS").is_ok_and(|v| v == "reference"))
@@ -374,6 +434,7 @@ impl Heads {
 }
 
 /// Softmax over each row of `x` (rows of width `e`) in place, then times `scale`.
+#[inline(always)]
 pub(crate) fn softmax_rows<T: Elem>(x: &mut [T], e: usize, scale: T) {
     for row in x.chunks_mut(e) {
         let mx = row.iter().fold(T::MASK, |a, &b| a.maxv(b));
@@ -413,9 +474,24 @@ mod erf_tests {
 /// Test helpers shared by the kernel tests.
 #[cfg(test)]
 pub(crate) mod testing {
+    use std::cell::Cell;
+
     use candle_core::{DType, Device, Tensor, Var};
 
     use crate::rng::Rng;
+
+    thread_local! {
+        /// Set by [`plain`]: this thread's `vectorized!` functions take their plain form.
+        pub static PLAIN: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// `f()` with this thread's `vectorized!` functions in their plain (as built) form.
+    pub fn plain<R>(f: impl FnOnce() -> R) -> R {
+        PLAIN.with(|p| p.set(true));
+        let r = f();
+        PLAIN.with(|p| p.set(false));
+        r
+    }
 
     pub fn randn(shape: &[usize], scale: f64, dtype: DType, seed: u64) -> Var {
         let mut rng = Rng::new(seed);
