@@ -1,5 +1,8 @@
 //! Times the decoding products (`kernels::decode::matmul`) on the seed model's shapes at a few
-//! batch sizes and prints GFLOP/s: `cargo run --release -p linear-attention-transformer --example decode_products`.
+//! batch sizes (the arguments, default 1 8 32 64) and prints GFLOP/s of the best of five timings:
+//! `cargo run --release -p linear-attention-transformer --example decode_products [ROWS…]`. The
+//! weights cycle through copies larger than the caches, as a decoding step's do; `HOT=1` keeps
+//! one copy, to time the kernel from the caches.
 
 use std::time::Instant;
 
