@@ -400,8 +400,7 @@ mod avx2 {
         }
     }
 
-    /// The tile's loop on its own, so that its pointers stay in registers.
-    #[inline(never)]
+    /// The tile's loop over the inputs: R · O sums, each in eight lanes.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn sums<const R: usize, const O: usize>(mut xp: *const f32, mut wp: *const f32, k: usize, iters: usize, ahead: Ahead) -> [[__m256; O]; R] {
         let mut acc = [[_mm256_setzero_ps(); O]; R];

@@ -518,8 +518,7 @@ impl LocalCache {
 vectorized! {
     /// Softmax attention of one query over the cached keys and values (rows of e).
     fn attend(keys: &[f32], values: &[f32], e: usize, q: &[f32], out: &mut [f32]) {
-        // Plain loops: iterator adaptors such as `collect` and `sum` are not inlined here, and
-        // would run without this function's instruction set.
+        // Plain loops, not `collect` or `sum`: see `vectorized!`.
         let scale = (e as f32).powf(-0.5);
         let mut w = Vec::with_capacity(keys.len() / e.max(1));
         let mut mx = f32::MIN;

@@ -146,49 +146,30 @@ pub(crate) fn most_negative(dtype: candle_core::DType, device: &Device) -> candl
     Tensor::full(-v, (), device)?.to_dtype(dtype)
 }
 
-/// Whether `LAT_KERNELS=reference` asks for the plain versions everywhere.
-/// `vectorized! { fn name(args) -> R { body } }` defines `name`, which runs `body` compiled for
-/// AVX2 and FMA where the CPU has them, and as built (SSE2 on x86-64) elsewhere. It is the same
-/// code, and Rust neither fuses nor reorders float operations, so both give the same bits: the
-/// loops the compiler vectorizes get registers twice as wide, and `mul_add` one instruction.
-/// Everything the body calls must be `#[inline(always)]` (or generic) to share its features.
+/// `vectorized! { fn name(args) -> R { body } }` (or `fn name<T: Bound>(…)`) defines `name`,
+/// which runs `body` compiled for AVX2 and FMA where the CPU has them, and as built (SSE2 on
+/// x86-64) elsewhere. It is the same code, and Rust neither fuses nor reorders float
+/// operations, so both give the same bits: the loops the compiler vectorizes get registers twice
+/// as wide, and `mul_add` one instruction. What the body calls must be `#[inline(always)]` to
+/// share its instruction set (iterator adaptors such as `collect` and `sum` may not be inlined).
 macro_rules! vectorized {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident $(<$t:ident: $bound:path>)? ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name $(<$t: $bound>)? ($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn body($($arg: $ty),*) $(-> $ret)? $body
+            fn body $(<$t: $bound>)? ($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
-                    body($($arg),*)
+                unsafe fn wide $(<$t: $bound>)? ($($arg: $ty),*) $(-> $ret)? {
+                    body $(::<$t>)? ($($arg),*)
                 }
                 if $crate::kernels::has_avx2() {
                     // SAFETY: the CPU has AVX2 and FMA.
-                    return unsafe { wide($($arg),*) };
+                    return unsafe { wide $(::<$t>)? ($($arg),*) };
                 }
             }
-            body($($arg),*)
-        }
-    };
-    ($(#[$meta:meta])* $vis:vis fn $name:ident<$t:ident: $bound:path>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$meta])*
-        $vis fn $name<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn body<$t: $bound>($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn wide<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
-                    body::<$t>($($arg),*)
-                }
-                if $crate::kernels::has_avx2() {
-                    // SAFETY: the CPU has AVX2 and FMA.
-                    return unsafe { wide::<$t>($($arg),*) };
-                }
-            }
-            body::<$t>($($arg),*)
+            body $(::<$t>)? ($($arg),*)
         }
     };
 }
@@ -207,6 +188,7 @@ pub(crate) fn has_avx2() -> bool {
     *AVX2.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
 }
 
+/// Whether `LAT_KERNELS=reference` asks for the plain versions everywhere.
 fn reference_requested() -> bool {
     static REFERENCE: OnceLock<bool> = OnceLock::new();
     *REFERENCE.get_or_init(|| std::env::var("LAT_KERNELS").is_ok_and(|v| v == "reference"))
