@@ -38,6 +38,26 @@ fn model() -> &'static (PathBuf, LinearAttentionTransformerLM) {
     })
 }
 
+/// A model wide enough that a long stream holds its slot for a while (a few ms a token), for
+/// the tests that must act while it decodes.
+fn slow_model() -> &'static Path {
+    static MODEL: OnceLock<PathBuf> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let mut c = Config::new(256, 512, 4, 256);
+        c.heads = 8;
+        c.dim_head = Some(64);
+        c.causal = true;
+        c.n_local_attn_heads = LocalHeads::Uniform(4);
+        c.local_attn_window_size = 16;
+        let m = LinearAttentionTransformerLM::new(&c, 12, &Device::Cpu, DType::F32).unwrap();
+        let dir = std::env::temp_dir().join(format!("lat-serve-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("slow.safetensors");
+        checkpoint::save(&m, &path, &Default::default()).unwrap();
+        path
+    })
+}
+
 struct Server {
     child: Child,
     url: String,
@@ -197,8 +217,7 @@ fn thirty_two_concurrent_requests_each_equal_lat_generate() {
 
 #[test]
 fn clients_that_leave_free_their_slot_and_a_full_queue_is_429() {
-    let (path, _) = model();
-    let server = Server::start(path, &["--max-batch", "1", "--max-queue", "1"]);
+    let server = Server::start(slow_model(), &["--max-batch", "1", "--max-queue", "1"]);
     // A long stream takes the only slot; its client reads one event and leaves.
     let r = ureq::post(&format!("{}/v1/completions", server.url)).send_string(&json!({"prompt": "a", "max_tokens": 200, "stream": true}).to_string()).unwrap();
     let mut reader = BufReader::new(r.into_reader());

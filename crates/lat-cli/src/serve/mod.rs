@@ -93,16 +93,27 @@ pub fn run(a: Args) -> Result<()> {
     let per_stream = model.max_state_bytes();
     let shared = Shared::new(a.max_queue, Metrics::new(slots, a.max_queue, per_stream), codec);
     let name = a.served_name.clone().unwrap_or_else(|| a.model.path.file_stem().filter(|_| a.model.path.is_file()).or(a.model.path.file_name()).map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()));
-    let engine = {
-        let shared = shared.clone();
-        std::thread::Builder::new().name("decoder".into()).spawn(move || engine::run(model, shared, slots)).map_err(|e| usage(format!("cannot start the decoding thread: {e}")))?
-    };
     let app = Arc::new(App { shared: shared.clone(), limits, name, started: SystemTime::now(), ids: AtomicU64::new(0) });
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(|e| usage(format!("cannot start the HTTP runtime: {e}")))?;
-    runtime.block_on(serve(app, &a.host, a.port, slots, per_stream, grace))?;
-    shared.stopping.store(true, Ordering::SeqCst);
-    drop(engine);
-    Ok(())
+    // The HTTP side on a thread of its own, the decoding loop on this one: a worker of the
+    // kernels' thread pool (see main), so that a step's parallel loops have every worker, not
+    // all but the one an HTTP runtime would block.
+    let http = {
+        let (shared, host, port) = (shared.clone(), a.host.clone(), a.port);
+        std::thread::Builder::new()
+            .name("http".into())
+            .spawn(move || {
+                let served = runtime.block_on(serve(app, &host, port, slots, per_stream, grace));
+                // Dropping the runtime closes every stream's events, so the loop lets them go
+                // (it looks at least every 200 ms).
+                drop(runtime);
+                shared.stopping.store(true, Ordering::SeqCst);
+                served
+            })
+            .map_err(|e| usage(format!("cannot start the HTTP thread: {e}")))?
+    };
+    engine::run(model, shared, slots);
+    http.join().map_err(|_| usage("the HTTP thread panicked"))?
 }
 
 /// How many streams fit in memory beside the model, at most `--max-batch`: the memory plan of
