@@ -30,12 +30,17 @@ fn model() -> &'static (PathBuf, LinearAttentionTransformerLM) {
         c.blindspot_size = 4;
         c.shift_tokens = true;
         let m = LinearAttentionTransformerLM::new(&c, 11, &Device::Cpu, DType::F32).unwrap();
-        let dir = std::env::temp_dir().join(format!("lat-serve-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("bytes.safetensors");
-        checkpoint::save(&m, &path, &Default::default()).unwrap();
-        (path, m)
+        (saved(&m, "bytes"), m)
     })
+}
+
+/// `m` saved as NAME.safetensors in this test process's folder.
+fn saved(m: &LinearAttentionTransformerLM, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lat-serve-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.safetensors"));
+    checkpoint::save(m, &path, &Default::default()).unwrap();
+    path
 }
 
 /// A model wide enough that a long stream holds its slot for a while (a few ms a token), for
@@ -49,12 +54,7 @@ fn slow_model() -> &'static Path {
         c.causal = true;
         c.n_local_attn_heads = LocalHeads::Uniform(4);
         c.local_attn_window_size = 16;
-        let m = LinearAttentionTransformerLM::new(&c, 12, &Device::Cpu, DType::F32).unwrap();
-        let dir = std::env::temp_dir().join(format!("lat-serve-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("slow.safetensors");
-        checkpoint::save(&m, &path, &Default::default()).unwrap();
-        path
+        saved(&LinearAttentionTransformerLM::new(&c, 12, &Device::Cpu, DType::F32).unwrap(), "slow")
     })
 }
 
