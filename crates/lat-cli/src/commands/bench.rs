@@ -267,8 +267,15 @@ pub fn fma_peak_gflops() -> f64 {
     per_thread.iter().sum::<f64>() / seconds / 1e9
 }
 
-/// FLOPs done by `rounds` rounds of 12 chains of 8-lane FMAs (scalar ones without AVX2).
+/// FLOPs done by `rounds` rounds of 12 chains of FMAs as wide as the matrix products' (16 lanes
+/// where they use AVX-512, whose units are twice as wide on some CPUs, 8 with AVX2, else
+/// scalar).
 fn fma_chains(rounds: usize) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if linear_attention_transformer::kernels::matrix_isa() == "avx512" {
+        // SAFETY: the CPU has AVX-512 F.
+        return unsafe { fma_chains_avx512(rounds) };
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA.
@@ -297,6 +304,21 @@ unsafe fn fma_chains_avx2(rounds: usize) -> f64 {
     }
     std::hint::black_box(acc);
     (rounds * 12 * 8 * 2) as f64
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_chains_avx512(rounds: usize) -> f64 {
+    use std::arch::x86_64::*;
+    let (m, c) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+    let mut acc = [_mm512_set1_ps(1.0); 12];
+    for _ in 0..rounds {
+        for a in &mut acc {
+            *a = _mm512_fmadd_ps(*a, m, c);
+        }
+    }
+    std::hint::black_box(acc);
+    (rounds * 12 * 16 * 2) as f64
 }
 
 fn rayon_threads() -> usize {

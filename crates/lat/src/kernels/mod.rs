@@ -188,6 +188,14 @@ pub(crate) fn has_avx2() -> bool {
     *AVX2.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
 }
 
+/// Whether the build's own AVX-512 kernels run (the decoding products for three or more rows):
+/// the `avx512` feature, and a CPU with AVX-512 F and DQ.
+#[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+pub(crate) fn has_avx512() -> bool {
+    static AVX512: OnceLock<bool> = OnceLock::new();
+    *AVX512.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512dq"))
+}
+
 /// Whether `LAT_KERNELS=reference` asks for the plain versions everywhere.
 fn reference_requested() -> bool {
     static REFERENCE: OnceLock<bool> = OnceLock::new();
