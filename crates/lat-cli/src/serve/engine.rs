@@ -132,6 +132,9 @@ impl Stream {
         }
         match finish {
             Some(reason) => {
+                // The slot is free before the client hears that it is done, so that what the
+                // client reads from /metrics next agrees (the turn's end recounts the slots).
+                metrics.active_streams = metrics.active_streams.saturating_sub(1);
                 self.send(Event::Done { index: self.job.index, finish_reason: reason, completion_tokens: self.generated });
                 false
             }
@@ -171,6 +174,7 @@ pub fn run(model: LinearAttentionTransformerLM, shared: Arc<Shared>, slots: usiz
             let Some(i) = active.iter().position(|s| s.next.is_none() && s.read < s.job.prompt.len()) else { break };
             if let Err(e) = read_piece(&model, &mut active[i], &shared) {
                 let s = active.remove(i);
+                shared.metrics().active_streams = active.len();
                 s.send(Event::Failed { message: e.to_string() });
             }
             if decoding {
@@ -256,6 +260,7 @@ fn step(model: &LinearAttentionTransformerLM, active: &mut [Stream], shared: &Sh
         }
         Err(e) => {
             for s in batch {
+                m.active_streams = m.active_streams.saturating_sub(1);
                 s.send(Event::Failed { message: e.to_string() });
             }
         }
