@@ -56,6 +56,14 @@ fn variants() -> Vec<(&'static str, Config)> {
             out.push(("rotary+shift", rot));
         }
     }
+    // Every query head reads one key/value head: one decoding task serves several heads.
+    for local in [0, 2, 4] {
+        let mut shared = base();
+        shared.one_kv_head = true;
+        shared.n_local_attn_heads = LocalHeads::Uniform(local);
+        shared.use_rotary_emb = true;
+        out.push(("one key/value head", shared));
+    }
     let mut per_layer = base();
     per_layer.depth = 3;
     per_layer.n_local_attn_heads = LocalHeads::PerLayer(vec![0, 2, 4]);

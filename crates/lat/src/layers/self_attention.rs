@@ -201,7 +201,9 @@ impl SelfAttention {
 
     /// A decoding step of rows [rows, t, dim]: row `r`'s position `i` (at `step.positions[r] +
     /// i`) advances the state `rows[r][pick(position)]` (each row has one state, or axial layers
-    /// one per strided sequence). Rows run in parallel.
+    /// one per strided sequence). Every (row, key/value head) pair runs as a task of its own:
+    /// a head's positions follow each other, but heads and rows are independent, so a prompt
+    /// piece of one stream spreads over every thread as a batch of streams does.
     pub fn step_rows(&self, h: &Tensor, rows: &mut [&mut [State]], pick: impl Fn(usize) -> usize + Sync, step: &Step) -> Result<Tensor> {
         let l = &self.layout;
         let (b, t, _) = h.dims3()?;
@@ -214,36 +216,64 @@ impl SelfAttention {
         let q_all = host(self.to_q.apply(h, Mode::Decode)?)?;
         let (k_all, v_all) = (host(self.to_k.apply(h, Mode::Decode)?)?, host(self.to_v.apply(h, Mode::Decode)?)?);
         let kv_width = l.kv_heads() * dh;
-        let mut out = vec![0f32; b * t * width];
         let groups = l.kv_groups();
-        let attend_row = |r: usize, states: &mut [State], out: &mut [f32]| -> Result<()> {
-            for i in 0..t {
-                let position = step.positions[r] + i;
-                let (at, kv_at) = ((r * t + i) * width, (r * t + i) * kv_width);
-                let (mut q, mut k) = (q_all[at..at + width].to_vec(), k_all[kv_at..kv_at + kv_width].to_vec());
-                let v = &v_all[kv_at..kv_at + kv_width];
+        // Task (r, g): key/value head g of row r, in each of the row's states.
+        let mut tasks = Vec::with_capacity(b * groups.len());
+        for (r, states) in rows.iter_mut().enumerate() {
+            let mut heads: Vec<Vec<Head>> = groups.iter().map(|_| Vec::with_capacity(states.len())).collect();
+            for state in states.iter_mut() {
+                let (mut local, mut global) = (state.local.iter_mut(), state.global.iter_mut());
+                for (g, &(first, _)) in groups.iter().enumerate() {
+                    heads[g].push(if first < l.local_heads { Head::Local(local.next().ok_or_else(stale)?) } else { Head::Global(global.next().ok_or_else(stale)?) });
+                }
+            }
+            tasks.extend(heads.into_iter().enumerate().map(|(g, heads)| (r, g, heads)));
+        }
+        let attend = |(r, g, heads): &mut (usize, usize, Vec<Head>)| -> Result<Vec<f32>> {
+            let (first, count) = groups[*g];
+            let (heads_at, kv_at) = (first * dh, *g * dh);
+            let mut out = vec![0f32; t * count * dh];
+            for (i, o) in out.chunks_mut(count * dh).enumerate() {
+                let position = step.positions[*r] + i;
+                let (at, kv_row) = ((*r * t + i) * width + heads_at, (*r * t + i) * kv_width + kv_at);
+                let (mut q, mut k) = (q_all[at..at + count * dh].to_vec(), k_all[kv_row..kv_row + dh].to_vec());
                 if let Some(table) = step.rotary {
                     table.rotate(&mut q, dh, position);
                     table.rotate(&mut k, dh, position);
                 }
-                let state = states.get_mut(pick(position)).ok_or_else(stale)?;
-                let (mut local, mut global) = (state.local.iter_mut(), state.global.iter_mut());
-                let o = &mut out[i * width..(i + 1) * width];
-                for (g, &(first, count)) in groups.iter().enumerate() {
-                    // Heads first .. first + count read the keys and values of key/value head g.
-                    let (heads, key, value) = (first * dh..(first + count) * dh, &k[g * dh..(g + 1) * dh], &v[g * dh..(g + 1) * dh]);
-                    if first < l.local_heads {
-                        local.next().ok_or_else(stale)?.step(&q[heads.clone()], key, value, &mut o[heads]);
-                    } else {
-                        global.next().ok_or_else(stale)?.step(&q[heads.clone()], key, value, &mut o[heads]);
-                    }
-                }
+                let head = heads.get_mut(pick(position)).ok_or_else(stale)?;
+                head.step(&q, &k, &v_all[kv_row..kv_row + dh], o);
             }
-            Ok(())
+            Ok(out)
         };
-        rows.par_iter_mut().zip(out.par_chunks_mut(t * width)).enumerate().try_for_each(|(r, (states, o))| attend_row(r, states, o))?;
+        let outs = tasks.par_iter_mut().map(attend).collect::<Result<Vec<_>>>()?;
+        let mut out = vec![0f32; b * t * width];
+        for ((r, g, _), part) in tasks.iter().zip(outs) {
+            let (first, count) = groups[*g];
+            for (i, o) in part.chunks(count * dh).enumerate() {
+                let at = (r * t + i) * width + first * dh;
+                out[at..at + count * dh].copy_from_slice(o);
+            }
+        }
         let merged = Tensor::from_vec(out, (b, t, width), h.device())?.to_dtype(h.dtype())?;
         self.to_out.apply(&merged, Mode::Decode)
+    }
+}
+
+/// One key/value head's decoding state, of either kind.
+enum Head<'a> {
+    Local(&'a mut LocalCache),
+    Global(&'a mut LinearState),
+}
+
+impl Head<'_> {
+    /// Attends from the next position with the queries of the heads that read this key/value
+    /// head, and takes in its key and value.
+    fn step(&mut self, queries: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
+        match self {
+            Head::Local(cache) => cache.step(queries, k, v, out),
+            Head::Global(sums) => sums.step(queries, k, v, out),
+        }
     }
 }
 
