@@ -1,7 +1,7 @@
 //! The reference's `AutoregressiveWrapper(net, ignore_index=-100, pad_value=0)`, under the same
 //! names: the next-token loss of a language model and its `generate`, with the reference's
-//! arguments, defaults and semantics. Generation decodes from the recurrent state (prefill, then
-//! one batched step per token) wherever the reference's result allows it, and otherwise re-runs
+//! arguments, defaults and semantics. Generation decodes from the recurrent state (the prompt
+//! read into it, then one batched step per token) wherever the reference's result allows it, and otherwise re-runs
 //! the window as the reference does.
 
 use candle_core::{DType, Tensor, D};

@@ -45,6 +45,9 @@ pub(crate) trait AnyBlock: fmt::Debug + Send + Sync {
     /// The output over a prompt whose first `n` positions are real, and each row's state.
     fn prefill(&self, x: &Tensor, inputs: &StackInputs, n: usize) -> Result<(Tensor, Vec<Box<dyn BlockState>>)>;
 
+    /// Each of `rows` rows' state before its first position.
+    fn start(&self, inputs: &StackInputs, rows: usize) -> Result<Vec<Box<dyn BlockState>>>;
+
     /// Advances each row's state by the new positions of `x` [rows, t, dim].
     fn step(&self, x: &Tensor, states: &mut [&mut Box<dyn BlockState>], step: &Step) -> Result<Tensor>;
 
@@ -269,6 +272,15 @@ impl<L: Layer> AnyBlock for Block<L> {
             .map(|(r, layer)| Ok(Box::new(RowState::<L> { shift_prev: shift_prev.as_ref().map(|p| p.narrow(0, r, 1)?.copy()).transpose()?, layer }) as Box<dyn BlockState>))
             .collect::<Result<_>>()?;
         Ok((y, states))
+    }
+
+    fn start(&self, inputs: &StackInputs, rows: usize) -> Result<Vec<Box<dyn BlockState>>> {
+        let call = self.call(inputs, &Pass::eval(), Span { start: 0, len: 0, total: 0 });
+        let w = &self.norm.weight;
+        // Token shifting shifts zeros in before the first position, as the parallel form pads.
+        let shift_prev = self.shift.as_ref().map(|_| Tensor::zeros((1, 1, w.dim(0)?), w.dtype(), w.device())).transpose()?;
+        let states = self.layer.start(&call, rows)?.into_iter().map(|layer| Box::new(RowState::<L> { shift_prev: shift_prev.clone(), layer }) as Box<dyn BlockState>);
+        Ok(states.collect())
     }
 
     fn step(&self, x: &Tensor, states: &mut [&mut Box<dyn BlockState>], step: &Step) -> Result<Tensor> {

@@ -126,9 +126,9 @@ pub(crate) struct Extras<'a> {
 }
 
 /// The next-token logits of a batch of growing sequences: from the recurrent state while it
-/// holds (prefill, then one batched step per token), else the reference's way (the last
-/// `max_seq_len` tokens re-run for every token, positions restarting at 0 once the window
-/// slides). Both give the same logits up to float rounding.
+/// holds (the prompts read into it, then one batched step per token), else the reference's way
+/// (the last `max_seq_len` tokens re-run for every token, positions restarting at 0 once the
+/// window slides). Both give the same logits up to float rounding.
 pub(crate) struct Continuation<'a> {
     model: &'a LinearAttentionTransformerLM,
     seqs: Vec<Vec<u32>>,
@@ -244,7 +244,7 @@ fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
 /// # Ok::<(), linear_attention_transformer::Error>(())
 /// ```
 ///
-/// With `cache`, the prompts are read in one parallel pass each and then every new token costs
+/// With `cache`, the prompts are read into recurrent states and then every new token costs
 /// the same, whatever the length so far (the recurrent form); without it, every token re-runs
 /// the whole sequence as the reference does. Both give the same logits up to float rounding.
 /// Once a sequence outgrows `max_seq_len` the reference slides its window and restarts the

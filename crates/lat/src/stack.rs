@@ -128,6 +128,15 @@ impl Stack {
         Ok((self.output(streams)?, states))
     }
 
+    /// Each of `rows` rows' states before its first position: per row, one state per block.
+    pub fn start(&self, inputs: &StackInputs, rows: usize) -> Result<Vec<Vec<Box<dyn BlockState>>>> {
+        let mut states: Vec<Vec<Box<dyn BlockState>>> = (0..rows).map(|_| Vec::with_capacity(2 * self.pairs.len())).collect();
+        for block in self.pairs.iter().flat_map(|p| [&p.f, &p.g]) {
+            states.iter_mut().zip(block.start(inputs, rows)?).for_each(|(row, s)| row.push(s));
+        }
+        Ok(states)
+    }
+
     /// Advances every row by the new positions of `x` [rows, t, dim]; `states[r]` is row r's.
     pub fn step(&self, x: &Tensor, states: &mut [&mut Vec<Box<dyn BlockState>>], step: &Step) -> Result<Tensor> {
         let streams = self.couple(x, |i, b, h| {

@@ -1,6 +1,7 @@
-//! The recurrent form: after a parallel prefill, every decoding step must give the logits of a
-//! full forward pass over the sequence so far (max abs difference <= 1e-4 in f32), for causal
-//! models with every combination of local heads, blind spots, positions and token shifting.
+//! The recurrent form: from the empty state or after a parallel prefill, every decoding step must
+//! give the logits of a full forward pass over the sequence so far (max abs difference <= 1e-4 in
+//! f32), for causal models with every combination of local heads, blind spots, positions and
+//! token shifting.
 
 use candle_core::{DType, Device, Tensor};
 use linear_attention_transformer::generate::{generate, Sampling};
@@ -23,14 +24,21 @@ fn check(name: &str, c: &Config, prefix: usize) {
     let seq: Vec<u32> = (0..n).map(|_| rng.below(c.num_tokens as u64) as u32).collect();
     let full = model.forward(&Tensor::from_slice(&seq, (1, n), &Device::Cpu).unwrap(), &Inputs::default(), &Pass::eval()).unwrap();
     let full = full.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
-    let (first, mut state) = model.prefill(&seq[..prefix]).unwrap();
-    let mut got = first.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
-    for i in prefix - 1..n {
+    let close = |i: usize, got: &Tensor| {
+        let got = got.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
         let worst = got.iter().zip(&full[i]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(worst <= 1e-4, "{name}: prefix {prefix}, position {i}: max abs difference {worst}");
-        if i + 1 < n {
-            got = model.step(&[seq[i + 1]], &mut state).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
-        }
+    };
+    // Prefix 0: from the empty state, every position stepped (as prompts are read).
+    let mut state = if prefix == 0 {
+        model.start_with(&Inputs::default()).unwrap()
+    } else {
+        let (first, state) = model.prefill(&seq[..prefix]).unwrap();
+        close(prefix - 1, &first);
+        state
+    };
+    for i in prefix..n {
+        close(i, &model.step(&[seq[i]], &mut state).unwrap());
     }
 }
 
@@ -76,7 +84,7 @@ fn variants() -> Vec<(&'static str, Config)> {
 #[test]
 fn steps_match_the_full_forward() {
     for (name, c) in variants() {
-        for prefix in [1, 5, 8, 16] {
+        for prefix in [0, 1, 5, 8, 16] {
             check(name, &c, prefix);
         }
     }
@@ -153,6 +161,7 @@ fn state_snapshots_resume_generation() {
     nc.causal = false;
     let m = LinearAttentionTransformerLM::new(&nc, 1, &Device::Cpu, DType::F32).unwrap();
     assert!(m.prefill(&[1, 2]).is_err());
+    assert!(m.start_with(&Inputs::default()).is_err());
 }
 
 #[test]
@@ -160,7 +169,7 @@ fn axial_and_cross_attention_layers_decode_recurrently() {
     let mut axial = base();
     axial.attend_axially = true;
     axial.n_local_attn_heads = LocalHeads::Uniform(2);
-    for prefix in [1, 5, 8, 16] {
+    for prefix in [0, 1, 5, 8, 16] {
         check("axial", &axial, prefix);
     }
     let mut r = axial.clone();
@@ -184,16 +193,26 @@ fn axial_and_cross_attention_layers_decode_recurrently() {
         let seq: Vec<u32> = (0..n).map(|i| (i * 7 % 40) as u32).collect();
         let full = model.forward(&Tensor::from_slice(&seq, (1, n), &Device::Cpu).unwrap(), &inputs, &Pass::eval()).unwrap();
         let full = full.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
-        let (first, mut state) = model.prefill_with(&seq[..4], &inputs).unwrap();
-        let mut got = first.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
-        for i in 3..n {
-            let worst = got.iter().zip(&full[i]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(worst <= 1e-4, "cross-attention (linformer {linformer}), position {i}: max abs difference {worst}");
-            if i + 1 < n {
-                got = model.step(&[seq[i + 1]], &mut state).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+        // After a parallel prefill of 4 positions, and from the empty state.
+        for prefix in [4, 0] {
+            let (mut state, mut got) = match prefix {
+                0 => (model.start_with(&inputs).unwrap(), None),
+                _ => {
+                    let (first, state) = model.prefill_with(&seq[..prefix], &inputs).unwrap();
+                    (state, Some(first))
+                }
+            };
+            for i in prefix..n {
+                if let Some(got) = got {
+                    let got = got.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+                    let worst = got.iter().zip(&full[i - 1]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(worst <= 1e-4, "cross-attention (linformer {linformer}, prefix {prefix}), position {}: max abs difference {worst}", i - 1);
+                }
+                got = Some(model.step(&[seq[i]], &mut state).unwrap());
             }
         }
         assert!(model.prefill(&seq[..4]).is_err(), "a decoder with cross-attention needs its context");
+        assert!(model.start_with(&Inputs::default()).is_err(), "a decoder with cross-attention needs its context");
     }
 }
 
@@ -228,13 +247,24 @@ fn batched_steps_and_extensions_equal_one_stream_at_a_time() {
     // A prompt read in pieces ends where reading it whole does.
     let whole: Vec<u32> = prompts[1].iter().chain(&next[1]).copied().collect();
     let (expected, _) = model.prefill(&whole).unwrap();
-    let (_, mut s) = model.prefill(&whole[..5]).unwrap();
-    model.extend(&whole[5..9], &mut s).unwrap();
-    let got = model.extend(&whole[9..], &mut s).unwrap();
-    let worst = got.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().zip(expected.flatten_all().unwrap().to_vec1::<f32>().unwrap()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(worst <= 1e-4, "extend: {worst}");
-    assert_eq!(s.positions(), vec![whole.len()]);
-    assert!(s.bytes() > 0);
+    for first in [5, 0] {
+        let mut s = match first {
+            0 => model.start_with(&Inputs::default()).unwrap(),
+            _ => model.prefill(&whole[..first]).unwrap().1,
+        };
+        model.extend(&whole[first..9], &mut s).unwrap();
+        let got = model.extend(&whole[9..], &mut s).unwrap();
+        let worst = got.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().zip(expected.flatten_all().unwrap().to_vec1::<f32>().unwrap()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst <= 1e-4, "extend after {first} positions: {worst}");
+        assert_eq!(s.positions(), vec![whole.len()]);
+        assert!(s.bytes() > 0);
+    }
+    // Reading a prompt is the same pieces wherever it is read: equal to the bit.
+    let (a, sa) = model.read_prompt(&whole, &Inputs::default()).unwrap();
+    let mut sb = model.start_with(&Inputs::default()).unwrap();
+    let b = model.extend(&whole, &mut sb).unwrap();
+    assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+    assert_eq!(sa.positions(), sb.positions());
 }
 
 #[test]
@@ -254,6 +284,7 @@ fn a_state_never_holds_more_than_its_bound() {
     for c in configs {
         let model = LinearAttentionTransformerLM::new(&c, 2, &Device::Cpu, DType::F32).unwrap();
         let bound = model.max_state_bytes();
+        assert!(model.start_with(&Inputs::default()).unwrap().bytes() <= bound);
         let (_, mut state) = model.prefill(&[1, 2, 3]).unwrap();
         let mut most = state.bytes();
         for i in 0..60 {

@@ -219,14 +219,11 @@ fn admit(shared: &Shared, active: &mut Vec<Stream>, slots: usize) {
 fn read_piece(model: &LinearAttentionTransformerLM, s: &mut Stream, shared: &Shared) -> linear_attention_transformer::Result<()> {
     let end = (s.read + PROMPT_CHUNK).min(s.job.prompt.len());
     let piece = &s.job.prompt[s.read..end];
-    let logits = match &mut s.state {
-        None => {
-            let (logits, state) = model.prefill_with(piece, &Inputs::default())?;
-            s.state = Some(state);
-            logits
-        }
-        Some(state) => model.extend(piece, state)?,
+    let state = match &mut s.state {
+        Some(state) => state,
+        None => s.state.insert(model.start_with(&Inputs::default())?),
     };
+    let logits = model.extend(piece, state)?;
     s.read = end;
     let mut m = shared.metrics();
     m.prompt_tokens += piece.len() as u64;

@@ -96,6 +96,11 @@ impl Layer for AxialAttention {
         Ok((self.unfold(&y)?, states))
     }
 
+    fn start(&self, call: &Call, rows: usize) -> Result<Vec<State>> {
+        let strided = self.attention.start(call, self.fold)?;
+        Ok(vec![State { strided }; rows])
+    }
+
     fn step(&self, h: &Tensor, states: &mut [&mut State], step: &Step) -> Result<Tensor> {
         let w = self.fold;
         let mut rows: Vec<&mut [self_attention::State]> = states.iter_mut().map(|s| &mut s.strided[..]).collect();

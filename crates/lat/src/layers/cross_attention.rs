@@ -60,10 +60,6 @@ impl CrossAttention {
         Ok(Self { layout, dropout: c.attn_layer_dropout, to_q, to_k, to_v, to_out })
     }
 
-    fn context(call: &Call) -> Result<&Tensor> {
-        call.inputs.context.as_ref().ok_or_else(|| Error::input("this model receives context: pass a context tensor"))
-    }
-
     /// [.., heads · dim_head] as [.., heads, dim_head].
     fn split(&self, t: &Tensor) -> Result<Tensor> {
         let (b, m, _) = t.dims3()?;
@@ -77,7 +73,7 @@ impl Layer for CrossAttention {
     const HAND_WRITTEN: bool = true;
 
     fn forward(&self, h: &Tensor, call: &Call, mode: Mode) -> Result<(Tensor, Option<Saved>)> {
-        let context = Self::context(call)?;
+        let context = call.context()?;
         let l = &self.layout;
         let q = self.split(&self.to_q.apply(h, mode)?)?;
         let k = l.expand(&self.to_k.apply(context, mode)?)?;
@@ -103,7 +99,12 @@ impl Layer for CrossAttention {
     }
 
     fn prefill(&self, h: &Tensor, call: &Call, _n: usize) -> Result<(Tensor, Vec<State>)> {
-        let context = Self::context(call)?;
+        Ok((self.forward(h, call, Mode::Graph)?.0, self.start(call, h.dim(0)?)?))
+    }
+
+    /// The state holds only the context's summaries: it is the same at every position.
+    fn start(&self, call: &Call, _rows: usize) -> Result<Vec<State>> {
+        let context = call.context()?;
         let l = &self.layout;
         let (k, v) = (self.to_k.forward(context)?, self.to_v.forward(context)?);
         let (b, m, _) = k.dims3()?;
@@ -121,7 +122,7 @@ impl Layer for CrossAttention {
                 State { summaries }
             })
             .collect();
-        Ok((self.forward(h, call, Mode::Graph)?.0, states))
+        Ok(states)
     }
 
     fn step(&self, h: &Tensor, states: &mut [&mut State], _step: &Step) -> Result<Tensor> {

@@ -131,6 +131,10 @@ impl Layer for FeedForward {
         Ok((self.forward(h, call, Mode::Graph)?.0, vec![(); h.dim(0)?]))
     }
 
+    fn start(&self, _call: &Call, rows: usize) -> Result<Vec<()>> {
+        Ok(vec![(); rows])
+    }
+
     fn step(&self, h: &Tensor, _states: &mut [&mut ()], _step: &Step) -> Result<Tensor> {
         Ok(self.forward(h, &Call::decoding(h)?, Mode::Decode)?.0)
     }

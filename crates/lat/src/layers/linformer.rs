@@ -133,8 +133,7 @@ impl Linformer {
         if !self.reads_context {
             return Ok((h, call.mask()));
         }
-        let context = call.inputs.context.as_ref().ok_or_else(|| Error::input("this model receives context: pass a context tensor"))?;
-        Ok((context, call.inputs.context_mask.as_ref()))
+        Ok((call.context()?, call.inputs.context_mask.as_ref()))
     }
 }
 
@@ -154,14 +153,18 @@ impl Layer for Linformer {
     }
 
     fn prefill(&self, h: &Tensor, call: &Call, _n: usize) -> Result<(Tensor, Vec<State>)> {
+        let states = self.start(call, h.dim(0)?)?;
+        Ok((self.forward(h, call, Mode::Graph)?.0, states))
+    }
+
+    /// As cross-attention the state holds only the context's projected keys and values: it
+    /// is the same at every position.
+    fn start(&self, call: &Call, rows: usize) -> Result<Vec<State>> {
         if !self.reads_context {
             return Err(Error::input("Linformer self-attention is not causal: it cannot decode"));
         }
-        let (src, keep) = self.source(h, call)?;
-        let (keys, values) = self.project(src, keep)?;
-        let y = self.attend(h, &keys, &values, None, Mode::Graph)?;
-        let states = (0..h.dim(0)?).map(|r| Ok(State { keys: keys.narrow(0, r, 1)?, values: values.narrow(0, r, 1)? })).collect::<Result<_>>()?;
-        Ok((y, states))
+        let (keys, values) = self.project(call.context()?, call.inputs.context_mask.as_ref())?;
+        (0..rows).map(|r| Ok(State { keys: keys.narrow(0, r, 1)?, values: values.narrow(0, r, 1)? })).collect()
     }
 
     fn step(&self, h: &Tensor, states: &mut [&mut State], _step: &Step) -> Result<Tensor> {

@@ -31,7 +31,7 @@ use candle_core::Tensor;
 
 use crate::block::{AnyBlock, Block};
 use crate::config::TransformerConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::graph::Grads;
 use crate::kernels::rotary::RotaryTable;
 use crate::nn::shift::Shift;
@@ -100,6 +100,11 @@ impl Call {
         self.inputs.rotary.as_ref().map(|(t, o)| (t, *o))
     }
 
+    /// The context of a layer that reads one.
+    pub fn context(&self) -> Result<&Tensor> {
+        self.inputs.context.as_ref().ok_or_else(|| Error::input("this model receives context: pass a context tensor"))
+    }
+
     /// The seed of dropout site `site` of this layer's pair, when training.
     pub fn dropout_seed(&self, site: u64) -> Option<u64> {
         self.pass.dropout(self.pair, site)
@@ -147,6 +152,10 @@ pub(crate) trait Layer: Clone + fmt::Debug + Send + Sync + 'static {
     /// The forward pass over a prompt whose first `n` positions are real, and each row's
     /// decoding state after them.
     fn prefill(&self, h: &Tensor, call: &Call, n: usize) -> Result<(Tensor, Vec<Self::State>)>;
+
+    /// Each of `rows` rows' decoding state before its first position (what a prompt read by
+    /// [`Layer::step`] alone starts from).
+    fn start(&self, call: &Call, rows: usize) -> Result<Vec<Self::State>>;
 
     /// Advances each row's state by the new positions of `h` [rows, t, dim].
     fn step(&self, h: &Tensor, states: &mut [&mut Self::State], step: &Step) -> Result<Tensor>;

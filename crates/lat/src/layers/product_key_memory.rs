@@ -162,6 +162,10 @@ impl Layer for ProductKeyMemory {
         Ok((self.memory(h, false)?, vec![(); h.dim(0)?]))
     }
 
+    fn start(&self, _call: &Call, rows: usize) -> Result<Vec<()>> {
+        Ok(vec![(); rows])
+    }
+
     fn step(&self, h: &Tensor, _states: &mut [&mut ()], _step: &Step) -> Result<Tensor> {
         // Row by row: a row's result must not depend on the others in the batch.
         let rows = (0..h.dim(0)?).map(|r| self.memory(&h.narrow(0, r, 1)?, false)).collect::<Result<Vec<_>>>()?;

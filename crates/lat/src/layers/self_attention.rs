@@ -175,28 +175,33 @@ impl SelfAttention {
         let l = &self.layout;
         let (dh, he) = (l.dim_head, l.inner());
         let rows = qkv.to_dtype(DType::F32)?.to_vec3::<f32>()?;
-        let mut states = Vec::with_capacity(rows.len());
-        for (r, row) in rows.iter().enumerate() {
+        let states = rows.iter().enumerate().map(|(r, row)| {
             let n = lens(r);
-            // One head's first n keys (rotated) or values.
-            let head = |part: usize, h: usize| -> Vec<f32> {
+            self.state_after(|part, h| {
                 let mut v: Vec<f32> = row[..n].iter().flat_map(|p| p[part * he + h * dh..part * he + (h + 1) * dh].iter().copied()).collect();
                 if let (1, Some((table, offset))) = (part, call.rotary()) {
                     table.rotate_rows(&mut v, dh, offset, false);
                 }
                 v
-            };
-            let mut state = State { local: vec![], global: vec![] };
-            for (first, _) in l.kv_groups() {
-                if first < l.local_heads {
-                    state.local.push(LocalCache::from_prefix(&head(1, first), &head(2, first), dh, self.window));
-                } else {
-                    state.global.push(LinearState::from_prefix(&head(1, first), &head(2, first), dh, dh, self.bucket));
-                }
+            })
+        });
+        Ok(states.collect())
+    }
+
+    /// The state after the positions whose keys (`part` 1, rotated) and values (`part` 2) of
+    /// head `h` are `prefix(part, h)`, for every key/value head.
+    fn state_after(&self, prefix: impl Fn(usize, usize) -> Vec<f32>) -> State {
+        let l = &self.layout;
+        let mut state = State { local: vec![], global: vec![] };
+        for (first, _) in l.kv_groups() {
+            let (k, v) = (prefix(1, first), prefix(2, first));
+            if first < l.local_heads {
+                state.local.push(LocalCache::from_prefix(&k, &v, l.dim_head, self.window));
+            } else {
+                state.global.push(LinearState::from_prefix(&k, &v, l.dim_head, l.dim_head, self.bucket));
             }
-            states.push(state);
         }
-        Ok(states)
+        state
     }
 
     /// A decoding step of rows [rows, t, dim]: row `r`'s position `i` (at `step.positions[r] +
@@ -302,6 +307,13 @@ impl Layer for SelfAttention {
 
     fn prefill(&self, h: &Tensor, call: &Call, n: usize) -> Result<(Tensor, Vec<State>)> {
         self.prefill_rows(h, call, |_| n)
+    }
+
+    fn start(&self, _call: &Call, rows: usize) -> Result<Vec<State>> {
+        if !self.causal {
+            return Err(Error::input("decoding needs causal self-attention"));
+        }
+        Ok(vec![self.state_after(|_, _| Vec::new()); rows])
     }
 
     fn step(&self, h: &Tensor, states: &mut [&mut State], step: &Step) -> Result<Tensor> {
