@@ -492,6 +492,9 @@ impl LinearAttentionTransformerLM {
     /// does). Returns the next logits [rows, num_tokens].
     pub fn step_streams(&self, tokens: &[u32], states: &mut [&mut DecodeState]) -> Result<Tensor> {
         let mut rows: Vec<&mut Stream> = states.iter_mut().flat_map(|s| s.rows.iter_mut()).collect();
+        if rows.is_empty() {
+            return Err(Error::input("no stream to step: give at least one state"));
+        }
         if tokens.len() != rows.len() {
             return Err(Error::input(format!("{} tokens for a batch of {}", tokens.len(), rows.len())));
         }
