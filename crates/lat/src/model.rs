@@ -383,9 +383,9 @@ impl LinearAttentionTransformerLM {
         Ok(())
     }
 
-    /// Whether [`LinearAttentionTransformerLM::prefill`] and [`LinearAttentionTransformerLM::step`]
-    /// work: a causal model with logits that needs no context (decoders with cross-attention
-    /// decode from [`LinearAttentionTransformerLM::prefill_with`]).
+    /// Whether [`LinearAttentionTransformerLM::read_prompt`] and [`LinearAttentionTransformerLM::step`]
+    /// work without inputs: a causal model with logits that needs no context (decoders with
+    /// cross-attention decode from [`LinearAttentionTransformerLM::start_with`] given the context).
     pub fn decodes_recurrently(&self) -> bool {
         let c = &self.config;
         c.causal && !c.return_embeddings && !c.receives_context
