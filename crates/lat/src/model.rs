@@ -412,16 +412,13 @@ impl LinearAttentionTransformerLM {
     /// [`LinearAttentionTransformerLM::prefill`] with the inputs besides the tokens: the
     /// context (and its mask) of a decoder with cross-attention, which the state keeps.
     pub fn prefill_with(&self, prompt: &[u32], inputs: &Inputs) -> Result<(Tensor, DecodeState)> {
-        self.check_generation()?;
+        self.check_decoding(inputs)?;
         let n = prompt.len();
         if n == 0 {
             return Err(Error::input("the prompt is empty: give at least one token"));
         }
         if n > self.decode_limit() {
             return Err(Error::input(format!("the prompt has {n} tokens, more than the model's {} positions", self.decode_limit())));
-        }
-        if inputs.input_mask.is_some() {
-            return Err(Error::input("decoding takes no input mask: every prompt token is real"));
         }
         let tokens = self.check_tokens(&Tensor::from_slice(prompt, (1, n), &self.device)?)?;
         let (tokens, mask) = autopad(&tokens, None, self.config.pad_to_multiple())?;
@@ -441,13 +438,19 @@ impl LinearAttentionTransformerLM {
     /// [`LinearAttentionTransformerLM::extend`]; `inputs` holds the context (and its mask) of
     /// a decoder with cross-attention, which the state keeps.
     pub fn start_with(&self, inputs: &Inputs) -> Result<DecodeState> {
+        self.check_decoding(inputs)?;
+        let stack_inputs = self.transformer.stack_inputs(None, inputs, 1, None)?;
+        let blocks = self.transformer.stack.start(&stack_inputs, 1)?.pop().ok_or_else(|| Error::input("the model left no state"))?;
+        Ok(DecodeState { rows: vec![Stream { position: 0, blocks }] })
+    }
+
+    /// A model that generates, and inputs a decoding state can start from.
+    fn check_decoding(&self, inputs: &Inputs) -> Result<()> {
         self.check_generation()?;
         if inputs.input_mask.is_some() {
             return Err(Error::input("decoding takes no input mask: every prompt token is real"));
         }
-        let stack_inputs = self.transformer.stack_inputs(None, inputs, 1, None)?;
-        let blocks = self.transformer.stack.start(&stack_inputs, 1)?.pop().ok_or_else(|| Error::input("the model left no state"))?;
-        Ok(DecodeState { rows: vec![Stream { position: 0, blocks }] })
+        Ok(())
     }
 
     /// Reads a whole prompt the way every reader does (generation, the server): from

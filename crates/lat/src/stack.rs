@@ -38,7 +38,6 @@ impl Stack {
     }
 
     /// Every block, in order: f and g of each pair.
-    #[cfg(test)]
     pub fn blocks(&self) -> impl Iterator<Item = &dyn AnyBlock> {
         self.pairs.iter().flat_map(|p| [p.f.as_ref(), p.g.as_ref()])
     }
@@ -131,7 +130,7 @@ impl Stack {
     /// Each of `rows` rows' states before its first position: per row, one state per block.
     pub fn start(&self, inputs: &StackInputs, rows: usize) -> Result<Vec<Vec<Box<dyn BlockState>>>> {
         let mut states: Vec<Vec<Box<dyn BlockState>>> = (0..rows).map(|_| Vec::with_capacity(2 * self.pairs.len())).collect();
-        for block in self.pairs.iter().flat_map(|p| [&p.f, &p.g]) {
+        for block in self.blocks() {
             states.iter_mut().zip(block.start(inputs, rows)?).for_each(|(row, s)| row.push(s));
         }
         Ok(states)
