@@ -75,6 +75,12 @@ impl PositionalEmbedding {
                 // Only the rows (of W positions each) that the range touches.
                 let (first, last) = (offset / window, (offset + n - 1) / window);
                 let d = rows.dims()[3];
+                if first == last {
+                    // Within one row (every decoding step): only the n positions, not the row's
+                    // whole grid of W.
+                    let r = rows.narrow(1, first, 1)?.reshape((1, d))?;
+                    return Ok(r.broadcast_add(&cols.reshape((*window, d))?.narrow(0, offset % window, n)?)?);
+                }
                 let r = rows.narrow(1, first, last - first + 1)?.reshape((last - first + 1, 1, d))?;
                 let grid = r.broadcast_add(&cols.reshape((1, *window, d))?)?.reshape(((last - first + 1) * window, d))?;
                 Ok(grid.narrow(0, offset - first * window, n)?)
@@ -91,4 +97,28 @@ pub(crate) fn rotary_table(b: &Builder, dim_head: usize, len: usize) -> Result<A
     let buffer = Tensor::from_vec(t.buffer(), (len, dim_head), &b.device())?.to_dtype(DType::F32)?;
     b.buffer("emb", buffer)?;
     Ok(Arc::new(t))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::*;
+
+    /// Any range of an axial embedding, within one row of W positions or across rows, is that
+    /// range of the whole table, to the bit.
+    #[test]
+    fn axial_ranges_are_slices_of_the_whole_table() {
+        let mut c = Config::new(16, 8, 1, 20);
+        c.local_attn_window_size = 4;
+        let b = Builder::init(3, &Device::Cpu, DType::F32);
+        let pos = PositionalEmbedding::new(&b, &c).unwrap();
+        assert!(matches!(pos, PositionalEmbedding::Axial { .. }));
+        let whole = pos.forward(0, pos.len()).unwrap().to_vec2::<f32>().unwrap();
+        for (offset, n) in [(0, 1), (3, 1), (5, 2), (4, 4), (2, 5), (7, 9), (19, 1)] {
+            let part = pos.forward(offset, n).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(part, whole[offset..offset + n], "offset {offset}, n {n}");
+        }
+        assert!(pos.forward(20, 1).is_err());
+    }
 }
