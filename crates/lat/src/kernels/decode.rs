@@ -46,6 +46,14 @@ impl Weight<'_> {
         }
     }
 
+    /// The int8 scales of the outputs, if any.
+    fn scales(&self) -> Option<&[f32]> {
+        match self {
+            Weight::Panels(Panels { values: Values::Int8 { scale, .. }, .. }) => Some(scale),
+            _ => None,
+        }
+    }
+
     /// Whether the weight is [out, k].
     fn is(&self, out: usize, k: usize) -> bool {
         match self {
@@ -191,43 +199,74 @@ fn bf16_to_f32(bits: u16) -> f32 {
 /// Lanes of an f32 product's partial sums.
 const LANES: usize = 8;
 
+/// One product of [`matmul_all`]: `y [rows, out] = x Wᵀ (+ bias)`.
+pub struct Product<'a> {
+    /// The weight [out, in].
+    pub w: Weight<'a>,
+    /// Outputs.
+    pub out: usize,
+    /// [out], added after the product.
+    pub bias: Option<&'a [f32]>,
+    /// The result [rows, out].
+    pub y: &'a mut [f32],
+}
+
 /// `y [rows, out] = x [rows, in] Wᵀ (+ bias)`.
 pub fn matmul(x: &[f32], rows: usize, w: Weight, out: usize, bias: Option<&[f32]>, y: &mut [f32]) {
+    matmul_all(x, rows, &mut [Product { w, out, bias, y }]);
+}
+
+/// Several products of the same rows `x` [rows, in] (a layer's queries, keys and values) as one
+/// parallel loop: the threads are handed work once, and the rows are interleaved once.
+pub fn matmul_all(x: &[f32], rows: usize, products: &mut [Product]) {
     let k = x.len() / rows.max(1);
     assert_eq!(x.len(), rows * k, "decode product: x is not [rows, in]");
-    assert!(w.is(out, k), "decode product: the weight is not [out, in]");
-    assert_eq!(y.len(), rows * out, "decode product: y is not [rows, out]");
-    assert!(bias.is_none_or(|b| b.len() == out), "decode product: the bias is not [out]");
-    if rows == 0 || out == 0 {
+    for p in products.iter() {
+        assert!(p.w.is(p.out, k), "decode product: the weight is not [out, in]");
+        assert_eq!(p.y.len(), rows * p.out, "decode product: y is not [rows, out]");
+        assert!(p.bias.is_none_or(|b| b.len() == p.out), "decode product: the bias is not [out]");
+    }
+    if rows == 0 {
         return;
     }
     // Blocks of outputs in parallel (whole tiles of three or six, or whole panels), each writing
-    // its columns of every row.
-    let per_block = out.div_ceil(4 * rayon::current_num_threads().max(1));
-    let block = match w {
-        Weight::F32(_) => per_block.next_multiple_of(6).max(18),
-        Weight::Panels(_) => per_block.next_multiple_of(PANEL),
+    // its columns of every row of its product.
+    // About eight blocks a thread, of even sizes within each product, so that the threads
+    // finish together.
+    let total: usize = products.iter().map(|p| p.out).sum();
+    let per_block = total.div_ceil(8 * rayon::current_num_threads().max(1)).max(1);
+    let mut blocks = Vec::new();
+    for (i, p) in products.iter().enumerate() {
+        let even = p.out.div_ceil(p.out.div_ceil(per_block).max(1));
+        let block = match p.w {
+            Weight::F32(_) => even.next_multiple_of(6).max(18),
+            Weight::Panels(_) => even.next_multiple_of(PANEL),
+        };
+        blocks.extend((0..p.out).step_by(block).map(|o0| (i, o0, block.min(p.out - o0))));
     }
-    .min(out);
-    let shared = super::SharedOut::new(y);
-    let xs = match w {
-        Weight::F32(_) => Interleaved::new(x, rows, k),
-        Weight::Panels(_) => Interleaved::default(),
+    let outs: Vec<_> = products.iter_mut().map(|p| super::SharedOut::new(p.y)).collect();
+    let products = &*products;
+    let xs = match products.iter().any(|p| matches!(p.w, Weight::F32(_))) {
+        true => Interleaved::new(x, rows, k),
+        false => Interleaved::default(),
     };
-    (0..out.div_ceil(block)).into_par_iter().for_each(|bi| {
-        let o0 = bi * block;
-        let n = block.min(out - o0);
+    blocks.into_par_iter().for_each(|(i, o0, n)| {
+        let Product { w, out, bias, .. } = products[i];
         // Panels are written whole: rows of whole panels, of which the first n are kept.
         let stride = if matches!(w, Weight::Panels(_)) { n.next_multiple_of(PANEL) } else { n };
         let mut part = vec![0f32; rows * stride];
         block_product(x, &xs, rows, k, w, o0, n, stride, &mut part);
+        let (scales, bias) = (w.scales().map(|s| &s[o0..o0 + n]), bias.map(|b| &b[o0..o0 + n]));
         for (r, row) in part.chunks_mut(stride).enumerate() {
             let row = &mut row[..n];
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = *v * w.scale(o0 + j) + bias.map_or(0.0, |b| b[o0 + j]);
+            if let Some(scales) = scales {
+                row.iter_mut().zip(scales).for_each(|(v, s)| *v *= s);
             }
-            // SAFETY: block bi alone writes columns o0 .. o0 + n of each row.
-            unsafe { shared.write(r * out + o0, row) };
+            if let Some(bias) = bias {
+                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            }
+            // SAFETY: this block alone writes columns o0 .. o0 + n of each row of product i.
+            unsafe { outs[i].write(r * out + o0, row) };
         }
     });
 }
@@ -645,6 +684,9 @@ mod avx512 {
         let full = k / LANES * LANES;
         debug_assert!(groups.iter().all(|&(g, width)| width % 2 == 0 && g.len() == width * full) && w.len() >= (o + O) * k);
         let acc = sums::<P, O>(groups.map(|(g, width)| (g.as_ptr(), width * LANES)), w.as_ptr().add(o * k), k, full / LANES, ahead);
+        if P == ROWS / 2 && O == OUTS && full == k && r0 + ROWS <= rows {
+            return reduce_whole_tile(&acc, r0, dst, n, j);
+        }
         for (p, acc) in acc.iter().enumerate() {
             for (b, &a) in acc.iter().enumerate() {
                 for (h, half) in [_mm512_castps512_ps256(a), _mm512_extractf32x8_ps::<1>(a)].into_iter().enumerate() {
@@ -657,6 +699,32 @@ mod avx512 {
                         dst[r * n + j + b] = s;
                     }
                 }
+            }
+        }
+    }
+
+    /// A whole tile's 48 sums (eight rows by six outputs, no inputs past the last eight), each
+    /// added in the tree of `reduce` but sixteen at a time: of every two outputs' accumulators,
+    /// first the halves of each row (`a[i] + a[i + 4]`), then `h[0] + h[2]`, `h[1] + h[3]`, then
+    /// the pair, shuffled so that each step adds whole registers.
+    #[inline(always)]
+    unsafe fn reduce_whole_tile<const P: usize, const O: usize>(acc: &[[__m512; O]; P], r0: usize, dst: &mut [f32], n: usize, j: usize) {
+        for g in 0..OUTS / 2 {
+            // Per 128-bit lane: [row 2p, row 2p + 1] of output 2g, then of 2g + 1, four sums each.
+            let halves = |p: usize| {
+                let (x, y) = (acc[p][2 * g], acc[p][2 * g + 1]);
+                _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(x, y), _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y))
+            };
+            // Per lane: [h0 + h2, h1 + h3] of a's lane, then of b's.
+            let pairs = |a: __m512, b: __m512| _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(a, b), _mm512_shuffle_ps::<0b11_10_11_10>(a, b));
+            let (front, back) = (pairs(halves(0), halves(1)), pairs(halves(2), halves(3)));
+            // Lane l, element e: the sum of row 2e + l % 2, output 2g + l / 2.
+            let sums = _mm512_add_ps(_mm512_shuffle_ps::<0b10_00_10_00>(front, back), _mm512_shuffle_ps::<0b11_01_11_01>(front, back));
+            let mut out = [0f32; 16];
+            _mm512_storeu_ps(out.as_mut_ptr(), sums);
+            for (i, &s) in out.iter().enumerate() {
+                let (lane, e) = (i / 4, i % 4);
+                dst[(r0 + 2 * e + lane % 2) * n + j + 2 * g + lane / 2] = s;
             }
         }
     }
@@ -762,6 +830,31 @@ mod tests {
     }
 
     /// `w` [out, k] in bf16 and in int8, laid out for decoding.
+    /// Products of one input run together give each the bits it gets alone, whatever their
+    /// weight types, sizes and biases.
+    #[test]
+    fn products_run_together_as_alone() {
+        let (rows, k) = (9, 72);
+        let x = data(rows * k, 4);
+        let outs = [40, 7, 64];
+        let ws: Vec<Vec<f32>> = outs.iter().enumerate().map(|(i, &out)| data(out * k, 5 + i as u64)).collect();
+        let bias = data(64, 9);
+        let q8 = Panels::new(&Packed::int8(&ws[1], outs[1]), outs[1]);
+        let weights = [Weight::F32(&ws[0]), Weight::Panels(&q8), Weight::F32(&ws[2])];
+        let biases = [Some(&bias[..40]), Some(&bias[..7]), None];
+        let alone: Vec<Vec<f32>> = (0..3)
+            .map(|i| {
+                let mut y = vec![0f32; rows * outs[i]];
+                matmul(&x, rows, weights[i], outs[i], biases[i], &mut y);
+                y
+            })
+            .collect();
+        let mut ys: Vec<Vec<f32>> = outs.iter().map(|&out| vec![f32::NAN; rows * out]).collect();
+        let mut products: Vec<Product> = ys.iter_mut().enumerate().map(|(i, y)| Product { w: weights[i], out: outs[i], bias: biases[i], y }).collect();
+        matmul_all(&x, rows, &mut products);
+        assert_eq!(ys, alone);
+    }
+
     fn panels(w: &[f32], out: usize) -> [Panels; 2] {
         [Panels::new(&Packed::bf16(w), out), Panels::new(&Packed::int8(w, out), out)]
     }

@@ -218,8 +218,8 @@ impl SelfAttention {
         let (dh, width) = (l.dim_head, l.inner());
         // Queries of every head; keys and values of each key/value head (not yet repeated).
         let host = |t: Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
-        let q_all = host(self.to_q.apply(h, Mode::Decode)?)?;
-        let (k_all, v_all) = (host(self.to_k.apply(h, Mode::Decode)?)?, host(self.to_v.apply(h, Mode::Decode)?)?);
+        let [q, k, v]: [Tensor; 3] = Linear::apply_all(&[&self.to_q, &self.to_k, &self.to_v], h, Mode::Decode)?.try_into().expect("three products");
+        let (q_all, k_all, v_all) = (host(q)?, host(k)?, host(v)?);
         let kv_width = l.kv_heads() * dh;
         let groups = l.kv_groups();
         // Task (r, g): key/value head g of row r, in each of the row's states.

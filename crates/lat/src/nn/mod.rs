@@ -78,37 +78,73 @@ impl Linear {
     /// `x Wᵀ`, plus the bias when `with_bias`, on the last dimension of `x`. Decoding steps and
     /// packed weights go through the decoding products; the rest through candle's matmul.
     pub(crate) fn product(&self, x: &Tensor, mode: Mode, with_bias: bool) -> Result<Tensor> {
-        let mut shape = x.dims().to_vec();
-        let k = *shape.last().expect("rank >= 1");
-        let out = self.weight.dim(0)?;
-        *shape.last_mut().expect("rank >= 1") = out;
-        let bias = self.bias_for(mode).filter(|_| with_bias);
-        let decode = mode == Mode::Decode && kernels::use_fused(x) && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32;
-        if decode || self.packed.is_some() {
-            if mode == Mode::Record {
-                return Err(crate::Error::input("a quantized model cannot be trained: train the f32 model it was quantized from"));
-            }
-            let rows = x.elem_count() / k.max(1);
-            let x = x.to_dtype(DType::F32)?.contiguous()?;
-            let mut y = vec![0f32; rows * out];
-            let mut parts = vec![&x];
-            parts.extend(self.packed.is_none().then_some(&self.weight));
-            parts.extend(bias.as_ref());
-            kernels::read::<f32, _>(&parts, |s| {
-                let (weight, bias) = match &self.packed {
-                    Some(p) => (kernels::decode::Weight::Panels(p), s.get(1)),
-                    None => (kernels::decode::Weight::F32(s[1]), s.get(2)),
-                };
-                kernels::decode::matmul(s[0], rows, weight, out, bias.copied(), &mut y)
-            })?;
-            return Ok(Tensor::from_vec(y, shape, x.device())?);
+        if self.decodes(x, mode) {
+            return Ok(Self::decode_products(&[self], x, mode, with_bias)?.remove(0));
         }
         let y = rows2(x)?.matmul(&self.weight_for(mode).t()?)?;
-        let y = match bias {
+        let y = match self.bias_for(mode).filter(|_| with_bias) {
             Some(b) => y.broadcast_add(&b)?,
             None => y,
         };
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
         Ok(y.reshape(shape)?)
+    }
+
+    /// Several layers on the same `x`, each as [`Linear::apply`]; in a decoding step their
+    /// products run together, as one parallel loop.
+    pub(crate) fn apply_all(layers: &[&Linear], x: &Tensor, mode: Mode) -> Result<Vec<Tensor>> {
+        if layers.iter().all(|l| l.decodes(x, mode)) {
+            return Self::decode_products(layers, x, mode, true);
+        }
+        layers.iter().map(|l| l.apply(x, mode)).collect()
+    }
+
+    /// Whether the product on `x` in `mode` is a decoding product: a decoding step in f32 on the
+    /// CPU, or a packed weight.
+    fn decodes(&self, x: &Tensor, mode: Mode) -> bool {
+        let step = mode == Mode::Decode && kernels::use_fused(x) && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32;
+        step || self.packed.is_some()
+    }
+
+    /// The decoding products of `layers` on `x` (see [`Linear::product`]).
+    fn decode_products(layers: &[&Linear], x: &Tensor, mode: Mode, with_bias: bool) -> Result<Vec<Tensor>> {
+        if mode == Mode::Record {
+            return Err(crate::Error::input("a quantized model cannot be trained: train the f32 model it was quantized from"));
+        }
+        let k = *x.dims().last().expect("rank >= 1");
+        let rows = x.elem_count() / k.max(1);
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let outs = layers.iter().map(|l| l.weight.dim(0)).collect::<candle_core::Result<Vec<_>>>()?;
+        let mut ys: Vec<Vec<f32>> = outs.iter().map(|&out| vec![0f32; rows * out]).collect();
+        // The tensors to read: x, then each layer's f32 weight (unless packed) and bias.
+        let biases: Vec<Option<Tensor>> = layers.iter().map(|l| l.bias_for(mode).filter(|_| with_bias)).collect();
+        let mut parts = vec![&x];
+        for (l, b) in layers.iter().zip(&biases) {
+            parts.extend(l.packed.is_none().then_some(&l.weight));
+            parts.extend(b.as_ref());
+        }
+        kernels::read::<f32, _>(&parts, |s| {
+            let mut next = s[1..].iter();
+            let mut products = Vec::with_capacity(layers.len());
+            for (((l, b), &out), y) in layers.iter().zip(&biases).zip(&outs).zip(ys.iter_mut()) {
+                let w = match &l.packed {
+                    Some(p) => kernels::decode::Weight::Panels(p),
+                    None => kernels::decode::Weight::F32(next.next().expect("a weight per f32 layer")),
+                };
+                let bias = b.as_ref().map(|_| *next.next().expect("a bias per layer with one"));
+                products.push(kernels::decode::Product { w, out, bias, y });
+            }
+            kernels::decode::matmul_all(s[0], rows, &mut products)
+        })?;
+        let mut shape = x.dims().to_vec();
+        ys.into_iter()
+            .zip(outs)
+            .map(|(y, out)| {
+                *shape.last_mut().expect("rank >= 1") = out;
+                Ok(Tensor::from_vec(y, shape.as_slice(), x.device())?)
+            })
+            .collect()
     }
 
     /// The backward pass at input `x` for output gradient `dy`: dx, with the weight (and bias)
