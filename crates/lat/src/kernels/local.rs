@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{gemm, read, slice, vectorized, with_float, Elem, Heads, Mat, SharedOut};
+use super::{gemm, prefetch, read, slice, vectorized, with_float, Elem, Heads, Mat, SharedOut, LINE_F32, copy_with_room};
 use crate::rng::uniform_at;
 
 /// Dropout on the attention probabilities: probability `p`, masks drawn from stream `seed`.
@@ -453,7 +453,7 @@ impl CustomOp3 for Local {
 
 /// The recurrent form of causal local attention for one (batch row, head): the keys and
 /// values of the positions a new query can see, from the start of the previous window on.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct LocalCache {
     e: usize,
     window: usize,
@@ -461,6 +461,14 @@ pub struct LocalCache {
     start: usize,
     keys: Vec<f32>,
     values: Vec<f32>,
+}
+
+/// A copy keeps the room for two windows, as every cache has from the start: a stream's
+/// state never reallocates while it decodes.
+impl Clone for LocalCache {
+    fn clone(&self) -> Self {
+        Self { e: self.e, window: self.window, start: self.start, keys: copy_with_room(&self.keys), values: copy_with_room(&self.values) }
+    }
 }
 
 impl LocalCache {
@@ -515,6 +523,9 @@ impl LocalCache {
     }
 }
 
+/// Rows of keys a step's attention asks for ahead of reading them.
+const AHEAD: usize = 16;
+
 vectorized! {
     /// Softmax attention of one query over the cached keys and values (rows of e).
     fn attend(keys: &[f32], values: &[f32], e: usize, q: &[f32], out: &mut [f32]) {
@@ -522,7 +533,12 @@ vectorized! {
         let scale = (e as f32).powf(-0.5);
         let mut w = Vec::with_capacity(keys.len() / e.max(1));
         let mut mx = f32::MIN;
-        for kr in keys.chunks(e) {
+        for (j, kr) in keys.chunks(e).enumerate() {
+            // The keys a few rows ahead, and this row's value for the second pass.
+            for line in (0..e).step_by(LINE_F32) {
+                prefetch(keys, (j + AHEAD) * e + line);
+                prefetch(values, j * e + line);
+            }
             let s = dot(kr, q) * scale;
             mx = mx.max(s);
             w.push(s);
@@ -616,7 +632,10 @@ mod tests {
         let full = local_attention(&q, &k, &v, None, win, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let (qv, kv, vv) = [&q, &k, &v].map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).into();
         for p in [0, 5, 8, 13] {
-            let mut c = LocalCache::from_prefix(&kv[..p * e], &vv[..p * e], e, w);
+            // A copy, as a batch's streams start from one: it keeps its room for two windows.
+            let mut c = LocalCache::from_prefix(&kv[..p * e], &vv[..p * e], e, w).clone();
+            let room = c.bytes();
+            assert_eq!(room, LocalCache::max_bytes(e, w));
             let mut out = vec![0f32; e];
             for i in p..n {
                 c.step(&qv[i * e..(i + 1) * e], &kv[i * e..(i + 1) * e], &vv[i * e..(i + 1) * e], &mut out);
@@ -624,6 +643,7 @@ mod tests {
                     assert!((out[d] - full[i * e + d]).abs() < 1e-5, "prefix {p} position {i}");
                 }
             }
+            assert_eq!(c.bytes(), room, "the cache never grows");
         }
     }
 

@@ -146,6 +146,28 @@ pub(crate) fn most_negative(dtype: candle_core::DType, device: &Device) -> candl
     Tensor::full(-v, (), device)?.to_dtype(dtype)
 }
 
+/// Asks the caches for the line holding `data[at]` ahead of its use; nothing past the end, or
+/// off x86-64. A decoding step reads every stream's state once, tens of megabytes in small
+/// separate pieces, each too short for the hardware's prefetchers to run ahead of.
+#[inline(always)]
+pub(crate) fn prefetch(data: &[f32], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if at < data.len() {
+        // SAFETY: prefetching reads nothing and cannot fault; the address lies in `data`.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(data.as_ptr().add(at) as *const i8) };
+    }
+}
+
+/// A copy of `v` with the same room to grow (`Vec::clone` keeps only the length).
+pub(crate) fn copy_with_room(v: &Vec<f32>) -> Vec<f32> {
+    let mut c = Vec::with_capacity(v.capacity());
+    c.extend_from_slice(v);
+    c
+}
+
+/// f32 values per cache line.
+pub(crate) const LINE_F32: usize = 16;
+
 /// `vectorized! { fn name(args) -> R { body } }` (or `fn name<T: Bound>(…)`) defines `name`,
 /// which runs `body` compiled for AVX2 and FMA where the CPU has them, and as built (SSE2 on
 /// x86-64) elsewhere. It is the same code, and Rust neither fuses nor reorders float
