@@ -425,6 +425,33 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, 1)))
     }
 
+    /// The sums of `acc` into `totals`, each in the tree of [`reduce`], eight at a time.
+    #[inline(always)]
+    unsafe fn reduce_all(acc: &[__m256], totals: &mut [f32]) {
+        for (chunk, totals) in acc.chunks(8).zip(totals.chunks_mut(8)) {
+            let Ok(eight) = <[__m256; 8]>::try_from(chunk) else {
+                chunk.iter().zip(totals).for_each(|(a, t)| *t = reduce(*a));
+                continue;
+            };
+            let mut sums = [0f32; 8];
+            _mm256_storeu_ps(sums.as_mut_ptr(), reduce8(eight));
+            for (i, &s) in sums.iter().enumerate() {
+                totals[if i < 4 { 2 * i } else { 2 * (i - 4) + 1 }] = s;
+            }
+        }
+    }
+
+    /// Eight sums at once, [a0, a2, a4, a6, a1, a3, a5, a7], each added as `reduce` adds it:
+    /// the halves (`a[i] + a[i + 4]`), then `h[0] + h[2]` and `h[1] + h[3]`, then the pair,
+    /// shuffled so that each step adds whole registers.
+    #[inline(always)]
+    unsafe fn reduce8(a: [__m256; 8]) -> __m256 {
+        let halves = |x, y| _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(x, y), _mm256_permute2f128_ps::<0x31>(x, y));
+        let pairs = |a, b| _mm256_add_ps(_mm256_shuffle_ps::<0b01_00_01_00>(a, b), _mm256_shuffle_ps::<0b11_10_11_10>(a, b));
+        let (front, back) = (pairs(halves(a[0], a[1]), halves(a[2], a[3])), pairs(halves(a[4], a[5]), halves(a[6], a[7])));
+        _mm256_add_ps(_mm256_shuffle_ps::<0b10_00_10_00>(front, back), _mm256_shuffle_ps::<0b11_01_11_01>(front, back))
+    }
+
     /// How an f32 tile prefetches weights: one or two rows stream them from memory, each
     /// weight row [`PREFETCH`] bytes ahead; more rows re-read each tile's weights from L1 once
     /// per group of rows, and fetch the next tile's during all of those passes, each pass
@@ -443,9 +470,11 @@ mod avx2 {
         let full = k / LANES * LANES;
         debug_assert!(R <= W && W == width && xs.len() == W * full && w.len() >= (o + O) * k);
         let acc = sums::<R, W, O>(xs.as_ptr(), w.as_ptr().add(o * k), k, full / LANES, ahead);
+        let mut totals = [0f32; 4 * 6];
+        reduce_all(acc.as_flattened(), &mut totals);
         for r in 0..R {
             for b in 0..O {
-                let mut s = reduce(acc[r][b]);
+                let mut s = totals[r * O + b];
                 for t in full..k {
                     s = x[(r0 + r) * k + t].mul_add(w[(o + b) * k + t], s);
                 }
@@ -974,6 +1003,16 @@ mod tests {
                 matmul(&x[..rows * k], rows, weight, out, None, &mut all);
                 for (r, one) in one.iter().enumerate().take(rows) {
                     assert_eq!(*one, all[r * out..(r + 1) * out], "{weight:?}: row {r} of {rows}");
+                }
+                // The AVX2 tiles of three or more f32 rows, which AVX-512 CPUs do not take.
+                #[cfg(target_arch = "x86_64")]
+                if let (Weight::F32(w), true) = (weight, std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
+                    let (x, mut avx2) = (&x[..rows * k], vec![0f32; rows * out]);
+                    // SAFETY: the CPU has AVX2 and FMA; x, w and avx2 are [rows, k], [out, k], [rows, out].
+                    unsafe { avx2::block(x, &Interleaved::new(x, rows, k), rows, k, w, 0, out, &mut avx2) };
+                    for (r, one) in one.iter().enumerate().take(rows) {
+                        assert_eq!(*one, avx2[r * out..(r + 1) * out], "AVX2: row {r} of {rows}");
+                    }
                 }
             }
         }
