@@ -413,13 +413,8 @@ impl LinearAttentionTransformerLM {
     /// context (and its mask) of a decoder with cross-attention, which the state keeps.
     pub fn prefill_with(&self, prompt: &[u32], inputs: &Inputs) -> Result<(Tensor, DecodeState)> {
         self.check_decoding(inputs)?;
+        self.check_prompt(prompt)?;
         let n = prompt.len();
-        if n == 0 {
-            return Err(Error::input("the prompt is empty: give at least one token"));
-        }
-        if n > self.decode_limit() {
-            return Err(Error::input(format!("the prompt has {n} tokens, more than the model's {} positions", self.decode_limit())));
-        }
         let tokens = self.check_tokens(&Tensor::from_slice(prompt, (1, n), &self.device)?)?;
         let (tokens, mask) = autopad(&tokens, None, self.config.pad_to_multiple())?;
         let padded = tokens.dim(1)?;
@@ -444,6 +439,18 @@ impl LinearAttentionTransformerLM {
         Ok(DecodeState { rows: vec![Stream { position: 0, blocks }] })
     }
 
+    /// A prompt the model can read: at least one token, and no more than its positions.
+    fn check_prompt(&self, prompt: &[u32]) -> Result<()> {
+        let n = prompt.len();
+        if n == 0 {
+            return Err(Error::input("the prompt is empty: give at least one token"));
+        }
+        if n > self.decode_limit() {
+            return Err(Error::input(format!("the prompt has {n} tokens, more than the model's {} positions", self.decode_limit())));
+        }
+        Ok(())
+    }
+
     /// A model that generates, and inputs a decoding state can start from.
     fn check_decoding(&self, inputs: &Inputs) -> Result<()> {
         self.check_generation()?;
@@ -460,10 +467,10 @@ impl LinearAttentionTransformerLM {
     /// last bit, wherever the prompt is read. (The recurrent form reads a piece faster than the
     /// parallel form on a CPU: it pads nothing to the window and reuses the decoding products.)
     pub fn read_prompt(&self, prompt: &[u32], inputs: &Inputs) -> Result<(Tensor, DecodeState)> {
-        let mut pieces = prompt.chunks(PROMPT_CHUNK);
-        let first = pieces.next().ok_or_else(|| Error::input("the prompt is empty: give at least one token"))?;
         let mut state = self.start_with(inputs)?;
-        let mut logits = self.extend(first, &mut state)?;
+        self.check_prompt(prompt)?;
+        let mut pieces = prompt.chunks(PROMPT_CHUNK);
+        let mut logits = self.extend(pieces.next().expect("a prompt of one token or more"), &mut state)?;
         for piece in pieces {
             logits = self.extend(piece, &mut state)?;
         }
@@ -480,7 +487,7 @@ impl LinearAttentionTransformerLM {
     /// let mut config = Config::new(100, 32, 2, 256);
     /// config.causal = true;
     /// let model = LinearAttentionTransformerLM::new(&config, 0, &Device::Cpu, DType::F32)?;
-    /// let (logits, mut state) = model.prefill(&[5, 6, 7])?;      // one parallel pass
+    /// let (logits, mut state) = model.read_prompt(&[5, 6, 7], &Default::default())?;
     /// let next = logits.argmax(1)?.to_vec1::<u32>()?;
     /// let logits = model.step(&next, &mut state)?;                // constant time per token
     /// assert_eq!((logits.dims(), state.positions()), (&[1, 100][..], vec![4]));

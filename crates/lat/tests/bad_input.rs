@@ -79,10 +79,12 @@ fn generation_refuses_what_it_cannot_do() {
     let none = Inputs::default();
     input_error(m.read_prompt(&[], &none).map(|r| r.0), "empty");
     input_error(m.read_prompt(&[1, 11], &none).map(|r| r.0), "out of range");
-    input_error(m.read_prompt(&[1; 40], &none).map(|r| r.0), "positions");
+    // Refused before any of it is read.
+    input_error(m.read_prompt(&[1; 40], &none).map(|r| r.0), "the prompt has 40 tokens, more than");
     input_error(m.step_streams(&[], &mut []), "no stream");
     let mut nc = small();
     nc.causal = false;
     input_error(model(&nc).prefill(&[1, 2]).map(|r| r.0), "causal");
     input_error(model(&nc).read_prompt(&[1, 2], &none).map(|r| r.0), "causal");
+    input_error(model(&nc).read_prompt(&[], &none).map(|r| r.0), "causal");
 }

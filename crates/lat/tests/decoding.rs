@@ -193,22 +193,23 @@ fn axial_and_cross_attention_layers_decode_recurrently() {
         let seq: Vec<u32> = (0..n).map(|i| (i * 7 % 40) as u32).collect();
         let full = model.forward(&Tensor::from_slice(&seq, (1, n), &Device::Cpu).unwrap(), &inputs, &Pass::eval()).unwrap();
         let full = full.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
-        // After a parallel prefill of 4 positions, and from the empty state.
+        let close = |prefix: usize, i: usize, got: &Tensor| {
+            let got = got.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+            let worst = got.iter().zip(&full[i]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst <= 1e-4, "cross-attention (linformer {linformer}, prefix {prefix}), position {i}: max abs difference {worst}");
+        };
+        // After a parallel prefill of 4 positions, and from the empty state; every position.
         for prefix in [4, 0] {
-            let (mut state, mut got) = match prefix {
-                0 => (model.start_with(&inputs).unwrap(), None),
+            let mut state = match prefix {
+                0 => model.start_with(&inputs).unwrap(),
                 _ => {
                     let (first, state) = model.prefill_with(&seq[..prefix], &inputs).unwrap();
-                    (state, Some(first))
+                    close(prefix, prefix - 1, &first);
+                    state
                 }
             };
             for i in prefix..n {
-                if let Some(got) = got {
-                    let got = got.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
-                    let worst = got.iter().zip(&full[i - 1]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                    assert!(worst <= 1e-4, "cross-attention (linformer {linformer}, prefix {prefix}), position {}: max abs difference {worst}", i - 1);
-                }
-                got = Some(model.step(&[seq[i]], &mut state).unwrap());
+                close(prefix, i, &model.step(&[seq[i]], &mut state).unwrap());
             }
         }
         assert!(model.prefill(&seq[..4]).is_err(), "a decoder with cross-attention needs its context");
@@ -297,4 +298,23 @@ fn a_state_never_holds_more_than_its_bound() {
         assert!(long.bytes() <= bound);
         assert!(most * 2 > bound, "the bound {bound} is far above the most seen ({most})");
     }
+}
+
+#[test]
+fn a_prompt_of_several_pieces_reads_as_the_full_forward() {
+    // 300 tokens: three pieces of at most 128, each crossing windows and blind-spot buckets.
+    let mut c = base();
+    c.max_seq_len = 320;
+    c.n_local_attn_heads = LocalHeads::Uniform(2);
+    c.blindspot_size = 4;
+    let model = LinearAttentionTransformerLM::new(&c, 11, &Device::Cpu, DType::F32).unwrap();
+    let mut rng = Rng::new(5);
+    let prompt: Vec<u32> = (0..300).map(|_| rng.below(c.num_tokens as u64) as u32).collect();
+    let full = model.forward(&Tensor::from_slice(&prompt, (1, 300), &Device::Cpu).unwrap(), &Inputs::default(), &Pass::eval()).unwrap();
+    let last = full.squeeze(0).unwrap().to_vec2::<f32>().unwrap().pop().unwrap();
+    let (logits, state) = model.read_prompt(&prompt, &Inputs::default()).unwrap();
+    let got = logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+    let worst = got.iter().zip(&last).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(worst <= 1e-4, "max abs difference {worst}");
+    assert_eq!(state.positions(), vec![300]);
 }

@@ -103,11 +103,14 @@ impl Layer for CrossAttention {
     }
 
     /// The state holds only the context's summaries: it is the same at every position.
-    fn start(&self, call: &Call, _rows: usize) -> Result<Vec<State>> {
+    fn start(&self, call: &Call, rows: usize) -> Result<Vec<State>> {
         let context = call.context()?;
         let l = &self.layout;
         let (k, v) = (self.to_k.forward(context)?, self.to_v.forward(context)?);
         let (b, m, _) = k.dims3()?;
+        if b != rows {
+            return Err(Error::input(format!("the context has {b} rows for {rows} streams")));
+        }
         let rows = |t: &Tensor| t.to_dtype(candle_core::DType::F32)?.to_vec3::<f32>();
         let (k, v) = (rows(&k)?, rows(&v)?);
         let keep = match &call.inputs.context_mask {

@@ -153,8 +153,10 @@ impl Layer for Linformer {
     }
 
     fn prefill(&self, h: &Tensor, call: &Call, _n: usize) -> Result<(Tensor, Vec<State>)> {
+        // The context is projected once, for the states and the pass alike.
         let states = self.start(call, h.dim(0)?)?;
-        Ok((self.forward(h, call, Mode::Graph)?.0, states))
+        let (keys, values) = stacked(states.iter())?;
+        Ok((self.attend(h, &keys, &values, call.dropout_seed(SITE_ATTN), Mode::Graph)?, states))
     }
 
     /// As cross-attention the state holds only the context's projected keys and values: it
@@ -168,12 +170,17 @@ impl Layer for Linformer {
     }
 
     fn step(&self, h: &Tensor, states: &mut [&mut State], _step: &Step) -> Result<Tensor> {
-        let keys = Tensor::cat(&states.iter().map(|s| &s.keys).collect::<Vec<_>>(), 0)?;
-        let values = Tensor::cat(&states.iter().map(|s| &s.values).collect::<Vec<_>>(), 0)?;
+        let (keys, values) = stacked(states.iter().map(|s| &**s))?;
         self.attend(h, &keys, &values, None, Mode::Decode)
     }
 
     fn state_bytes(state: &State) -> usize {
         (state.keys.elem_count() + state.values.elem_count()) * state.keys.dtype().size_in_bytes()
     }
+}
+
+/// The projected keys and values of every row's state, [rows, heads, k, dim_head] each.
+fn stacked<'a>(states: impl Iterator<Item = &'a State>) -> Result<(Tensor, Tensor)> {
+    let (keys, values): (Vec<&Tensor>, Vec<&Tensor>) = states.map(|s| (&s.keys, &s.values)).unzip();
+    Ok((Tensor::cat(&keys, 0)?, Tensor::cat(&values, 0)?))
 }

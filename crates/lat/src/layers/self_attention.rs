@@ -162,12 +162,18 @@ impl SelfAttention {
 
     /// The forward pass, and each row's state after its first `lens(row)` positions.
     pub fn prefill_rows(&self, h: &Tensor, call: &Call, lens: impl Fn(usize) -> usize) -> Result<(Tensor, Vec<State>)> {
-        if !self.causal {
-            return Err(Error::input("decoding needs causal self-attention"));
-        }
+        self.check_causal()?;
         let qkv = self.qkv(h, Mode::Graph)?;
         let states = self.states(&qkv, lens, call)?;
         Ok((self.attend(qkv, call, Mode::Graph)?.0, states))
+    }
+
+    /// Only causal attention has a recurrent form.
+    fn check_causal(&self) -> Result<()> {
+        match self.causal {
+            true => Ok(()),
+            false => Err(Error::input("decoding needs causal self-attention")),
+        }
     }
 
     /// Each row's state after the first `lens(row)` positions of `qkv` [rows, n, 3 · inner].
@@ -310,9 +316,7 @@ impl Layer for SelfAttention {
     }
 
     fn start(&self, _call: &Call, rows: usize) -> Result<Vec<State>> {
-        if !self.causal {
-            return Err(Error::input("decoding needs causal self-attention"));
-        }
+        self.check_causal()?;
         Ok(vec![self.state_after(|_, _| Vec::new()); rows])
     }
 
