@@ -158,13 +158,6 @@ pub(crate) fn prefetch(data: &[f32], at: usize) {
     }
 }
 
-/// A copy of `v` with the same room to grow (`Vec::clone` keeps only the length).
-pub(crate) fn copy_with_room(v: &Vec<f32>) -> Vec<f32> {
-    let mut c = Vec::with_capacity(v.capacity());
-    c.extend_from_slice(v);
-    c
-}
-
 /// f32 values per cache line.
 pub(crate) const LINE_F32: usize = 16;
 
