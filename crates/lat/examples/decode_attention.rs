@@ -1,6 +1,8 @@
 //! Times a decoding step's attention over many streams' states, as a batched step runs it: 768
 //! local windows (32 streams x 6 layers x 4 heads) of N keys and 768 global heads' sums, heads of
-//! 64, one thread. `cargo run --release -p linear-attention-transformer --example decode_attention [N]`.
+//! 64, one thread; the median of seven steps. `cargo run --release -p linear-attention-transformer
+//! --example decode_attention [N]`; `HEADS=H` times H windows and H heads instead (few enough to
+//! stay in the caches), `ROUNDS=R` R steps.
 
 use std::time::Instant;
 

@@ -467,8 +467,9 @@ impl LinearAttentionTransformerLM {
     /// last bit, wherever the prompt is read. (The recurrent form reads a piece faster than the
     /// parallel form on a CPU: it pads nothing to the window and reuses the decoding products.)
     pub fn read_prompt(&self, prompt: &[u32], inputs: &Inputs) -> Result<(Tensor, DecodeState)> {
-        let mut state = self.start_with(inputs)?;
+        self.check_decoding(inputs)?;
         self.check_prompt(prompt)?;
+        let mut state = self.start_with(inputs)?;
         let mut pieces = prompt.chunks(PROMPT_CHUNK);
         let mut logits = self.extend(pieces.next().expect("a prompt of one token or more"), &mut state)?;
         for piece in pieces {

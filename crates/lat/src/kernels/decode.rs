@@ -203,7 +203,7 @@ const LANES: usize = 8;
 pub struct Product<'a> {
     /// The weight [out, in].
     pub w: Weight<'a>,
-    /// Outputs.
+    /// Number of outputs (columns of `y`).
     pub out: usize,
     /// [out], added after the product.
     pub bias: Option<&'a [f32]>,
@@ -219,15 +219,16 @@ pub fn matmul(x: &[f32], rows: usize, w: Weight, out: usize, bias: Option<&[f32]
 /// Several products of the same rows `x` [rows, in] (a layer's queries, keys and values) as one
 /// parallel loop: the threads are handed work once, and the rows are interleaved once.
 pub fn matmul_all(x: &[f32], rows: usize, products: &mut [Product]) {
-    let k = x.len() / rows.max(1);
+    if rows == 0 {
+        assert!(x.is_empty() && products.iter().all(|p| p.y.is_empty()), "decode product: no rows, but x or y is not empty");
+        return;
+    }
+    let k = x.len() / rows;
     assert_eq!(x.len(), rows * k, "decode product: x is not [rows, in]");
     for p in products.iter() {
         assert!(p.w.is(p.out, k), "decode product: the weight is not [out, in]");
         assert_eq!(p.y.len(), rows * p.out, "decode product: y is not [rows, out]");
         assert!(p.bias.is_none_or(|b| b.len() == p.out), "decode product: the bias is not [out]");
-    }
-    if rows == 0 {
-        return;
     }
     // Blocks of outputs in parallel (whole tiles of three or six, or whole panels), each writing
     // its columns of every row of its product.
@@ -236,8 +237,8 @@ pub fn matmul_all(x: &[f32], rows: usize, products: &mut [Product]) {
     let total: usize = products.iter().map(|p| p.out).sum();
     let per_block = total.div_ceil(8 * rayon::current_num_threads().max(1)).max(1);
     let mut blocks = Vec::new();
-    for (i, p) in products.iter().enumerate() {
-        let even = p.out.div_ceil(p.out.div_ceil(per_block).max(1));
+    for (i, p) in products.iter().enumerate().filter(|(_, p)| p.out > 0) {
+        let even = p.out.div_ceil(p.out.div_ceil(per_block));
         let block = match p.w {
             Weight::F32(_) => even.next_multiple_of(6).max(18),
             Weight::Panels(_) => even.next_multiple_of(PANEL),
@@ -713,8 +714,20 @@ mod avx512 {
         let full = k / LANES * LANES;
         debug_assert!(groups.iter().all(|&(g, width)| width % 2 == 0 && g.len() == width * full) && w.len() >= (o + O) * k);
         let acc = sums::<P, O>(groups.map(|(g, width)| (g.as_ptr(), width * LANES)), w.as_ptr().add(o * k), k, full / LANES, ahead);
-        if P == ROWS / 2 && O == OUTS && full == k && r0 + ROWS <= rows {
-            return reduce_whole_tile(&acc, r0, dst, n, j);
+        if P == ROWS / 2 && O == OUTS && r0 + ROWS <= rows {
+            let mut totals = [[0f32; OUTS]; ROWS];
+            reduce_whole_tile(acc.as_flattened(), &mut totals);
+            for (r, totals) in totals.iter().enumerate() {
+                let r = r0 + r;
+                for (b, &total) in totals.iter().enumerate() {
+                    let mut s = total;
+                    for t in full..k {
+                        s = x[r * k + t].mul_add(w[(o + b) * k + t], s);
+                    }
+                    dst[r * n + j + b] = s;
+                }
+            }
+            return;
         }
         for (p, acc) in acc.iter().enumerate() {
             for (b, &a) in acc.iter().enumerate() {
@@ -732,16 +745,18 @@ mod avx512 {
         }
     }
 
-    /// A whole tile's 48 sums (eight rows by six outputs, no inputs past the last eight), each
-    /// added in the tree of `reduce` but sixteen at a time: of every two outputs' accumulators,
-    /// first the halves of each row (`a[i] + a[i + 4]`), then `h[0] + h[2]`, `h[1] + h[3]`, then
-    /// the pair, shuffled so that each step adds whole registers.
+    /// A whole tile's 48 sums, `acc` [pair][output] (four row pairs by six outputs), into
+    /// `totals` [row][output], each added in the tree of `reduce` but sixteen at a time: of every
+    /// two outputs' accumulators, first the halves of each row (`a[i] + a[i + 4]`), then
+    /// `h[0] + h[2]` and `h[1] + h[3]`, then the pair, shuffled so that each step adds whole
+    /// registers.
     #[inline(always)]
-    unsafe fn reduce_whole_tile<const P: usize, const O: usize>(acc: &[[__m512; O]; P], r0: usize, dst: &mut [f32], n: usize, j: usize) {
+    unsafe fn reduce_whole_tile(acc: &[__m512], totals: &mut [[f32; OUTS]; ROWS]) {
+        debug_assert_eq!(acc.len(), ROWS / 2 * OUTS);
         for g in 0..OUTS / 2 {
             // Per 128-bit lane: [row 2p, row 2p + 1] of output 2g, then of 2g + 1, four sums each.
             let halves = |p: usize| {
-                let (x, y) = (acc[p][2 * g], acc[p][2 * g + 1]);
+                let (x, y) = (acc[p * OUTS + 2 * g], acc[p * OUTS + 2 * g + 1]);
                 _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(x, y), _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y))
             };
             // Per lane: [h0 + h2, h1 + h3] of a's lane, then of b's.
@@ -753,7 +768,7 @@ mod avx512 {
             _mm512_storeu_ps(out.as_mut_ptr(), sums);
             for (i, &s) in out.iter().enumerate() {
                 let (lane, e) = (i / 4, i % 4);
-                dst[(r0 + 2 * e + lane % 2) * n + j + 2 * g + lane / 2] = s;
+                totals[2 * e + lane % 2][2 * g + lane / 2] = s;
             }
         }
     }
@@ -858,20 +873,19 @@ mod tests {
         (0..n).map(|_| rng.normal() as f32).collect()
     }
 
-    /// `w` [out, k] in bf16 and in int8, laid out for decoding.
     /// Products of one input run together give each the bits it gets alone, whatever their
-    /// weight types, sizes and biases.
+    /// weight types, sizes (none included) and biases; no rows is no work.
     #[test]
     fn products_run_together_as_alone() {
         let (rows, k) = (9, 72);
         let x = data(rows * k, 4);
-        let outs = [40, 7, 64];
+        let outs = [40, 7, 0, 64];
         let ws: Vec<Vec<f32>> = outs.iter().enumerate().map(|(i, &out)| data(out * k, 5 + i as u64)).collect();
         let bias = data(64, 9);
         let q8 = Panels::new(&Packed::int8(&ws[1], outs[1]), outs[1]);
-        let weights = [Weight::F32(&ws[0]), Weight::Panels(&q8), Weight::F32(&ws[2])];
-        let biases = [Some(&bias[..40]), Some(&bias[..7]), None];
-        let alone: Vec<Vec<f32>> = (0..3)
+        let weights = [Weight::F32(&ws[0]), Weight::Panels(&q8), Weight::F32(&ws[2]), Weight::F32(&ws[3])];
+        let biases = [Some(&bias[..40]), Some(&bias[..7]), Some(&bias[..0]), None];
+        let alone: Vec<Vec<f32>> = (0..outs.len())
             .map(|i| {
                 let mut y = vec![0f32; rows * outs[i]];
                 matmul(&x, rows, weights[i], outs[i], biases[i], &mut y);
@@ -882,8 +896,10 @@ mod tests {
         let mut products: Vec<Product> = ys.iter_mut().enumerate().map(|(i, y)| Product { w: weights[i], out: outs[i], bias: biases[i], y }).collect();
         matmul_all(&x, rows, &mut products);
         assert_eq!(ys, alone);
+        matmul(&[], 0, weights[0], outs[0], None, &mut []);
     }
 
+    /// `w` [out, k] in bf16 and in int8, laid out for decoding.
     fn panels(w: &[f32], out: usize) -> [Panels; 2] {
         [Panels::new(&Packed::bf16(w), out), Panels::new(&Packed::int8(w, out), out)]
     }

@@ -467,7 +467,8 @@ impl LocalCache {
     /// The cache after a prompt whose keys and values are `k`, `v` (n x e).
     pub fn from_prefix(k: &[f32], v: &[f32], e: usize, window: usize) -> Self {
         let n = k.len() / e.max(1);
-        // Only what the next position sees, in buffers that never need to grow.
+        // Only what the next position sees, in buffers that never need to grow (a copy starts
+        // at its length and grows to the same bound).
         let start = Self::first_seen(n, window);
         let mut keys = Vec::with_capacity(Self::max_bytes(e, window) / 8);
         let mut values = Vec::with_capacity(keys.capacity());

@@ -151,6 +151,8 @@ pub(crate) fn most_negative(dtype: candle_core::DType, device: &Device) -> candl
 /// separate pieces, each too short for the hardware's prefetchers to run ahead of.
 #[inline(always)]
 pub(crate) fn prefetch(data: &[f32], at: usize) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, at);
     #[cfg(target_arch = "x86_64")]
     if at < data.len() {
         // SAFETY: prefetching reads nothing and cannot fault; the address lies in `data`.

@@ -104,15 +104,12 @@ impl Layer for CrossAttention {
 
     /// The state holds only the context's summaries: it is the same at every position.
     fn start(&self, call: &Call, rows: usize) -> Result<Vec<State>> {
-        let context = call.context()?;
+        let context = call.context_for(rows)?;
         let l = &self.layout;
         let (k, v) = (self.to_k.forward(context)?, self.to_v.forward(context)?);
         let (b, m, _) = k.dims3()?;
-        if b != rows {
-            return Err(Error::input(format!("the context has {b} rows for {rows} streams")));
-        }
-        let rows = |t: &Tensor| t.to_dtype(candle_core::DType::F32)?.to_vec3::<f32>();
-        let (k, v) = (rows(&k)?, rows(&v)?);
+        let host = |t: &Tensor| t.to_dtype(candle_core::DType::F32)?.to_vec3::<f32>();
+        let (k, v) = (host(&k)?, host(&v)?);
         let keep = match &call.inputs.context_mask {
             Some(mask) => Some(mask.to_dtype(candle_core::DType::U8)?.to_vec2::<u8>()?),
             None => None,

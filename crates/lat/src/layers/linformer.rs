@@ -165,7 +165,7 @@ impl Layer for Linformer {
         if !self.reads_context {
             return Err(Error::input("Linformer self-attention is not causal: it cannot decode"));
         }
-        let (keys, values) = self.project(call.context()?, call.inputs.context_mask.as_ref())?;
+        let (keys, values) = self.project(call.context_for(rows)?, call.inputs.context_mask.as_ref())?;
         (0..rows).map(|r| Ok(State { keys: keys.narrow(0, r, 1)?, values: values.narrow(0, r, 1)? })).collect()
     }
 

@@ -105,6 +105,15 @@ impl Call {
         self.inputs.context.as_ref().ok_or_else(|| Error::input("this model receives context: pass a context tensor"))
     }
 
+    /// The context of `rows` decoding streams: one row of it for each.
+    pub fn context_for(&self, rows: usize) -> Result<&Tensor> {
+        let context = self.context()?;
+        match context.dim(0)? {
+            r if r == rows => Ok(context),
+            r => Err(Error::input(format!("the context has {r} rows for {rows} streams"))),
+        }
+    }
+
     /// The seed of dropout site `site` of this layer's pair, when training.
     pub fn dropout_seed(&self, site: u64) -> Option<u64> {
         self.pass.dropout(self.pair, site)

@@ -78,7 +78,7 @@ impl Linear {
     /// `x Wᵀ`, plus the bias when `with_bias`, on the last dimension of `x`. Decoding steps and
     /// packed weights go through the decoding products; the rest through candle's matmul.
     pub(crate) fn product(&self, x: &Tensor, mode: Mode, with_bias: bool) -> Result<Tensor> {
-        if self.decodes(x, mode) {
+        if self.takes_decode_products(x, mode) {
             return Ok(Self::decode_products(&[self], x, mode, with_bias)?.remove(0));
         }
         let y = rows2(x)?.matmul(&self.weight_for(mode).t()?)?;
@@ -94,7 +94,7 @@ impl Linear {
     /// Several layers on the same `x`, each as [`Linear::apply`]; in a decoding step their
     /// products run together, as one parallel loop.
     pub(crate) fn apply_all(layers: &[&Linear], x: &Tensor, mode: Mode) -> Result<Vec<Tensor>> {
-        if layers.iter().all(|l| l.decodes(x, mode)) {
+        if layers.iter().all(|l| l.takes_decode_products(x, mode)) {
             return Self::decode_products(layers, x, mode, true);
         }
         layers.iter().map(|l| l.apply(x, mode)).collect()
@@ -102,7 +102,7 @@ impl Linear {
 
     /// Whether the product on `x` in `mode` is a decoding product: a decoding step in f32 on the
     /// CPU, or a packed weight.
-    fn decodes(&self, x: &Tensor, mode: Mode) -> bool {
+    fn takes_decode_products(&self, x: &Tensor, mode: Mode) -> bool {
         let step = mode == Mode::Decode && kernels::use_fused(x) && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32;
         step || self.packed.is_some()
     }
