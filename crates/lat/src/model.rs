@@ -434,6 +434,11 @@ impl LinearAttentionTransformerLM {
     /// a decoder with cross-attention, which the state keeps.
     pub fn start_with(&self, inputs: &Inputs) -> Result<DecodeState> {
         self.check_decoding(inputs)?;
+        self.empty_state(inputs)
+    }
+
+    /// The state before the first token, for inputs already checked.
+    fn empty_state(&self, inputs: &Inputs) -> Result<DecodeState> {
         let stack_inputs = self.transformer.stack_inputs(None, inputs, 1, None)?;
         let blocks = self.transformer.stack.start(&stack_inputs, 1)?.pop().ok_or_else(|| Error::input("the model left no state"))?;
         Ok(DecodeState { rows: vec![Stream { position: 0, blocks }] })
@@ -469,7 +474,7 @@ impl LinearAttentionTransformerLM {
     pub fn read_prompt(&self, prompt: &[u32], inputs: &Inputs) -> Result<(Tensor, DecodeState)> {
         self.check_decoding(inputs)?;
         self.check_prompt(prompt)?;
-        let mut state = self.start_with(inputs)?;
+        let mut state = self.empty_state(inputs)?;
         let mut pieces = prompt.chunks(PROMPT_CHUNK);
         let mut logits = self.extend(pieces.next().expect("a prompt of one token or more"), &mut state)?;
         for piece in pieces {

@@ -20,7 +20,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{gemm, prefetch, read, slice, softmax_rows, softmax_rows_backward, vectorized, with_float, Elem, Heads, Mat, SharedOut, LINE_F32};
+use super::{gemm, prefetch_lines, read, slice, softmax_rows, softmax_rows_backward, vectorized, with_float, Elem, Heads, Mat, SharedOut};
 
 /// The reference's clamp on the denominator (0.19.1).
 pub const EPS: f64 = 1e-3;
@@ -607,9 +607,7 @@ vectorized! {
         out.fill(0.0);
         let mut den = 0.0;
         for (d, &qd) in qh.iter().enumerate() {
-            for line in (0..st.ev).step_by(LINE_F32) {
-                prefetch(&st.s, (d + AHEAD) * st.ev + line);
-            }
+            prefetch_lines(&st.s, (d + AHEAD) * st.ev, st.ev);
             den += qd * st.z[d];
             out.iter_mut().zip(&st.s[d * st.ev..(d + 1) * st.ev]).for_each(|(o, &x)| *o += qd * x);
         }

@@ -231,9 +231,8 @@ pub fn matmul_all(x: &[f32], rows: usize, products: &mut [Product]) {
         assert!(p.bias.is_none_or(|b| b.len() == p.out), "decode product: the bias is not [out]");
     }
     // Blocks of outputs in parallel (whole tiles of three or six, or whole panels), each writing
-    // its columns of every row of its product.
-    // About eight blocks a thread, of even sizes within each product, so that the threads
-    // finish together.
+    // its columns of every row of its product: about eight blocks a thread, of even sizes within
+    // each product, so that the threads finish together.
     let total: usize = products.iter().map(|p| p.out).sum();
     let per_block = total.div_ceil(8 * rayon::current_num_threads().max(1)).max(1);
     let mut blocks = Vec::new();

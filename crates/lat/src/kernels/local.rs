@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{gemm, prefetch, read, slice, vectorized, with_float, Elem, Heads, Mat, SharedOut, LINE_F32};
+use super::{gemm, prefetch_lines, read, slice, vectorized, with_float, Elem, Heads, Mat, SharedOut};
 use crate::rng::uniform_at;
 
 /// Dropout on the attention probabilities: probability `p`, masks drawn from stream `seed`.
@@ -528,10 +528,8 @@ vectorized! {
         let mut mx = f32::MIN;
         for (j, kr) in keys.chunks(e).enumerate() {
             // The keys a few rows ahead, and this row's value for the second pass.
-            for line in (0..e).step_by(LINE_F32) {
-                prefetch(keys, (j + AHEAD) * e + line);
-                prefetch(values, j * e + line);
-            }
+            prefetch_lines(keys, (j + AHEAD) * e, e);
+            prefetch_lines(values, j * e, e);
             let s = dot(kr, q) * scale;
             mx = mx.max(s);
             w.push(s);

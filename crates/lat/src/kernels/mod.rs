@@ -150,7 +150,7 @@ pub(crate) fn most_negative(dtype: candle_core::DType, device: &Device) -> candl
 /// off x86-64. A decoding step reads every stream's state once, tens of megabytes in small
 /// separate pieces, each too short for the hardware's prefetchers to run ahead of.
 #[inline(always)]
-pub(crate) fn prefetch(data: &[f32], at: usize) {
+fn prefetch(data: &[f32], at: usize) {
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (data, at);
     #[cfg(target_arch = "x86_64")]
@@ -160,8 +160,16 @@ pub(crate) fn prefetch(data: &[f32], at: usize) {
     }
 }
 
+/// [`prefetch`] for every cache line of `data[at .. at + len]`.
+#[inline(always)]
+pub(crate) fn prefetch_lines(data: &[f32], at: usize, len: usize) {
+    for line in (at..at + len).step_by(LINE_F32) {
+        prefetch(data, line);
+    }
+}
+
 /// f32 values per cache line.
-pub(crate) const LINE_F32: usize = 16;
+const LINE_F32: usize = 16;
 
 /// `vectorized! { fn name(args) -> R { body } }` (or `fn name<T: Bound>(…)`) defines `name`,
 /// which runs `body` compiled for AVX2 and FMA where the CPU has them, and as built (SSE2 on
