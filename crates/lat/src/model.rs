@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use crate::block::BlockState;
 use crate::config::{Config, TransformerConfig};
 use crate::error::{Error, Result};
+use crate::kernels::awake::with_workers_awake;
 use crate::kernels::rotary::RotaryTable;
 use crate::layers::{self, Mode, StackInputs, Step};
 use crate::nn::positional::{rotary_table, PositionalEmbedding};
@@ -531,8 +532,13 @@ impl LinearAttentionTransformerLM {
     }
 
     /// Advances every row by `t` tokens (`tokens` holds each row's in turn); the logits after
-    /// each row's last token.
+    /// each row's last token. A step is many short parallel loops: the pool's workers stay
+    /// awake through it.
     fn advance(&self, rows: &mut [&mut Stream], tokens: &[u32], t: usize) -> Result<Tensor> {
+        with_workers_awake(|| self.advance_awake(rows, tokens, t))
+    }
+
+    fn advance_awake(&self, rows: &mut [&mut Stream], tokens: &[u32], t: usize) -> Result<Tensor> {
         self.check_generation()?;
         let b = rows.len();
         if let Some(row) = rows.iter().find(|r| r.position + t > self.decode_limit()) {

@@ -9,6 +9,7 @@
 //! forward and backward, on random inputs. The reference is also what runs on devices without a
 //! fused implementation, and everywhere when `LAT_KERNELS=reference` is set.
 
+pub mod awake;
 pub mod causal_linear;
 pub mod cross_entropy;
 pub mod decode;
