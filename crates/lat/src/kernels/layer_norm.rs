@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{read, slice, tensor, vectorized, with_float, Elem};
+use super::{read, slice, sum_lanes, tensor, vectorized, with_float, Elem};
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension of `x`.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
@@ -46,11 +46,12 @@ fn rows_per_task(d: usize) -> usize {
     (16384 / d.max(1)).max(1)
 }
 
+/// The row's mean and 1 / sqrt(var + eps).
 #[inline(always)]
 fn stats<T: Elem>(row: &[T], eps: f64) -> (T, T) {
     let d = T::of(row.len() as f64);
-    let mean = row.iter().copied().sum::<T>() / d;
-    let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / d;
+    let mean = sum_lanes(row, row, |v, _| v) / d;
+    let var = sum_lanes(row, row, |v, _| (v - mean) * (v - mean)) / d;
     (mean, T::ONE / (var + T::of(eps)).sqrt())
 }
 
@@ -85,23 +86,7 @@ fn backward_rows<T: Elem>(x: &[T], w: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<
         .par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
         .fold(zeros, |(mut dw, mut db), (dxc, (xc, gc))| {
-            for ((dxr, xr), gr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
-                let (mean, rstd) = stats(xr, eps);
-                let (mut sum_g, mut sum_gx) = (T::ZERO, T::ZERO);
-                for i in 0..d {
-                    let xhat = (xr[i] - mean) * rstd;
-                    let g = gr[i] * w[i];
-                    sum_g += g;
-                    sum_gx += g * xhat;
-                    dw[i] += gr[i] * xhat;
-                    db[i] += gr[i];
-                }
-                let inv_d = T::ONE / T::of(d as f64);
-                for i in 0..d {
-                    let xhat = (xr[i] - mean) * rstd;
-                    dxr[i] = rstd * (gr[i] * w[i] - (sum_g + xhat * sum_gx) * inv_d);
-                }
-            }
+            backward_part(dxc, xc, gc, w, &mut dw, &mut db, eps);
             (dw, db)
         })
         .reduce(zeros, |(mut a, mut b), (c, e)| {
@@ -110,6 +95,30 @@ fn backward_rows<T: Elem>(x: &[T], w: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<
             (a, b)
         });
     (dx, dw, db)
+}
+
+vectorized! {
+    /// The rows of one task of [`backward_rows`]: their dx, and their sums into dw and db.
+    fn backward_part<T: Elem>(dx: &mut [T], x: &[T], dy: &[T], w: &[T], dw: &mut [T], db: &mut [T], eps: f64) {
+        let d = w.len();
+        let inv_d = T::ONE / T::of(d as f64);
+        for ((dxr, xr), gr) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
+            let (mean, rstd) = stats(xr, eps);
+            // dxr holds g = dy · w, then dx.
+            for i in 0..d {
+                dxr[i] = gr[i] * w[i];
+                let xhat = (xr[i] - mean) * rstd;
+                dw[i] += gr[i] * xhat;
+                db[i] += gr[i];
+            }
+            let sum_g = sum_lanes(dxr, xr, |g, _| g);
+            let sum_gx = sum_lanes(dxr, xr, |g, x| g * ((x - mean) * rstd));
+            for i in 0..d {
+                let xhat = (xr[i] - mean) * rstd;
+                dxr[i] = rstd * (dxr[i] - (sum_g + xhat * sum_gx) * inv_d);
+            }
+        }
+    }
 }
 
 impl CustomOp3 for LayerNorm {
@@ -168,6 +177,13 @@ mod tests {
             y
         };
         assert_eq!(run(), plain(run));
+        let dy = v(x.len(), 14);
+        let back = || {
+            let (mut dx, mut dw, mut db) = (vec![0f32; x.len()], vec![0f32; 70], vec![0f32; 70]);
+            backward_part(&mut dx, &x, &dy, &w, &mut dw, &mut db, 1e-5);
+            (dx, dw, db)
+        };
+        assert_eq!(back(), plain(back));
     }
 
     #[test]

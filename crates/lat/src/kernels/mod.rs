@@ -449,6 +449,35 @@ impl Heads {
     }
 }
 
+/// Partial sums of [`sum_lanes`]: two registers of eight f32, which the compiler keeps apart.
+const SUM_LANES: usize = 16;
+
+/// `Σ f(a[i], b[i])` in [`SUM_LANES`] interleaved partial sums added in a fixed tree, then the
+/// tail: one long chain of dependent additions would wait on each addition's latency, these
+/// run side by side (and as vector code inside [`vectorized`]).
+#[inline(always)]
+pub(crate) fn sum_lanes<T: Elem>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+    let mut acc = [T::ZERO; SUM_LANES];
+    let (ca, cb) = (a.chunks_exact(SUM_LANES), b.chunks_exact(SUM_LANES));
+    let mut tail = T::ZERO;
+    for (&x, &y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += f(x, y);
+    }
+    for (x, y) in ca.zip(cb) {
+        for l in 0..SUM_LANES {
+            acc[l] += f(x[l], y[l]);
+        }
+    }
+    let mut width = SUM_LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            acc[l] = acc[l] + acc[l + width];
+        }
+    }
+    acc[0] + tail
+}
+
 /// Softmax over each row of `x` (rows of width `e`) in place, then times `scale`.
 #[inline(always)]
 pub(crate) fn softmax_rows<T: Elem>(x: &mut [T], e: usize, scale: T) {
