@@ -615,7 +615,14 @@ mod tests {
 
     #[test]
     fn recurrent_form_matches_the_parallel_form() {
-        let (n, e, w) = (40, 8, 8);
+        // Widths with and without a tail past the last eight; windows of 1 to 16 keys.
+        for e in [8, 12] {
+            recurrent_form_matches_at(e);
+        }
+    }
+
+    fn recurrent_form_matches_at(e: usize) {
+        let (n, w) = (40, 8);
         let q = randn(&[1, n, 1, e], 1.0, DType::F32, 51);
         let k = randn(&[1, n, 1, e], 1.0, DType::F32, 52);
         let v = randn(&[1, n, 1, e], 1.0, DType::F32, 53);
@@ -628,7 +635,7 @@ mod tests {
             for i in p..n {
                 c.step(&qv[i * e..(i + 1) * e], &kv[i * e..(i + 1) * e], &vv[i * e..(i + 1) * e], &mut out);
                 for d in 0..e {
-                    assert!((out[d] - full[i * e + d]).abs() < 1e-5, "prefix {p} position {i}");
+                    assert!((out[d] - full[i * e + d]).abs() < 1e-5, "width {e}, prefix {p}, position {i}");
                 }
             }
         }

@@ -16,6 +16,7 @@ use crate::config::TransformerConfig;
 use crate::error::{Error, Result};
 use crate::graph::Grads;
 use crate::kernels::causal_linear::LinearState;
+use crate::kernels::{self, SharedOut};
 use crate::kernels::local::{Dropout, LocalCache};
 use crate::kernels::self_attention::{self as fused, HeadSpec};
 use crate::nn::{rows2, Linear};
@@ -223,9 +224,9 @@ impl SelfAttention {
         }
         let (dh, width) = (l.dim_head, l.inner());
         // Queries of every head; keys and values of each key/value head (not yet repeated).
-        let host = |t: Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
         let [q, k, v]: [Tensor; 3] = Linear::apply_all(&[&self.to_q, &self.to_k, &self.to_v], h, Mode::Decode)?.try_into().expect("three products");
-        let (q_all, k_all, v_all) = (host(q)?, host(k)?, host(v)?);
+        let f32s = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
+        let (q, k, v) = (f32s(q)?, f32s(k)?, f32s(v)?);
         let kv_width = l.kv_heads() * dh;
         let groups = l.kv_groups();
         // Task (r, g): key/value head g of row r, in each of the row's states.
@@ -240,32 +241,32 @@ impl SelfAttention {
             }
             tasks.extend(heads.into_iter().enumerate().map(|(g, heads)| (r, g, heads)));
         }
-        let attend = |(r, g, heads): &mut (usize, usize, Vec<Head>)| -> Result<Vec<f32>> {
+        let mut out = vec![0f32; b * t * width];
+        let shared = SharedOut::new(&mut out);
+        let attend = |(q_all, k_all, v_all): (&[f32], &[f32], &[f32]), (r, g, heads): &mut (usize, usize, Vec<Head>)| -> Result<()> {
             let (first, count) = groups[*g];
             let (heads_at, kv_at) = (first * dh, *g * dh);
-            let mut out = vec![0f32; t * count * dh];
-            for (i, o) in out.chunks_mut(count * dh).enumerate() {
+            let mut o = vec![0f32; count * dh];
+            for i in 0..t {
                 let position = step.positions[*r] + i;
                 let (at, kv_row) = ((*r * t + i) * width + heads_at, (*r * t + i) * kv_width + kv_at);
-                let (mut q, mut k) = (q_all[at..at + count * dh].to_vec(), k_all[kv_row..kv_row + dh].to_vec());
+                let (mut q, mut k) = (&q_all[at..at + count * dh], &k_all[kv_row..kv_row + dh]);
+                let rotated;
                 if let Some(table) = step.rotary {
-                    table.rotate(&mut q, dh, position);
-                    table.rotate(&mut k, dh, position);
+                    rotated = [q, k].map(|x| {
+                        let mut x = x.to_vec();
+                        table.rotate(&mut x, dh, position);
+                        x
+                    });
+                    (q, k) = (&rotated[0], &rotated[1]);
                 }
-                let head = heads.get_mut(pick(position)).ok_or_else(stale)?;
-                head.step(&q, &k, &v_all[kv_row..kv_row + dh], o);
+                heads.get_mut(pick(position)).ok_or_else(stale)?.step(q, k, &v_all[kv_row..kv_row + dh], &mut o);
+                // SAFETY: task (r, g) alone writes the columns of group g in row r's positions.
+                unsafe { shared.write(at, &o) };
             }
-            Ok(out)
+            Ok(())
         };
-        let outs = tasks.par_iter_mut().map(attend).collect::<Result<Vec<_>>>()?;
-        let mut out = vec![0f32; b * t * width];
-        for ((r, g, _), part) in tasks.iter().zip(outs) {
-            let (first, count) = groups[*g];
-            for (i, o) in part.chunks(count * dh).enumerate() {
-                let at = (r * t + i) * width + first * dh;
-                out[at..at + count * dh].copy_from_slice(o);
-            }
-        }
+        kernels::read::<f32, _>(&[&q, &k, &v], |s| tasks.par_iter_mut().try_for_each(|task| attend((s[0], s[1], s[2]), task)))??;
         let merged = Tensor::from_vec(out, (b, t, width), h.device())?.to_dtype(h.dtype())?;
         self.to_out.apply(&merged, Mode::Decode)
     }
