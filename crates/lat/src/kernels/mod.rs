@@ -452,9 +452,9 @@ impl Heads {
 /// Partial sums of [`sum_lanes`]: two registers of eight f32, which the compiler keeps apart.
 const SUM_LANES: usize = 16;
 
-/// `Σ f(a[i], b[i])` in [`SUM_LANES`] interleaved partial sums added in a fixed tree, then the
-/// tail: one long chain of dependent additions would wait on each addition's latency, these
-/// run side by side (and as vector code inside [`vectorized`]).
+/// `Σ f(a[i], b[i])` (for one slice, pass it as both) in [`SUM_LANES`] interleaved partial sums
+/// added in a fixed tree, then the tail: one long chain of dependent additions would wait on
+/// each addition's latency, these run side by side (and as vector code inside [`vectorized`]).
 #[inline(always)]
 pub(crate) fn sum_lanes<T: Elem>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
     let mut acc = [T::ZERO; SUM_LANES];
@@ -472,7 +472,7 @@ pub(crate) fn sum_lanes<T: Elem>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
     while width > 1 {
         width /= 2;
         for l in 0..width {
-            acc[l] = acc[l] + acc[l + width];
+            acc[l] += acc[l + width];
         }
     }
     acc[0] + tail

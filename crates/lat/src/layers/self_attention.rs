@@ -16,9 +16,9 @@ use crate::config::TransformerConfig;
 use crate::error::{Error, Result};
 use crate::graph::Grads;
 use crate::kernels::causal_linear::LinearState;
-use crate::kernels::{self, SharedOut};
 use crate::kernels::local::{Dropout, LocalCache};
 use crate::kernels::self_attention::{self as fused, HeadSpec};
+use crate::kernels::{self, SharedOut};
 use crate::nn::{rows2, Linear};
 use crate::params::Builder;
 
