@@ -519,7 +519,8 @@ impl LinearAttentionTransformerLM {
     }
 
     /// Feeds several tokens to a one-row state at once (a prompt read in pieces) and returns
-    /// the logits after the last [1, num_tokens]. The same as stepping token by token.
+    /// the logits after the last [1, num_tokens]. The same as stepping token by token, to float
+    /// rounding (the local heads attend a window's queries together).
     pub fn extend(&self, tokens: &[u32], state: &mut DecodeState) -> Result<Tensor> {
         if state.batch() != 1 {
             return Err(Error::input(format!("extend takes a state of one row, got {}", state.batch())));

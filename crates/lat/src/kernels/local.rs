@@ -514,6 +514,62 @@ impl LocalCache {
             attend(&self.keys, &self.values, self.e, q, o);
         }
     }
+
+    /// [`LocalCache::step`] for the next `t` positions at once (a prompt piece): `queries` holds
+    /// t rows of every sharing head's query, `k` and `v` t rows of e, `out` is shaped like
+    /// `queries`. The queries of one window see the same keys, so each window's part is two
+    /// matrix products (scores, then weighted values) instead of a pass over the keys per query;
+    /// the cache never holds more than two windows, as stepping keeps it.
+    pub fn extend(&mut self, queries: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
+        let e = self.e;
+        let t = k.len() / e.max(1);
+        let row = queries.len() / t.max(1);
+        let scale = (e as f32).powf(-0.5);
+        let mut scores = Vec::new();
+        let mut i = 0;
+        while i < t {
+            let p = self.start + self.keys.len() / e;
+            // Queries i..end lie in p's window.
+            let end = t.min(i + self.window - p % self.window);
+            self.evict(p);
+            self.keys.extend_from_slice(&k[i * e..end * e]);
+            self.values.extend_from_slice(&v[i * e..end * e]);
+            let (s, keys) = (end - i, self.keys.len() / e);
+            // Query r (at p + r) sees the cached keys up to its own, index p - start + r.
+            let own = p - self.start;
+            scores.resize(s * keys, 0.0);
+            for head in (0..row).step_by(e) {
+                let q = Mat { data: &queries[i * row + head..], rs: row, cs: 1 };
+                gemm(s, keys, e, &mut scores, keys, false, q, Mat::rows(&self.keys, e).t(), scale);
+                for (r, w) in scores.chunks_mut(keys).enumerate() {
+                    let (seen, unseen) = w.split_at_mut(own + r + 1);
+                    softmax(seen);
+                    unseen.fill(0.0);
+                }
+                gemm(s, e, keys, &mut out[i * row + head..], row, false, Mat::rows(&scores, keys), Mat::rows(&self.values, e), 1.0);
+            }
+            i = end;
+        }
+    }
+}
+
+vectorized! {
+    /// Scores to probabilities in place.
+    fn softmax(w: &mut [f32]) {
+        let mut mx = f32::MIN;
+        for &s in w.iter() {
+            mx = mx.max(s);
+        }
+        let mut sum = 0.0;
+        for s in w.iter_mut() {
+            *s = (*s - mx).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        for s in w.iter_mut() {
+            *s *= inv;
+        }
+    }
 }
 
 /// Rows of keys a step's attention asks for ahead of reading them.
@@ -525,26 +581,17 @@ vectorized! {
         // Plain loops, not `collect` or `sum`: see `vectorized!`.
         let scale = (e as f32).powf(-0.5);
         let mut w = Vec::with_capacity(keys.len() / e.max(1));
-        let mut mx = f32::MIN;
         for (j, kr) in keys.chunks(e).enumerate() {
             // The keys a few rows ahead, and this row's value for the second pass.
             prefetch_lines(keys, (j + AHEAD) * e, e);
             prefetch_lines(values, j * e, e);
-            let s = dot(kr, q) * scale;
-            mx = mx.max(s);
-            w.push(s);
+            w.push(dot(kr, q) * scale);
         }
-        let mut sum = 0.0;
-        for s in w.iter_mut() {
-            *s = (*s - mx).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
+        softmax(&mut w);
         out.fill(0.0);
-        for (wj, vr) in w.iter().zip(values.chunks(e)) {
-            let f = wj * inv;
+        for (&wj, vr) in w.iter().zip(values.chunks(e)) {
             for (o, &x) in out.iter_mut().zip(vr) {
-                *o += f * x;
+                *o += wj * x;
             }
         }
     }
@@ -637,6 +684,35 @@ mod tests {
                 for d in 0..e {
                     assert!((out[d] - full[i * e + d]).abs() < 1e-5, "width {e}, prefix {p}, position {i}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_piece_read_at_once_equals_stepping_through_it() {
+        // Two heads share the cache; widths with a tail; pieces inside one window, across
+        // several, and starting mid-window.
+        let (heads, w) = (2, 8);
+        for e in [8, 12] {
+            let n = 60;
+            let [q, k, v] = [(heads, 1), (1, 2), (1, 3)].map(|(width, s)| randn(&[n * width * e], 1.0, DType::F32, 90 + s).as_tensor().to_vec1::<f32>().unwrap());
+            let row = heads * e;
+            for (p, len) in [(0, 1), (0, 5), (3, 8), (5, 27), (8, 16), (13, 40)] {
+                let fresh = || LocalCache::from_prefix(&k[..p * e], &v[..p * e], e, w);
+                let (mut stepped, mut read) = (fresh(), fresh());
+                let mut want = vec![0f32; len * row];
+                for i in 0..len {
+                    let at = p + i;
+                    stepped.step(&q[at * row..(at + 1) * row], &k[at * e..(at + 1) * e], &v[at * e..(at + 1) * e], &mut want[i * row..(i + 1) * row]);
+                }
+                let mut got = vec![f32::NAN; len * row];
+                read.extend(&q[p * row..(p + len) * row], &k[p * e..(p + len) * e], &v[p * e..(p + len) * e], &mut got);
+                for (i, (g, x)) in got.iter().zip(&want).enumerate() {
+                    assert!((g - x).abs() < 1e-5, "width {e}, prefix {p}, piece {len}, element {i}: {g} vs {x}");
+                }
+                // The same cache afterwards, to the bit, within the same bound.
+                assert_eq!((read.start, &read.keys, &read.values), (stepped.start, &stepped.keys, &stepped.values));
+                assert!(read.keys.len() <= 2 * w * e);
             }
         }
     }

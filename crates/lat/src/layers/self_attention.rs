@@ -245,24 +245,60 @@ impl SelfAttention {
         let shared = SharedOut::new(&mut out);
         let attend = |(q_all, k_all, v_all): (&[f32], &[f32], &[f32]), (r, g, heads): &mut (usize, usize, Vec<Head>)| -> Result<()> {
             let (first, count) = groups[*g];
-            let (heads_at, kv_at) = (first * dh, *g * dh);
-            let mut o = vec![0f32; count * dh];
-            for i in 0..t {
-                let position = step.positions[*r] + i;
-                let (at, kv_row) = ((*r * t + i) * width + heads_at, (*r * t + i) * kv_width + kv_at);
-                let (mut q, mut k) = (&q_all[at..at + count * dh], &k_all[kv_row..kv_row + dh]);
-                let rotated;
+            let qw = count * dh;
+            // Where position i's queries (and output) and its key and value are.
+            let at = |i: usize| ((*r * t + i) * width + first * dh, (*r * t + i) * kv_width + *g * dh);
+            let rotate = |x: &mut [f32], i: usize| {
                 if let Some(table) = step.rotary {
-                    rotated = [q, k].map(|x| {
-                        let mut x = x.to_vec();
-                        table.rotate(&mut x, dh, position);
-                        x
-                    });
-                    (q, k) = (&rotated[0], &rotated[1]);
+                    table.rotate(x, dh, step.positions[*r] + i);
                 }
-                heads.get_mut(pick(position)).ok_or_else(stale)?.step(q, k, &v_all[kv_row..kv_row + dh], &mut o);
-                // SAFETY: task (r, g) alone writes the columns of group g in row r's positions.
-                unsafe { shared.write(at, &o) };
+            };
+            let mut i = 0;
+            while i < t {
+                // Positions i..end advance the same state.
+                let state = pick(step.positions[*r] + i);
+                let end = (i + 1..t).find(|&j| pick(step.positions[*r] + j) != state).unwrap_or(t);
+                match heads.get_mut(state).ok_or_else(stale)? {
+                    Head::Local(cache) if end - i > 1 => {
+                        let len = end - i;
+                        let (mut qs, mut ks, mut vs) = (vec![0f32; len * qw], vec![0f32; len * dh], vec![0f32; len * dh]);
+                        for j in 0..len {
+                            let (q_at, kv_at) = at(i + j);
+                            let (q, k) = (&mut qs[j * qw..(j + 1) * qw], &mut ks[j * dh..(j + 1) * dh]);
+                            q.copy_from_slice(&q_all[q_at..q_at + qw]);
+                            k.copy_from_slice(&k_all[kv_at..kv_at + dh]);
+                            rotate(q, i + j);
+                            rotate(k, i + j);
+                            vs[j * dh..(j + 1) * dh].copy_from_slice(&v_all[kv_at..kv_at + dh]);
+                        }
+                        let mut o = vec![0f32; len * qw];
+                        cache.extend(&qs, &ks, &vs, &mut o);
+                        for (j, o) in o.chunks(qw).enumerate() {
+                            // SAFETY: task (r, g) alone writes the columns of group g in row r's positions.
+                            unsafe { shared.write(at(i + j).0, o) };
+                        }
+                    }
+                    head => {
+                        let mut o = vec![0f32; qw];
+                        for j in i..end {
+                            let (q_at, kv_at) = at(j);
+                            let (mut q, mut k) = (&q_all[q_at..q_at + qw], &k_all[kv_at..kv_at + dh]);
+                            let rotated;
+                            if step.rotary.is_some() {
+                                rotated = [q, k].map(|x| {
+                                    let mut x = x.to_vec();
+                                    rotate(&mut x, j);
+                                    x
+                                });
+                                (q, k) = (&rotated[0], &rotated[1]);
+                            }
+                            head.step(q, k, &v_all[kv_at..kv_at + dh], &mut o);
+                            // SAFETY: as above.
+                            unsafe { shared.write(q_at, &o) };
+                        }
+                    }
+                }
+                i = end;
             }
             Ok(())
         };
