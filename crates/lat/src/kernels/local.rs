@@ -534,19 +534,19 @@ impl LocalCache {
             self.evict(p);
             self.keys.extend_from_slice(&k[i * e..end * e]);
             self.values.extend_from_slice(&v[i * e..end * e]);
-            let (s, keys) = (end - i, self.keys.len() / e);
+            let (s, cached) = (end - i, self.keys.len() / e);
             // Query r (at p + r) sees the cached keys up to its own, index p - start + r.
             let own = p - self.start;
-            scores.resize(s * keys, 0.0);
+            scores.resize(s * cached, 0.0);
             for head in (0..row).step_by(e) {
                 let q = Mat { data: &queries[i * row + head..], rs: row, cs: 1 };
-                gemm(s, keys, e, &mut scores, keys, false, q, Mat::rows(&self.keys, e).t(), scale);
-                for (r, w) in scores.chunks_mut(keys).enumerate() {
-                    let (seen, unseen) = w.split_at_mut(own + r + 1);
+                gemm(s, cached, e, &mut scores, cached, false, q, Mat::rows(&self.keys, e).t(), scale);
+                for (r, query_scores) in scores.chunks_mut(cached).enumerate() {
+                    let (seen, unseen) = query_scores.split_at_mut(own + r + 1);
                     softmax(seen);
                     unseen.fill(0.0);
                 }
-                gemm(s, e, keys, &mut out[i * row + head..], row, false, Mat::rows(&scores, keys), Mat::rows(&self.values, e), 1.0);
+                gemm(s, e, cached, &mut out[i * row + head..], row, false, Mat::rows(&scores, cached), Mat::rows(&self.values, e), 1.0);
             }
             i = end;
         }
@@ -690,10 +690,10 @@ mod tests {
 
     #[test]
     fn a_piece_read_at_once_equals_stepping_through_it() {
-        // Two heads share the cache; widths with a tail; pieces inside one window, across
-        // several, and starting mid-window.
-        let (heads, w) = (2, 8);
-        for e in [8, 12] {
+        // Two heads share the cache; widths with a tail; windows of eight and of one; pieces
+        // inside one window, across several, and starting mid-window.
+        let heads = 2;
+        for (e, w) in [(8, 8), (12, 8), (12, 1)] {
             let n = 60;
             let [q, k, v] = [(heads, 1), (1, 2), (1, 3)].map(|(width, s)| randn(&[n * width * e], 1.0, DType::F32, 90 + s).as_tensor().to_vec1::<f32>().unwrap());
             let row = heads * e;
@@ -708,7 +708,7 @@ mod tests {
                 let mut got = vec![f32::NAN; len * row];
                 read.extend(&q[p * row..(p + len) * row], &k[p * e..(p + len) * e], &v[p * e..(p + len) * e], &mut got);
                 for (i, (g, x)) in got.iter().zip(&want).enumerate() {
-                    assert!((g - x).abs() < 1e-5, "width {e}, prefix {p}, piece {len}, element {i}: {g} vs {x}");
+                    assert!((g - x).abs() < 1e-5, "width {e}, window {w}, prefix {p}, piece {len}, element {i}: {g} vs {x}");
                 }
                 // The same cache afterwards, to the bit, within the same bound.
                 assert_eq!((read.start, &read.keys, &read.values), (stepped.start, &stepped.keys, &stepped.values));
