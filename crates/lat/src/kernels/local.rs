@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{gemm, prefetch_lines, read, slice, vectorized, with_float, Elem, Heads, Mat, SharedOut};
+use super::{gemm, prefetch_lines, read, slice, softmax_rows, vectorized, with_float, Elem, Heads, Mat, SharedOut};
 use crate::rng::uniform_at;
 
 /// Dropout on the attention probabilities: probability `p`, masks drawn from stream `seed`.
@@ -543,31 +543,12 @@ impl LocalCache {
                 gemm(s, cached, e, &mut scores, cached, false, q, Mat::rows(&self.keys, e).t(), scale);
                 for (r, query_scores) in scores.chunks_mut(cached).enumerate() {
                     let (seen, unseen) = query_scores.split_at_mut(own + r + 1);
-                    softmax(seen);
+                    softmax_rows(seen, seen.len(), 1.0);
                     unseen.fill(0.0);
                 }
                 gemm(s, e, cached, &mut out[i * row + head..], row, false, Mat::rows(&scores, cached), Mat::rows(&self.values, e), 1.0);
             }
             i = end;
-        }
-    }
-}
-
-vectorized! {
-    /// Scores to probabilities in place.
-    fn softmax(w: &mut [f32]) {
-        let mut mx = f32::MIN;
-        for &s in w.iter() {
-            mx = mx.max(s);
-        }
-        let mut sum = 0.0;
-        for s in w.iter_mut() {
-            *s = (*s - mx).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        for s in w.iter_mut() {
-            *s *= inv;
         }
     }
 }
@@ -587,7 +568,8 @@ vectorized! {
             prefetch_lines(values, j * e, e);
             w.push(dot(kr, q) * scale);
         }
-        softmax(&mut w);
+        let n = w.len();
+        softmax_rows(&mut w, n.max(1), 1.0);
         out.fill(0.0);
         for (&wj, vr) in w.iter().zip(values.chunks(e)) {
             for (o, &x) in out.iter_mut().zip(vr) {

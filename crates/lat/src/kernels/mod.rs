@@ -177,8 +177,7 @@ const LINE_F32: usize = 16;
 /// x86-64) elsewhere. It is the same code, and Rust neither fuses nor reorders float
 /// operations, so both give the same bits: the loops the compiler vectorizes get registers twice
 /// as wide, and `mul_add` one instruction. What the body calls must be `#[inline(always)]` to
-/// share its instruction set (iterator adaptors such as `collect` and `sum` may not be inlined);
-/// it may call another `vectorized!` function, which picks its own the same way.
+/// share its instruction set (iterator adaptors such as `collect` and `sum` may not be inlined).
 macro_rules! vectorized {
     ($(#[$meta:meta])* $vis:vis fn $name:ident $(<$t:ident: $bound:path>)? ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
