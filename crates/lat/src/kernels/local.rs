@@ -492,6 +492,21 @@ impl LocalCache {
         (self.keys.capacity() + self.values.capacity()) * 4
     }
 
+    /// The position the next key takes.
+    fn next(&self) -> usize {
+        self.start + self.keys.len() / self.e
+    }
+
+    /// Takes in the keys and values of the next positions, which lie in one window, after
+    /// dropping what the first of them no longer sees; returns that position.
+    fn append(&mut self, k: &[f32], v: &[f32]) -> usize {
+        let p = self.next();
+        self.evict(p);
+        self.keys.extend_from_slice(k);
+        self.values.extend_from_slice(v);
+        p
+    }
+
     /// Drops what position `p` no longer sees: everything before window `p / W - 1`.
     fn evict(&mut self, p: usize) {
         let first = Self::first_seen(p, self.window);
@@ -506,10 +521,7 @@ impl LocalCache {
     /// Attends from the next position with the queries `queries` (one row of e per head that
     /// shares this cache), key `k` and value `v`; writes one output row per query.
     pub fn step(&mut self, queries: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
-        let p = self.start + self.keys.len() / self.e;
-        self.evict(p);
-        self.keys.extend_from_slice(k);
-        self.values.extend_from_slice(v);
+        self.append(k, v);
         for (q, o) in queries.chunks(self.e).zip(out.chunks_mut(self.e)) {
             attend(&self.keys, &self.values, self.e, q, o);
         }
@@ -528,12 +540,9 @@ impl LocalCache {
         let mut scores = Vec::new();
         let mut i = 0;
         while i < t {
-            let p = self.start + self.keys.len() / e;
-            // Queries i..end lie in p's window.
-            let end = t.min(i + self.window - p % self.window);
-            self.evict(p);
-            self.keys.extend_from_slice(&k[i * e..end * e]);
-            self.values.extend_from_slice(&v[i * e..end * e]);
+            // Queries i..end lie in the window of the next position, p.
+            let end = t.min(i + self.window - self.next() % self.window);
+            let p = self.append(&k[i * e..end * e], &v[i * e..end * e]);
             let (s, cached) = (end - i, self.keys.len() / e);
             // Query r (at p + r) sees the cached keys up to its own, index p - start + r.
             let own = p - self.start;
