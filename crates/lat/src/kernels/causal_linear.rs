@@ -20,7 +20,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{gemm, prefetch_lines, read, slice, softmax_rows, softmax_rows_backward, vectorized, with_float, Elem, Heads, Mat, SharedOut};
+use super::{exp_f32, gemm, prefetch_lines, read, slice, softmax_f32, softmax_rows, softmax_rows_backward, vectorized, with_float, Elem, Heads, Mat, SharedOut};
 
 /// The reference's clamp on the denominator (0.19.1).
 pub const EPS: f64 = 1e-3;
@@ -584,12 +584,16 @@ vectorized! {
     fn fold(st: &mut LinearState, k: &[f32], v: &[f32]) {
         let mk = k.iter().fold(st.m, |a, &b| a.max(b));
         if mk > st.m {
-            let f = (st.m - mk).exp();
+            let f = exp_f32(st.m - mk);
             st.s.iter_mut().chain(st.z.iter_mut()).for_each(|x| *x *= f);
             st.m = mk;
         }
-        for (d, &kd) in k.iter().enumerate() {
-            let w = (kd - st.m).exp();
+        // The key's weights first, in one vector pass.
+        let mut w = vec![0f32; k.len()];
+        for (w, &kd) in w.iter_mut().zip(k) {
+            *w = exp_f32(kd - st.m);
+        }
+        for (d, &w) in w.iter().enumerate() {
             st.z[d] += w;
             st.s[d * st.ev..(d + 1) * st.ev].iter_mut().zip(v).for_each(|(a, &b)| *a += w * b);
         }
@@ -603,7 +607,7 @@ vectorized! {
     /// One query against the running sums.
     fn query_one(st: &LinearState, q: &[f32], out: &mut [f32]) {
         let mut qh = q.to_vec();
-        softmax_rows(&mut qh, st.e, (st.e as f32).powf(-0.5));
+        softmax_f32(&mut qh, (st.e as f32).powf(-0.5));
         out.fill(0.0);
         let mut den = 0.0;
         for (d, &qd) in qh.iter().enumerate() {

@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{gemm, prefetch_lines, read, slice, softmax_rows, vectorized, with_float, Elem, Heads, Mat, SharedOut};
+use super::{gemm, prefetch_lines, read, slice, softmax_f32, vectorized, with_float, Elem, Heads, Mat, SharedOut};
 use crate::rng::uniform_at;
 
 /// Dropout on the attention probabilities: probability `p`, masks drawn from stream `seed`.
@@ -552,7 +552,7 @@ impl LocalCache {
                 gemm(s, cached, e, &mut scores, cached, false, q, Mat::rows(&self.keys, e).t(), scale);
                 for (r, query_scores) in scores.chunks_mut(cached).enumerate() {
                     let (seen, unseen) = query_scores.split_at_mut(own + r + 1);
-                    softmax_rows(seen, seen.len(), 1.0);
+                    softmax_f32(seen, 1.0);
                     unseen.fill(0.0);
                 }
                 gemm(s, e, cached, &mut out[i * row + head..], row, false, Mat::rows(&scores, cached), Mat::rows(&self.values, e), 1.0);
@@ -568,23 +568,27 @@ const AHEAD: usize = 16;
 vectorized! {
     /// Softmax attention of one query over the cached keys and values (rows of e).
     fn attend(keys: &[f32], values: &[f32], e: usize, q: &[f32], out: &mut [f32]) {
-        // Plain loops, not `collect` or `sum`: see `vectorized!`.
         let scale = (e as f32).powf(-0.5);
-        let mut w = Vec::with_capacity(keys.len() / e.max(1));
-        for (j, kr) in keys.chunks(e).enumerate() {
-            // The keys a few rows ahead, and this row's value for the second pass.
-            prefetch_lines(keys, (j + AHEAD) * e, e);
-            prefetch_lines(values, j * e, e);
-            w.push(dot(kr, q) * scale);
-        }
-        let n = w.len();
-        softmax_rows(&mut w, n.max(1), 1.0);
-        out.fill(0.0);
-        for (&wj, vr) in w.iter().zip(values.chunks(e)) {
-            for (o, &x) in out.iter_mut().zip(vr) {
-                *o += wj * x;
-            }
-        }
+        let mut w = vec![0f32; keys.len() / e.max(1)];
+        scores(keys, values, e, q, scale, &mut w);
+        softmax_f32(&mut w, 1.0);
+        // The output in column blocks held in registers across all keys, widest first; every
+        // element is the same sum in the same order whichever block computes it.
+        let mut col = 0;
+        col = weighted_sum::<64>(&w, values, e, col, out);
+        col = weighted_sum::<8>(&w, values, e, col, out);
+        weighted_sum::<1>(&w, values, e, col, out);
+    }
+}
+
+/// `w[j] = scale * keys[j] . q`.
+#[inline(always)]
+fn scores(keys: &[f32], values: &[f32], e: usize, q: &[f32], scale: f32, w: &mut [f32]) {
+    for (j, (s, kr)) in w.iter_mut().zip(keys.chunks_exact(e)).enumerate() {
+        // The keys a few rows ahead, and this row's value for the weighted sum.
+        prefetch_lines(keys, (j + AHEAD) * e, e);
+        prefetch_lines(values, j * e, e);
+        *s = dot(kr, q) * scale;
     }
 }
 
@@ -607,6 +611,25 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         sum += a;
     }
     sum + tail
+}
+
+/// `out[col..col + C] = sum_j w[j] values[j][col..col + C]` for each block of `C` columns from
+/// `col` on that fits in a row, the block's sums held in registers across the keys; returns
+/// the first column left.
+#[inline(always)]
+fn weighted_sum<const C: usize>(w: &[f32], values: &[f32], e: usize, mut col: usize, out: &mut [f32]) -> usize {
+    while col + C <= e {
+        let mut acc = [0f32; C];
+        for (&wj, row) in w.iter().zip(values.chunks_exact(e)) {
+            let x = &row[col..col + C];
+            for l in 0..C {
+                acc[l] += wj * x[l];
+            }
+        }
+        out[col..col + C].copy_from_slice(&acc);
+        col += C;
+    }
+    col
 }
 
 #[cfg(test)]

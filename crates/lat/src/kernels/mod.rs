@@ -118,6 +118,28 @@ pub fn erf_f32(x: f32) -> f32 {
     x * p / q
 }
 
+/// e^x in f32 for x <= 0 (what a softmax takes), within about two units in the last place of
+/// libm's `expf` down to e^-87, and plain arithmetic the compiler keeps in vector code: x = n ln 2
+/// + r with |r| <= ln 2 / 2, e^r from a polynomial, 2^n put into the exponent bits. Below -87 it
+/// gives e^-87 (1.6e-38), which no softmax weight beside its maximum's 1 can tell from 0.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    // ln 2 in two parts, the first exact in few bits so that n * LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_359_375;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5 * 2^23 rounds to an integer, left in the low bits of the sum.
+    const ROUND: f32 = 12_582_912.0;
+    const P: [f32; 6] = [1.987_569_1e-4, 1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5];
+    let x = x.clamp(-87.0, 0.0);
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = P.iter().fold(0.0f32, |acc, &c| acc * r + c);
+    let er = p * (r * r) + r + 1.0;
+    let two_n = f32::from_bits(((shifted.to_bits() as i32 - ROUND.to_bits() as i32 + 127) as u32) << 23);
+    er * two_n
+}
+
 /// Runs `$body` with `$T` bound to the Rust type of a float dtype; other dtypes are an error.
 macro_rules! with_float {
     ($dtype:expr, $name:expr, $T:ident => $body:expr) => {
@@ -495,6 +517,35 @@ pub(crate) fn softmax_rows<T: Elem>(x: &mut [T], e: usize, scale: T) {
     }
 }
 
+/// `x = scale * softmax(x)` for one f32 row of what a decoding step attends over, with
+/// [`exp_f32`] and eight partial maxima and sums, so that it stays in the vector code of the
+/// `vectorized!` function it is called from.
+#[inline(always)]
+pub(crate) fn softmax_f32(x: &mut [f32], scale: f32) {
+    let mut mx = [f32::NEG_INFINITY; 8];
+    for c in x.chunks(8) {
+        for (m, &v) in mx.iter_mut().zip(c) {
+            *m = m.max(v);
+        }
+    }
+    let mx = mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = [0f32; 8];
+    for c in x.chunks_mut(8) {
+        for (s, v) in sum.iter_mut().zip(c) {
+            *v = exp_f32(*v - mx);
+            *s += *v;
+        }
+    }
+    let mut total = 0.0;
+    for s in sum {
+        total += s;
+    }
+    let inv = scale / total;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
 /// Backward of `y = scale * softmax(x)` per row, given y and dy: writes dx into `dy`.
 pub(crate) fn softmax_rows_backward<T: Elem>(y: &[T], dy: &mut [T], e: usize, scale: T) {
     for (yr, gr) in y.chunks(e).zip(dy.chunks_mut(e)) {
@@ -508,7 +559,18 @@ pub(crate) fn softmax_rows_backward<T: Elem>(y: &[T], dy: &mut [T], e: usize, sc
 }
 
 #[cfg(test)]
-mod erf_tests {
+mod fast_math_tests {
+    #[test]
+    fn fast_exp_matches_libm() {
+        // Every 2^-10 from -87 to 0, and the ends.
+        for x in (0..=87 * 1024).map(|i| -(i as f32) / 1024.0).chain([-87.0, -0.0, 0.0]) {
+            let (got, want) = (super::exp_f32(x), x.exp());
+            assert!((got - want).abs() <= 2.5e-7 * want, "exp({x}): {got} vs {want}");
+        }
+        assert_eq!(super::exp_f32(-1e30), super::exp_f32(-87.0));
+        assert_eq!(super::exp_f32(f32::NEG_INFINITY), super::exp_f32(-87.0));
+    }
+
     #[test]
     fn fast_erf_matches_libm() {
         let worst = (-600..=600).map(|i| i as f32 / 100.0).map(|x| (super::erf_f32(x) - libm::erff(x)).abs()).fold(0f32, f32::max);
