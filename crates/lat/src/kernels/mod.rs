@@ -119,13 +119,14 @@ pub fn erf_f32(x: f32) -> f32 {
 }
 
 /// e^x in f32 for x <= 0 (what a softmax takes), within about two units in the last place of
-/// libm's `expf` down to e^-87, and plain arithmetic the compiler keeps in vector code: x = n ln 2
-/// + r with |r| <= ln 2 / 2, e^r from a polynomial, 2^n put into the exponent bits. Below -87 it
-/// gives e^-87 (1.6e-38), which no softmax weight beside its maximum's 1 can tell from 0.
+/// libm's `expf` down to e^-87, and plain arithmetic the compiler keeps in vector code: x is
+/// n ln 2 + r with |r| <= ln 2 / 2, e^r comes from a polynomial, 2^n is put into the exponent
+/// bits. Below -87 it gives e^-87 (1.6e-38), which no softmax weight beside its maximum's 1 can
+/// tell from 0; above 0 it gives 1 (callers subtract a maximum first).
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
     // ln 2 in two parts, the first exact in few bits so that n * LN2_HI is exact.
-    const LN2_HI: f32 = 0.693_359_375;
+    const LN2_HI: f32 = 355.0 / 512.0;
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding 1.5 * 2^23 rounds to an integer, left in the low bits of the sum.
     const ROUND: f32 = 12_582_912.0;
