@@ -8,6 +8,7 @@
 //! logits and the temperature divides what is left.
 
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::model::{DecodeState, Inputs, LinearAttentionTransformerLM};
@@ -67,6 +68,10 @@ impl Sampling {
     pub fn sample(&self, logits: &[f32], rng: &mut Rng) -> u32 {
         // Most likely first; equal logits in index order.
         let cmp = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+        if self.top_k.is_some_and(|k| k <= 1) {
+            // Greedy: the first in that order, without ordering the rest.
+            return (0..logits.len()).min_by(cmp).unwrap_or(0) as u32;
+        }
         let mut order: Vec<usize> = (0..logits.len()).collect();
         match (self.top_k, self.top_p) {
             // Without a nucleus only the top k need ordering.
@@ -272,12 +277,11 @@ pub fn generate(
     let mut out = vec![vec![]; b];
     let mut done = vec![false; b];
     for step in 0..max_new {
+        // Each row draws from its own stream, so the rows draw in parallel.
+        let drawn: Vec<Option<u32>> = (&logits, &mut rngs, &done).into_par_iter().map(|(l, rng, &d)| (!d).then(|| sampling.sample(l, rng))).collect();
         let mut next = vec![None; b];
-        for r in 0..b {
-            if done[r] {
-                continue;
-            }
-            let t = sampling.sample(&logits[r], &mut rngs[r]);
+        for (r, t) in drawn.into_iter().enumerate() {
+            let Some(t) = t else { continue };
             out[r].push(t);
             on_token(r, t);
             done[r] = eos == Some(t);

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use linear_attention_transformer::generate::Sampling;
 use linear_attention_transformer::rng::Rng;
 use linear_attention_transformer::{DecodeState, Inputs, LinearAttentionTransformerLM, PROMPT_CHUNK};
+use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::{Metrics, Outcome};
@@ -104,9 +105,13 @@ impl Stream {
         self.job.events.send(event).ok();
     }
 
-    /// Samples from `logits` and sends the text; false once the stream is over.
-    fn take(&mut self, logits: &[f32], metrics: &mut Metrics) -> bool {
-        let t = self.job.sampling.sample(logits, &mut self.job.rng);
+    /// Draws the next token from `logits`.
+    fn draw(&mut self, logits: &[f32]) -> u32 {
+        self.job.sampling.sample(logits, &mut self.job.rng)
+    }
+
+    /// Takes the drawn token `t` and sends the text; false once the stream is over.
+    fn take(&mut self, t: u32, metrics: &mut Metrics) -> bool {
         let now = Instant::now();
         if self.generated == 0 {
             metrics.time_to_first_token.observe(now.duration_since(self.job.arrived).as_secs_f64());
@@ -229,7 +234,8 @@ fn read_piece(model: &LinearAttentionTransformerLM, s: &mut Stream, shared: &Sha
     m.prompt_tokens += piece.len() as u64;
     if s.read == s.job.prompt.len() {
         let row = logits.squeeze(0)?.to_vec1::<f32>()?;
-        s.take(&row, &mut m);
+        let t = s.draw(&row);
+        s.take(t, &mut m);
     }
     Ok(())
 }
@@ -251,8 +257,10 @@ fn step(model: &LinearAttentionTransformerLM, active: &mut [Stream], shared: &Sh
     m.step_batch.observe(batch.len() as f64);
     match result {
         Ok(logits) => {
-            for (s, row) in batch.iter_mut().zip(&logits) {
-                s.take(row, &mut m);
+            // Each stream draws from its own generator, so the streams draw in parallel.
+            let drawn: Vec<u32> = batch.par_iter_mut().zip(&logits).map(|(s, row)| s.draw(row)).collect();
+            for (s, t) in batch.iter_mut().zip(drawn) {
+                s.take(t, &mut m);
             }
         }
         Err(e) => {

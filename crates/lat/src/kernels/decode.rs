@@ -199,7 +199,8 @@ fn bf16_to_f32(bits: u16) -> f32 {
 /// Lanes of an f32 product's partial sums.
 const LANES: usize = 8;
 
-/// One product of [`matmul_all`]: `y [rows, out] = x Wᵀ (+ bias)`.
+/// One product of [`matmul_all`]: `y [rows, out] = x Wᵀ (+ bias)`, or `gelu(x Wᵀ + bias)`.
+#[derive(Clone, Copy)]
 pub struct Product<'a> {
     /// The weight [out, in].
     pub w: Weight<'a>,
@@ -207,28 +208,32 @@ pub struct Product<'a> {
     pub out: usize,
     /// [out], added after the product.
     pub bias: Option<&'a [f32]>,
-    /// The result [rows, out].
-    pub y: &'a mut [f32],
+    /// GELU after the bias (which it needs): the feed-forward layer's activation, done while
+    /// the block's outputs are at hand instead of in a pass of its own.
+    pub gelu: bool,
 }
 
 /// `y [rows, out] = x [rows, in] Wᵀ (+ bias)`.
-pub fn matmul(x: &[f32], rows: usize, w: Weight, out: usize, bias: Option<&[f32]>, y: &mut [f32]) {
-    matmul_all(x, rows, &mut [Product { w, out, bias, y }]);
+pub fn matmul(x: &[f32], rows: usize, w: Weight, out: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    matmul_all(x, rows, &[Product { w, out, bias, gelu: false }]).remove(0)
 }
 
 /// Several products of the same rows `x` [rows, in] (a layer's queries, keys and values) as one
-/// parallel loop: the threads are handed work once, and the rows are interleaved once.
-pub fn matmul_all(x: &[f32], rows: usize, products: &mut [Product]) {
+/// parallel loop: the threads are handed work once, and the rows are interleaved once. Returns
+/// each product's `y` [rows, out].
+pub fn matmul_all(x: &[f32], rows: usize, products: &[Product]) -> Vec<Vec<f32>> {
+    // Every element is written once by its block: no zeroing first.
+    let mut ys: Vec<Vec<f32>> = products.iter().map(|p| Vec::with_capacity(rows * p.out)).collect();
     if rows == 0 {
-        assert!(x.is_empty() && products.iter().all(|p| p.y.is_empty()), "decode product: no rows, but x or y is not empty");
-        return;
+        assert!(x.is_empty(), "decode product: no rows, but x is not empty");
+        return ys;
     }
     let k = x.len() / rows;
     assert_eq!(x.len(), rows * k, "decode product: x is not [rows, in]");
-    for p in products.iter() {
+    for p in products {
         assert!(p.w.is(p.out, k), "decode product: the weight is not [out, in]");
-        assert_eq!(p.y.len(), rows * p.out, "decode product: y is not [rows, out]");
         assert!(p.bias.is_none_or(|b| b.len() == p.out), "decode product: the bias is not [out]");
+        assert!(!p.gelu || p.bias.is_some(), "decode product: GELU comes after a bias");
     }
     // Blocks of outputs in parallel (whole tiles of three or six, or whole panels), each writing
     // its columns of every row of its product: about eight blocks a thread, of even sizes within
@@ -244,31 +249,42 @@ pub fn matmul_all(x: &[f32], rows: usize, products: &mut [Product]) {
         };
         blocks.extend((0..p.out).step_by(block).map(|o0| (i, o0, block.min(p.out - o0))));
     }
-    let outs: Vec<_> = products.iter_mut().map(|p| super::SharedOut::new(p.y)).collect();
-    let products = &*products;
+    let outs: Vec<_> = ys.iter_mut().zip(products).map(|(y, p)| super::SharedOut::uninit(&mut y.spare_capacity_mut()[..rows * p.out])).collect();
     let xs = match products.iter().any(|p| matches!(p.w, Weight::F32(_))) {
         true => Interleaved::new(x, rows, k),
         false => Interleaved::default(),
     };
     blocks.into_par_iter().for_each(|(i, o0, n)| {
-        let Product { w, out, bias, .. } = products[i];
+        let Product { w, out, bias, gelu } = products[i];
         // Panels are written whole: rows of whole panels, of which the first n are kept.
         let stride = if matches!(w, Weight::Panels(_)) { n.next_multiple_of(PANEL) } else { n };
         let mut part = vec![0f32; rows * stride];
         block_product(x, &xs, rows, k, w, o0, n, stride, &mut part);
         let (scales, bias) = (w.scales().map(|s| &s[o0..o0 + n]), bias.map(|b| &b[o0..o0 + n]));
+        let mut act = vec![0f32; if gelu { n } else { 0 }];
         for (r, row) in part.chunks_mut(stride).enumerate() {
-            let row = &mut row[..n];
+            let mut row = &mut row[..n];
             if let Some(scales) = scales {
                 row.iter_mut().zip(scales).for_each(|(v, s)| *v *= s);
             }
-            if let Some(bias) = bias {
-                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            match bias {
+                // The same sums as a GELU pass over the biased outputs would make.
+                Some(bias) if gelu => {
+                    super::gelu::gelu_rows(&mut act, row, bias);
+                    row = &mut act;
+                }
+                Some(bias) => row.iter_mut().zip(bias).for_each(|(v, b)| *v += b),
+                None => {}
             }
             // SAFETY: this block alone writes columns o0 .. o0 + n of each row of product i.
             unsafe { outs[i].write(r * out + o0, row) };
         }
     });
+    for (y, p) in ys.iter_mut().zip(products) {
+        // SAFETY: the blocks wrote columns 0 .. out of every row.
+        unsafe { y.set_len(rows * p.out) };
+    }
+    ys
 }
 
 /// The rows of `x` [rows, k] for the f32 products, in groups of [`GROUP`] rows (the last may
@@ -884,18 +900,28 @@ mod tests {
         let q8 = Panels::new(&Packed::int8(&ws[1], outs[1]), outs[1]);
         let weights = [Weight::F32(&ws[0]), Weight::Panels(&q8), Weight::F32(&ws[2]), Weight::F32(&ws[3])];
         let biases = [Some(&bias[..40]), Some(&bias[..7]), Some(&bias[..0]), None];
-        let alone: Vec<Vec<f32>> = (0..outs.len())
-            .map(|i| {
-                let mut y = vec![0f32; rows * outs[i]];
-                matmul(&x, rows, weights[i], outs[i], biases[i], &mut y);
-                y
-            })
-            .collect();
-        let mut ys: Vec<Vec<f32>> = outs.iter().map(|&out| vec![f32::NAN; rows * out]).collect();
-        let mut products: Vec<Product> = ys.iter_mut().enumerate().map(|(i, y)| Product { w: weights[i], out: outs[i], bias: biases[i], y }).collect();
-        matmul_all(&x, rows, &mut products);
-        assert_eq!(ys, alone);
-        matmul(&[], 0, weights[0], outs[0], None, &mut []);
+        let alone: Vec<Vec<f32>> = (0..outs.len()).map(|i| matmul(&x, rows, weights[i], outs[i], biases[i])).collect();
+        let products: Vec<Product> = (0..outs.len()).map(|i| Product { w: weights[i], out: outs[i], bias: biases[i], gelu: false }).collect();
+        assert_eq!(matmul_all(&x, rows, &products), alone);
+        assert!(matmul(&[], 0, weights[0], outs[0], None).is_empty());
+    }
+
+    /// GELU in the products' last pass gives the bits of the GELU pass it replaces, for every
+    /// weight type, beside a product without it.
+    #[test]
+    fn gelu_in_the_product_is_the_gelu_pass() {
+        let (k, out) = (40, 45);
+        let w = data(out * k, 3);
+        let bias = data(out, 4);
+        let [bf, q8] = panels(&w, out);
+        for (rows, weight) in [1, 5].into_iter().flat_map(|rows| [Weight::F32(&w), Weight::Panels(&bf), Weight::Panels(&q8)].map(|w| (rows, w))) {
+            let x = data(rows * k, 2);
+            let plain = matmul(&x, rows, weight, out, None);
+            let mut want = vec![0f32; rows * out];
+            crate::kernels::gelu::gelu_rows(&mut want, &plain, &bias);
+            let both = matmul_all(&x, rows, &[Product { w: weight, out, bias: Some(&bias), gelu: true }, Product { w: weight, out, bias: None, gelu: false }]);
+            assert_eq!(both, [want, plain], "{rows} rows, {weight:?}");
+        }
     }
 
     /// `w` [out, k] in bf16 and in int8, laid out for decoding.
@@ -911,8 +937,7 @@ mod tests {
             let bias = data(out, 3);
             let [bf, q8] = panels(&w, out);
             for weight in [Weight::F32(&w), Weight::Panels(&bf), Weight::Panels(&q8)] {
-                let mut y = vec![0f32; rows * out];
-                matmul(&x, rows, weight, out, Some(&bias), &mut y);
+                let y = matmul(&x, rows, weight, out, Some(&bias));
                 let want = reference(&x, rows, weight, out, Some(&bias));
                 let worst = y.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs() / b.abs().max(1.0)));
                 assert!(worst < 1e-5 * k as f32, "{rows}x{out}x{k} {weight:?}: {worst}");
@@ -968,8 +993,7 @@ mod tests {
         // |Σ x_i (w_i - ŵ_i)| ≤ Σ |x_i| · max_i |w_i - ŵ_i|: each weight's own bound.
         let bound = |r: usize, per_weight: f32| x[r * k..(r + 1) * k].iter().map(|v| v.abs()).sum::<f32>() * per_weight;
         for packed in [Packed::bf16(&w), Packed::int8(&w, out)] {
-            let mut y = vec![0f32; rows * out];
-            matmul(&x, rows, Weight::Panels(&Panels::new(&packed, out)), out, None, &mut y);
+            let y = matmul(&x, rows, Weight::Panels(&Panels::new(&packed, out)), out, None);
             let mut typical = 0f32;
             for r in 0..rows {
                 for o in 0..out {
@@ -1002,11 +1026,7 @@ mod tests {
         let [bf, q8] = panels(&w, out);
         for weight in [Weight::F32(&w), Weight::Panels(&bf), Weight::Panels(&q8)] {
             let one: Vec<Vec<f32>> = (0..33)
-                .map(|r| {
-                    let mut y = vec![0f32; out];
-                    matmul(&x[r * k..(r + 1) * k], 1, weight, out, None, &mut y);
-                    y
-                })
+                .map(|r| matmul(&x[r * k..(r + 1) * k], 1, weight, out, None))
                 .collect();
             for (r, one) in one.iter().enumerate() {
                 let scalar: Vec<f32> = (0..out).map(|o| dot(&x[r * k..(r + 1) * k], weight, o, k) * weight.scale(o)).collect();
@@ -1014,8 +1034,7 @@ mod tests {
             }
             // Every tile shape (six or four rows at a time, then fewer), and a full batch.
             for rows in (2..=13).chain([32, 33]) {
-                let mut all = vec![0f32; rows * out];
-                matmul(&x[..rows * k], rows, weight, out, None, &mut all);
+                let all = matmul(&x[..rows * k], rows, weight, out, None);
                 for (r, one) in one.iter().enumerate().take(rows) {
                     assert_eq!(*one, all[r * out..(r + 1) * out], "{weight:?}: row {r} of {rows}");
                 }

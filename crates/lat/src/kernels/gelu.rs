@@ -42,7 +42,7 @@ const CHUNK: usize = 1 << 14;
 
 vectorized! {
     /// `y = gelu(x + b)` for rows of x as long as b.
-    fn gelu_rows<T: Elem>(y: &mut [T], x: &[T], b: &[T]) {
+    pub(crate) fn gelu_rows<T: Elem>(y: &mut [T], x: &[T], b: &[T]) {
         let d = b.len();
         for (yr, xr) in y.chunks_mut(d).zip(x.chunks(d)) {
             for i in 0..d {

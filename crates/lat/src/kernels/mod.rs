@@ -410,6 +410,11 @@ impl<T: Copy> SharedOut<T> {
         Self { ptr: v.as_mut_ptr(), len: v.len() }
     }
 
+    /// Over memory not yet written (a vector's spare capacity), which the writes initialise.
+    pub fn uninit(v: &mut [std::mem::MaybeUninit<T>]) -> Self {
+        Self { ptr: v.as_mut_ptr().cast(), len: v.len() }
+    }
+
     /// Copies `src` to `offset`.
     ///
     /// # Safety

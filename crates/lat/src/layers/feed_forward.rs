@@ -86,6 +86,12 @@ impl Layer for FeedForward {
     fn forward(&self, h: &Tensor, call: &Call, mode: Mode) -> Result<(Tensor, Option<Saved>)> {
         let (b, len, dim) = h.dims3()?;
         let x = rows2(h)?;
+        if !self.glu && call.dropout_seed(SITE_FF).is_none() {
+            // A decoding step keeps nothing for a backward pass: the GELU rides in w1's product.
+            if let Some(act) = self.w1.decode_gelu(&x, mode)? {
+                return Ok((self.w2.apply(&act, mode)?.reshape((b, len, dim))?, None));
+            }
+        }
         // The bias rides in the GELU.
         let pre = self.w1.product(&x, mode, false)?;
         let b1 = self.w1.bias_for(mode).expect("w1 has a bias");

@@ -79,7 +79,7 @@ impl Linear {
     /// packed weights go through the decoding products; the rest through candle's matmul.
     pub(crate) fn product(&self, x: &Tensor, mode: Mode, with_bias: bool) -> Result<Tensor> {
         if self.takes_decode_products(x, mode) {
-            return Ok(Self::decode_products(&[self], x, mode, with_bias)?.remove(0));
+            return Ok(Self::decode_products(&[self], x, mode, with_bias, false)?.remove(0));
         }
         let y = rows2(x)?.matmul(&self.weight_for(mode).t()?)?;
         let y = match self.bias_for(mode).filter(|_| with_bias) {
@@ -95,9 +95,18 @@ impl Linear {
     /// products run together, as one parallel loop.
     pub(crate) fn apply_all(layers: &[&Linear], x: &Tensor, mode: Mode) -> Result<Vec<Tensor>> {
         if layers.iter().all(|l| l.takes_decode_products(x, mode)) {
-            return Self::decode_products(layers, x, mode, true);
+            return Self::decode_products(layers, x, mode, true, false);
         }
         layers.iter().map(|l| l.apply(x, mode)).collect()
+    }
+
+    /// `gelu(x Wᵀ + b)` where the product is a decoding product (the GELU rides in it), else
+    /// None.
+    pub(crate) fn decode_gelu(&self, x: &Tensor, mode: Mode) -> Result<Option<Tensor>> {
+        if !self.takes_decode_products(x, mode) || self.bias.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Self::decode_products(&[self], x, mode, true, true)?.remove(0)))
     }
 
     /// Whether the product on `x` in `mode` is a decoding product: a decoding step in f32 on the
@@ -107,8 +116,9 @@ impl Linear {
         step || self.packed.is_some()
     }
 
-    /// The decoding products of `layers` on `x` (see [`Linear::product`]).
-    fn decode_products(layers: &[&Linear], x: &Tensor, mode: Mode, with_bias: bool) -> Result<Vec<Tensor>> {
+    /// The decoding products of `layers` on `x` (see [`Linear::product`]), with GELU after the
+    /// bias when `gelu`.
+    fn decode_products(layers: &[&Linear], x: &Tensor, mode: Mode, with_bias: bool, gelu: bool) -> Result<Vec<Tensor>> {
         if mode == Mode::Record {
             return Err(crate::Error::input("a quantized model cannot be trained: train the f32 model it was quantized from"));
         }
@@ -116,7 +126,6 @@ impl Linear {
         let rows = x.elem_count() / k.max(1);
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let outs = layers.iter().map(|l| l.weight.dim(0)).collect::<candle_core::Result<Vec<_>>>()?;
-        let mut ys: Vec<Vec<f32>> = outs.iter().map(|&out| vec![0f32; rows * out]).collect();
         // The tensors to read: x, then each layer's f32 weight (unless packed) and bias.
         let biases: Vec<Option<Tensor>> = layers.iter().map(|l| l.bias_for(mode).filter(|_| with_bias)).collect();
         let mut parts = vec![&x];
@@ -124,18 +133,18 @@ impl Linear {
             parts.extend(l.packed.is_none().then_some(&l.weight));
             parts.extend(b.as_ref());
         }
-        kernels::read::<f32, _>(&parts, |s| {
+        let ys = kernels::read::<f32, _>(&parts, |s| {
             let mut next = s[1..].iter();
             let mut products = Vec::with_capacity(layers.len());
-            for (((l, b), &out), y) in layers.iter().zip(&biases).zip(&outs).zip(ys.iter_mut()) {
+            for ((l, b), &out) in layers.iter().zip(&biases).zip(&outs) {
                 let w = match &l.packed {
                     Some(p) => kernels::decode::Weight::Panels(p),
                     None => kernels::decode::Weight::F32(next.next().expect("a weight per f32 layer")),
                 };
                 let bias = b.as_ref().map(|_| *next.next().expect("a bias per layer with one"));
-                products.push(kernels::decode::Product { w, out, bias, y });
+                products.push(kernels::decode::Product { w, out, bias, gelu: gelu && bias.is_some() });
             }
-            kernels::decode::matmul_all(s[0], rows, &mut products)
+            kernels::decode::matmul_all(s[0], rows, &products)
         })?;
         let mut shape = x.dims().to_vec();
         ys.into_iter()
