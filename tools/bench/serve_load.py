@@ -10,7 +10,8 @@ serving, and its memory must come back.
 
     python tools/bench/serve_load.py [--lat target/release/lat] [--streams 1,8,32,64] [--out benchmarks/serve.json]
 
-Needs httpx (installed with the openai package). Prints a Markdown table.
+Needs httpx (installed with the openai package), numpy and safetensors (`pip install openai numpy
+safetensors`). Prints a Markdown table.
 """
 
 import argparse
