@@ -87,7 +87,8 @@ impl Layer for FeedForward {
         let (b, len, dim) = h.dims3()?;
         let x = rows2(h)?;
         if !self.glu && call.dropout_seed(SITE_FF).is_none() {
-            // A decoding step keeps nothing for a backward pass: the GELU rides in w1's product.
+            // Decoding products (a decoding step, or quantized weights, which are never trained)
+            // keep nothing for a backward pass: the GELU rides in w1's product.
             if let Some(act) = self.w1.decode_gelu(&x, mode)? {
                 return Ok((self.w2.apply(&act, mode)?.reshape((b, len, dim))?, None));
             }
