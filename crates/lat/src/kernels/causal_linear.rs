@@ -20,7 +20,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{exp_f32, gemm, prefetch_lines, read, slice, softmax_f32, softmax_rows, softmax_rows_backward, vectorized, with_float, Elem, Heads, Mat, SharedOut};
+use super::{exp_f32, gemm, prefetch_lines, read, slice, softmax_f32, softmax_rows, softmax_rows_backward, vectorized, with_float, Elem, Heads, LineVec, Mat, SharedOut};
 
 /// The reference's clamp on the denominator (0.19.1).
 pub const EPS: f64 = 1e-3;
@@ -501,7 +501,8 @@ pub struct LinearState {
     e: usize,
     ev: usize,
     bucket: usize,
-    s: Vec<f32>,
+    /// [e, ev], each row starting a cache line where ev is a multiple of 16.
+    s: LineVec<f32>,
     z: Vec<f32>,
     m: f32,
     pending_k: Vec<f32>,
@@ -514,7 +515,7 @@ impl LinearState {
         let bucket = bucket.max(1);
         // The pending keys of a bucket never need more room than this.
         let (pending_k, pending_v) = if bucket == 1 { (vec![], vec![]) } else { (Vec::with_capacity(bucket * e), Vec::with_capacity(bucket * ev)) };
-        Self { e, ev, bucket, s: vec![0.0; e * ev], z: vec![0.0; e], m: 0.0, pending_k, pending_v }
+        Self { e, ev, bucket, s: LineVec::zeroed(e * ev), z: vec![0.0; e], m: 0.0, pending_k, pending_v }
     }
 
     /// The most bytes a state holds: the sums, and the keys and values of an incomplete bucket.

@@ -17,6 +17,8 @@
 
 use rayon::prelude::*;
 
+use super::{LineVec, Plain};
+
 /// Outputs per panel.
 const PANEL: usize = 32;
 
@@ -133,8 +135,8 @@ pub struct Panels {
 
 #[derive(Clone, PartialEq)]
 enum Values {
-    Bf16(Vec<u16>),
-    Int8 { q: Vec<i8>, scale: Vec<f32> },
+    Bf16(LineVec<u16>),
+    Int8 { q: LineVec<i8>, scale: Vec<f32> },
 }
 
 impl std::fmt::Debug for Panels {
@@ -179,10 +181,11 @@ fn panel_offset(o: usize, i: usize, k: usize) -> usize {
     (o / PANEL * k + i) * PANEL + o % PANEL
 }
 
-/// `w` [out, k] in panels, zero-padded to whole panels.
-fn turned<T: Copy + Default>(w: &[T], out: usize) -> Vec<T> {
+/// `w` [out, k] in panels, zero-padded to whole panels; each panel's row of an input starts a
+/// cache line (bf16) or half of one (int8).
+fn turned<T: Plain>(w: &[T], out: usize) -> LineVec<T> {
     let k = w.len() / out.max(1);
-    let mut t = vec![T::default(); out.div_ceil(PANEL) * k * PANEL];
+    let mut t = LineVec::zeroed(out.div_ceil(PANEL) * k * PANEL);
     for (o, row) in w.chunks(k.max(1)).enumerate() {
         for (i, &v) in row.iter().enumerate() {
             t[panel_offset(o, i, k)] = v;
@@ -256,14 +259,10 @@ pub fn matmul_all(x: &[f32], rows: usize, products: &[Product]) -> Vec<Vec<f32>>
     };
     blocks.into_par_iter().for_each(|(i, o0, n)| {
         let Product { w, out, bias, gelu } = products[i];
-        // Panels are written whole: rows of whole panels, of which the first n are kept.
-        let stride = if matches!(w, Weight::Panels(_)) { n.next_multiple_of(PANEL) } else { n };
-        let mut part = vec![0f32; rows * stride];
-        block_product(x, &xs, rows, k, w, o0, n, stride, &mut part);
         let (scales, bias) = (w.scales().map(|s| &s[o0..o0 + n]), bias.map(|b| &b[o0..o0 + n]));
         let mut act = vec![0f32; if gelu { n } else { 0 }];
-        for (r, row) in part.chunks_mut(stride).enumerate() {
-            let mut row = &mut row[..n];
+        // A row of the block's sums made final in place: scaled, biased, GELU.
+        let mut finish = |row: &mut [f32]| {
             if let Some(scales) = scales {
                 row.iter_mut().zip(scales).for_each(|(v, s)| *v *= s);
             }
@@ -271,13 +270,32 @@ pub fn matmul_all(x: &[f32], rows: usize, products: &[Product]) -> Vec<Vec<f32>>
                 // The same sums as a GELU pass over the biased outputs would make.
                 Some(bias) if gelu => {
                     super::gelu::gelu_rows(&mut act, row, bias);
-                    row = &mut act;
+                    row.copy_from_slice(&act);
                 }
                 Some(bias) => row.iter_mut().zip(bias).for_each(|(v, b)| *v += b),
                 None => {}
             }
-            // SAFETY: this block alone writes columns o0 .. o0 + n of each row of product i.
-            unsafe { outs[i].write(r * out + o0, row) };
+        };
+        match w {
+            Weight::F32(w) => {
+                // Straight into the output. SAFETY: this block alone writes (and then reads)
+                // columns o0 .. o0 + n of each row of product i, and writes every one of them.
+                let dst = Dst { ptr: unsafe { outs[i].at(o0) }, stride: out };
+                f32_block(x, &xs, rows, k, w, o0, n, dst);
+                (0..rows).for_each(|r| finish(unsafe { outs[i].slice(r * out + o0, n) }));
+            }
+            Weight::Panels(p) => {
+                // Panels are written whole: rows of whole panels, of which the first n are kept.
+                let stride = n.next_multiple_of(PANEL);
+                let mut part = vec![0f32; rows * stride];
+                panel_block(x, rows, k, p, o0, n, stride, &mut part);
+                for (r, row) in part.chunks_mut(stride).enumerate() {
+                    let row = &mut row[..n];
+                    finish(row);
+                    // SAFETY: as above.
+                    unsafe { outs[i].write(r * out + o0, row) };
+                }
+            }
         }
     });
     for (y, p) in ys.iter_mut().zip(products) {
@@ -291,10 +309,11 @@ pub fn matmul_all(x: &[f32], rows: usize, products: &[Product]) -> Vec<Vec<f32>>
 /// have fewer), each group's first `k / LANES · LANES` inputs interleaved eight at a time,
 /// [k / 8][rows of the group][8]: a tile reads its rows' next vectors from one place. Where
 /// tiles read rows in pairs (AVX-512, more than two rows), an odd last group has a zero row
-/// more. The inputs past the last whole eight stay in `x`.
+/// more. The inputs past the last whole eight stay in `x`. Each group starts a cache line, so
+/// AVX-512's loads of two rows' eight inputs are whole lines.
 #[derive(Default)]
 struct Interleaved {
-    values: Vec<f32>,
+    values: LineVec<f32>,
     /// Whole eights per row.
     chunks: usize,
     /// Rows stored, with the zero row.
@@ -308,7 +327,7 @@ impl Interleaved {
     fn new(x: &[f32], rows: usize, k: usize) -> Self {
         let chunks = k / LANES;
         let stored = if rows > 2 { rows.next_multiple_of(2) } else { rows };
-        let mut xs = Self { values: vec![0f32; stored * chunks * LANES], chunks, rows: stored };
+        let mut xs = Self { values: LineVec::zeroed(stored * chunks * LANES), chunks, rows: stored };
         for (r, row) in x.chunks(k.max(1)).enumerate().take(rows) {
             let (g, width) = (r / GROUP, xs.width(r / GROUP));
             for c in 0..chunks {
@@ -331,31 +350,67 @@ impl Interleaved {
     }
 }
 
-/// Outputs `o0 .. o0 + n` for every row, into `part` [rows, stride] (unscaled, no bias).
+/// Where an f32 block's sums go: its element (r, c) at `ptr + r · stride + c`, in place in the
+/// product's output, whose other columns other blocks write at the same time.
+#[derive(Clone, Copy)]
+struct Dst {
+    ptr: *mut f32,
+    stride: usize,
+}
+
+impl Dst {
+    /// # Safety
+    /// (r, c) lies in the block's own part of the output.
+    #[inline(always)]
+    unsafe fn set(self, r: usize, c: usize, v: f32) {
+        *self.ptr.add(r * self.stride + c) = v;
+    }
+}
+
+/// f32 outputs `o0 .. o0 + n` for every row, into `dst` (no bias).
 #[allow(clippy::too_many_arguments)]
-fn block_product(x: &[f32], xs: &Interleaved, rows: usize, k: usize, w: Weight, o0: usize, n: usize, stride: usize, part: &mut [f32]) {
+fn f32_block(x: &[f32], xs: &Interleaved, rows: usize, k: usize, w: &[f32], o0: usize, n: usize, dst: Dst) {
     #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
     if rows > 2 && super::has_avx512() {
         // SAFETY: the CPU has AVX-512 F and DQ; the bounds are those of the AVX2 path.
-        unsafe { avx512::block_product(x, xs, rows, k, w, o0, n, stride, part) };
+        unsafe { avx512::block(x, xs, rows, k, w, o0, n, dst) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA; the asserts in `matmul`, the panel layout (whole
-        // panels from o0, a multiple of PANEL) and `stride` bound every access.
-        unsafe {
-            match w {
-                Weight::F32(w) => avx2::block(x, xs, rows, k, w, o0, n, part),
-                Weight::Panels(p) => {
-                    debug_assert_eq!(o0 % PANEL, 0, "blocks of panels start at a panel");
-                    for col in (0..n).step_by(PANEL) {
-                        let at = panel_offset(o0 + col, 0, k);
-                        match &p.values {
-                            Values::Bf16(v) => avx2::rows_by_panel(x, rows, k, v[at..].as_ptr(), part, stride, col),
-                            Values::Int8 { q, .. } => avx2::rows_by_panel(x, rows, k, q[at..].as_ptr(), part, stride, col),
-                        }
-                    }
+        // SAFETY: the CPU has AVX2 and FMA; the asserts in `matmul_all` bound every access.
+        unsafe { avx2::block(x, xs, rows, k, w, o0, n, dst) };
+        return;
+    }
+    for r in 0..rows {
+        for j in 0..n {
+            // SAFETY: (r, j) is in the block.
+            unsafe { dst.set(r, j, dot(&x[r * k..(r + 1) * k], Weight::F32(w), o0 + j, k)) };
+        }
+    }
+}
+
+/// Quantized outputs `o0 .. o0 + n` (whole panels from a panel's start) for every row, into
+/// `part` [rows, stride] (unscaled, no bias).
+#[allow(clippy::too_many_arguments)]
+fn panel_block(x: &[f32], rows: usize, k: usize, p: &Panels, o0: usize, n: usize, stride: usize, part: &mut [f32]) {
+    debug_assert_eq!(o0 % PANEL, 0, "blocks of panels start at a panel");
+    #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+    if rows > 2 && super::has_avx512() {
+        // SAFETY: the CPU has AVX-512 F and DQ; the bounds are those of the AVX2 path.
+        unsafe { avx512::panel_block(x, rows, k, p, o0, n, stride, part) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        for col in (0..n).step_by(PANEL) {
+            let at = panel_offset(o0 + col, 0, k);
+            // SAFETY: the CPU has AVX2 and FMA; the asserts in `matmul_all`, the panel layout
+            // (whole panels from o0) and `stride` bound every access.
+            unsafe {
+                match &p.values {
+                    Values::Bf16(v) => avx2::rows_by_panel(x, rows, k, v[at..].as_ptr(), part, stride, col),
+                    Values::Int8 { q, .. } => avx2::rows_by_panel(x, rows, k, q[at..].as_ptr(), part, stride, col),
                 }
             }
         }
@@ -363,7 +418,7 @@ fn block_product(x: &[f32], xs: &Interleaved, rows: usize, k: usize, w: Weight, 
     }
     for r in 0..rows {
         for j in 0..n {
-            part[r * stride + j] = dot(&x[r * k..(r + 1) * k], w, o0 + j, k);
+            part[r * stride + j] = dot(&x[r * k..(r + 1) * k], Weight::Panels(p), o0 + j, k);
         }
     }
 }
@@ -407,7 +462,7 @@ pub fn reference(x: &[f32], rows: usize, w: Weight, out: usize, bias: Option<&[f
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Interleaved, GROUP, LANES, PANEL};
+    use super::{Dst, Interleaved, GROUP, LANES, PANEL};
 
     /// How far ahead of each weight stream to prefetch, in bytes: the hardware's prefetchers
     /// stop at page boundaries, and batch-1 decoding is bound by how fast the weights arrive.
@@ -479,10 +534,10 @@ mod avx2 {
     }
 
     /// f32: the R rows of an interleaved group `xs` (rows `r0 ..`) by O outputs (from `o`):
-    /// each (row, output) pair accumulates exactly as `super::dot`, into `dst[r · n + j + b]`.
+    /// each (row, output) pair accumulates exactly as `super::dot`, into `dst` at (r, j + b).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn dot_tile<const R: usize, const W: usize, const O: usize>((xs, width): (&[f32], usize), x: &[f32], r0: usize, k: usize, w: &[f32], o: usize, dst: &mut [f32], n: usize, j: usize, ahead: Ahead) {
+    unsafe fn dot_tile<const R: usize, const W: usize, const O: usize>((xs, width): (&[f32], usize), x: &[f32], r0: usize, k: usize, w: &[f32], o: usize, dst: Dst, j: usize, ahead: Ahead) {
         let full = k / LANES * LANES;
         debug_assert!(R <= W && W == width && xs.len() == W * full && w.len() >= (o + O) * k);
         let acc = sums::<R, W, O>(xs.as_ptr(), w.as_ptr().add(o * k), k, full / LANES, ahead);
@@ -494,7 +549,7 @@ mod avx2 {
                 for t in full..k {
                     s = x[(r0 + r) * k + t].mul_add(w[(o + b) * k + t], s);
                 }
-                dst[(r0 + r) * n + j + b] = s;
+                dst.set(r0 + r, j + b, s);
             }
         }
     }
@@ -529,17 +584,17 @@ mod avx2 {
     /// f32: `outs` (at most O) outputs from `o0 + j` for every row of group `g`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn dot_group<const O: usize>(xs: &Interleaved, x: &[f32], rows: usize, g: usize, k: usize, w: &[f32], o: usize, outs: usize, dst: &mut [f32], n: usize, j: usize, ahead: Ahead) {
+    unsafe fn dot_group<const O: usize>(xs: &Interleaved, x: &[f32], rows: usize, g: usize, k: usize, w: &[f32], o: usize, outs: usize, dst: Dst, j: usize, ahead: Ahead) {
         let (xg, r0) = (xs.group(g), g * GROUP);
         macro_rules! outs {
             ($r:literal, $w:literal) => {
                 match outs {
-                    6.. if O >= 6 => dot_tile::<$r, $w, 6>(xg, x, r0, k, w, o, dst, n, j, ahead),
-                    5 if O >= 5 => dot_tile::<$r, $w, 5>(xg, x, r0, k, w, o, dst, n, j, ahead),
-                    4 if O >= 4 => dot_tile::<$r, $w, 4>(xg, x, r0, k, w, o, dst, n, j, ahead),
-                    3.. => dot_tile::<$r, $w, 3>(xg, x, r0, k, w, o, dst, n, j, ahead),
-                    2 => dot_tile::<$r, $w, 2>(xg, x, r0, k, w, o, dst, n, j, ahead),
-                    _ => dot_tile::<$r, $w, 1>(xg, x, r0, k, w, o, dst, n, j, ahead),
+                    6.. if O >= 6 => dot_tile::<$r, $w, 6>(xg, x, r0, k, w, o, dst, j, ahead),
+                    5 if O >= 5 => dot_tile::<$r, $w, 5>(xg, x, r0, k, w, o, dst, j, ahead),
+                    4 if O >= 4 => dot_tile::<$r, $w, 4>(xg, x, r0, k, w, o, dst, j, ahead),
+                    3.. => dot_tile::<$r, $w, 3>(xg, x, r0, k, w, o, dst, j, ahead),
+                    2 => dot_tile::<$r, $w, 2>(xg, x, r0, k, w, o, dst, j, ahead),
+                    _ => dot_tile::<$r, $w, 1>(xg, x, r0, k, w, o, dst, j, ahead),
                 }
             };
         }
@@ -554,14 +609,14 @@ mod avx2 {
         }
     }
 
-    /// f32, see `super::block_product`. One or two rows read the weights once, six outputs at
+    /// f32, see `super::f32_block`. One or two rows read the weights once, six outputs at
     /// a time so that enough weight rows stream at once. More rows take three outputs at a
     /// time by each group of four rows: 12 accumulators (of the 16 vector registers) for every
     /// 7 loads, the three weight rows from L1 after the first group; meanwhile the next three
     /// rows (contiguous in [out, in]) come from memory, a share in each group's pass.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn block(x: &[f32], xs: &Interleaved, rows: usize, k: usize, w: &[f32], o0: usize, n: usize, dst: &mut [f32]) {
+    pub unsafe fn block(x: &[f32], xs: &Interleaved, rows: usize, k: usize, w: &[f32], o0: usize, n: usize, dst: Dst) {
         if rows <= 2 {
             return few_rows(x, xs, rows, k, w, o0, n, dst);
         }
@@ -572,7 +627,7 @@ mod avx2 {
             let next = w.as_ptr().wrapping_add((o0 + j + 3) * k) as *const i8;
             for g in 0..groups {
                 let ahead = Ahead::Next { next: next.wrapping_add(64 * lines * g), lines };
-                dot_group::<3>(xs, x, rows, g, k, w, o0 + j, n - j, dst, n, j, ahead);
+                dot_group::<3>(xs, x, rows, g, k, w, o0 + j, n - j, dst, j, ahead);
             }
         }
     }
@@ -582,9 +637,9 @@ mod avx2 {
     #[inline(never)]
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn few_rows(x: &[f32], xs: &Interleaved, rows: usize, k: usize, w: &[f32], o0: usize, n: usize, dst: &mut [f32]) {
+    unsafe fn few_rows(x: &[f32], xs: &Interleaved, rows: usize, k: usize, w: &[f32], o0: usize, n: usize, dst: Dst) {
         for j in (0..n).step_by(6) {
-            dot_group::<6>(xs, x, rows, 0, k, w, o0 + j, n - j, dst, n, j, Ahead::Rows);
+            dot_group::<6>(xs, x, rows, 0, k, w, o0 + j, n - j, dst, j, Ahead::Rows);
         }
     }
 
@@ -657,27 +712,22 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::avx2::{reduce, PREFETCH};
-    use super::{panel_offset, Interleaved, Values, Weight, GROUP, LANES, PANEL};
+    use super::{panel_offset, Dst, Interleaved, Panels, Values, GROUP, LANES, PANEL};
 
     /// Outputs of an f32 tile.
     const OUTS: usize = 6;
     /// Rows of a tile: two interleaved groups for f32.
     const ROWS: usize = 2 * GROUP;
 
-    /// See `super::block_product`, for three or more rows.
+    /// See `super::panel_block`, for three or more rows.
     #[target_feature(enable = "avx512f,avx512dq")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn block_product(x: &[f32], xs: &Interleaved, rows: usize, k: usize, w: Weight, o0: usize, n: usize, stride: usize, part: &mut [f32]) {
-        match w {
-            Weight::F32(w) => block(x, xs, rows, k, w, o0, n, part),
-            Weight::Panels(p) => {
-                for col in (0..n).step_by(PANEL) {
-                    let at = panel_offset(o0 + col, 0, k);
-                    match &p.values {
-                        Values::Bf16(v) => rows_by_panel(x, rows, k, v[at..].as_ptr(), part, stride, col),
-                        Values::Int8 { q, .. } => rows_by_panel(x, rows, k, q[at..].as_ptr(), part, stride, col),
-                    }
-                }
+    pub unsafe fn panel_block(x: &[f32], rows: usize, k: usize, p: &Panels, o0: usize, n: usize, stride: usize, part: &mut [f32]) {
+        for col in (0..n).step_by(PANEL) {
+            let at = panel_offset(o0 + col, 0, k);
+            match &p.values {
+                Values::Bf16(v) => rows_by_panel(x, rows, k, v[at..].as_ptr(), part, stride, col),
+                Values::Int8 { q, .. } => rows_by_panel(x, rows, k, q[at..].as_ptr(), part, stride, col),
             }
         }
     }
@@ -688,7 +738,7 @@ mod avx512 {
     /// fetches a share of the next tile's.
     #[target_feature(enable = "avx512f,avx512dq")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block(x: &[f32], xs: &Interleaved, rows: usize, k: usize, w: &[f32], o0: usize, n: usize, dst: &mut [f32]) {
+    pub unsafe fn block(x: &[f32], xs: &Interleaved, rows: usize, k: usize, w: &[f32], o0: usize, n: usize, dst: Dst) {
         let passes = rows.div_ceil(ROWS);
         let lines = (OUTS * k * 4).div_ceil(64 * passes);
         for j in (0..n).step_by(OUTS) {
@@ -701,12 +751,12 @@ mod avx512 {
                 macro_rules! outs {
                     ($p:literal) => {
                         match n - j {
-                            6.. => tile::<$p, 6>(groups, x, rows, r0, k, w, o0 + j, dst, n, j, ahead),
-                            5 => tile::<$p, 5>(groups, x, rows, r0, k, w, o0 + j, dst, n, j, ahead),
-                            4 => tile::<$p, 4>(groups, x, rows, r0, k, w, o0 + j, dst, n, j, ahead),
-                            3 => tile::<$p, 3>(groups, x, rows, r0, k, w, o0 + j, dst, n, j, ahead),
-                            2 => tile::<$p, 2>(groups, x, rows, r0, k, w, o0 + j, dst, n, j, ahead),
-                            _ => tile::<$p, 1>(groups, x, rows, r0, k, w, o0 + j, dst, n, j, ahead),
+                            6.. => tile::<$p, 6>(groups, x, rows, r0, k, w, o0 + j, dst, j, ahead),
+                            5 => tile::<$p, 5>(groups, x, rows, r0, k, w, o0 + j, dst, j, ahead),
+                            4 => tile::<$p, 4>(groups, x, rows, r0, k, w, o0 + j, dst, j, ahead),
+                            3 => tile::<$p, 3>(groups, x, rows, r0, k, w, o0 + j, dst, j, ahead),
+                            2 => tile::<$p, 2>(groups, x, rows, r0, k, w, o0 + j, dst, j, ahead),
+                            _ => tile::<$p, 1>(groups, x, rows, r0, k, w, o0 + j, dst, j, ahead),
                         }
                     };
                 }
@@ -721,11 +771,11 @@ mod avx512 {
     }
 
     /// f32: P row pairs from `r0` (in `groups`, two pairs each) by O outputs from `o`, into
-    /// `dst[r · n + j + b]` for the rows below `rows`; each (row, output) sums exactly as
+    /// `dst` at (r, j + b) for the rows below `rows`; each (row, output) sums exactly as
     /// `super::dot`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<const P: usize, const O: usize>(groups: [(&[f32], usize); 2], x: &[f32], rows: usize, r0: usize, k: usize, w: &[f32], o: usize, dst: &mut [f32], n: usize, j: usize, ahead: (*const i8, usize)) {
+    unsafe fn tile<const P: usize, const O: usize>(groups: [(&[f32], usize); 2], x: &[f32], rows: usize, r0: usize, k: usize, w: &[f32], o: usize, dst: Dst, j: usize, ahead: (*const i8, usize)) {
         let full = k / LANES * LANES;
         debug_assert!(groups.iter().all(|&(g, width)| width % 2 == 0 && g.len() == width * full) && w.len() >= (o + O) * k);
         let acc = sums::<P, O>(groups.map(|(g, width)| (g.as_ptr(), width * LANES)), w.as_ptr().add(o * k), k, full / LANES, ahead);
@@ -739,7 +789,7 @@ mod avx512 {
                     for t in full..k {
                         s = x[r * k + t].mul_add(w[(o + b) * k + t], s);
                     }
-                    dst[r * n + j + b] = s;
+                    dst.set(r, j + b, s);
                 }
             }
             return;
@@ -753,7 +803,7 @@ mod avx512 {
                         for t in full..k {
                             s = x[r * k + t].mul_add(w[(o + b) * k + t], s);
                         }
-                        dst[r * n + j + b] = s;
+                        dst.set(r, j + b, s);
                     }
                 }
             }
@@ -1043,7 +1093,7 @@ mod tests {
                 if let (Weight::F32(w), true) = (weight, std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
                     let (x, mut avx2) = (&x[..rows * k], vec![0f32; rows * out]);
                     // SAFETY: the CPU has AVX2 and FMA; x, w and avx2 are [rows, k], [out, k], [rows, out].
-                    unsafe { avx2::block(x, &Interleaved::new(x, rows, k), rows, k, w, 0, out, &mut avx2) };
+                    unsafe { avx2::block(x, &Interleaved::new(x, rows, k), rows, k, w, 0, out, Dst { ptr: avx2.as_mut_ptr(), stride: out }) };
                     for (r, one) in one.iter().enumerate().take(rows) {
                         assert_eq!(*one, avx2[r * out..(r + 1) * out], "AVX2: row {r} of {rows}");
                     }

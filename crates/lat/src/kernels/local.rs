@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{gemm, prefetch_lines, read, slice, softmax_f32, vectorized, with_float, Elem, Heads, Mat, SharedOut};
+use super::{gemm, prefetch_lines, read, slice, softmax_f32, vectorized, with_float, Elem, Heads, LineVec, Mat, SharedOut};
 use crate::rng::uniform_at;
 
 /// Dropout on the attention probabilities: probability `p`, masks drawn from stream `seed`.
@@ -459,19 +459,18 @@ pub struct LocalCache {
     window: usize,
     /// Position of the first cached row.
     start: usize,
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    keys: LineVec<f32>,
+    values: LineVec<f32>,
 }
 
 impl LocalCache {
     /// The cache after a prompt whose keys and values are `k`, `v` (n x e).
     pub fn from_prefix(k: &[f32], v: &[f32], e: usize, window: usize) -> Self {
         let n = k.len() / e.max(1);
-        // Only what the next position sees, in buffers that never need to grow (a copy starts
-        // at its length and grows to the same bound).
+        // Only what the next position sees, in buffers of the bound they never outgrow.
         let start = Self::first_seen(n, window);
-        let mut keys = Vec::with_capacity(Self::max_bytes(e, window) / 8);
-        let mut values = Vec::with_capacity(keys.capacity());
+        let mut keys = LineVec::with_capacity(Self::max_bytes(e, window) / 8);
+        let mut values = LineVec::with_capacity(keys.capacity());
         keys.extend_from_slice(&k[start * e..]);
         values.extend_from_slice(&v[start * e..]);
         Self { e, window, start, keys, values }
@@ -512,8 +511,8 @@ impl LocalCache {
         let first = Self::first_seen(p, self.window);
         if first > self.start {
             let drop = (first - self.start) * self.e;
-            self.keys.drain(..drop.min(self.keys.len()));
-            self.values.drain(..drop.min(self.values.len()));
+            self.keys.drain_front(drop);
+            self.values.drain_front(drop);
             self.start = first;
         }
     }

@@ -18,6 +18,7 @@ pub mod gelu;
 pub mod gpu;
 pub mod layer_norm;
 pub mod linear;
+mod lines;
 pub mod local;
 pub mod rotary;
 pub mod self_attention;
@@ -26,6 +27,7 @@ use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssi
 use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, Device, Layout, Storage, Tensor, WithDType};
+pub(crate) use lines::{LineVec, Plain};
 
 /// Float types the CPU kernels are written for: f32 for real work, f64 for gradient checks.
 pub trait Elem:
@@ -422,6 +424,25 @@ impl<T: Copy> SharedOut<T> {
     pub unsafe fn write(&self, offset: usize, src: &[T]) {
         assert!(offset + src.len() <= self.len, "SharedOut: write out of bounds");
         std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(offset), src.len());
+    }
+
+    /// Where element `offset` lies, for a kernel that writes its part in place.
+    ///
+    /// # Safety
+    /// As for [`SharedOut::write`], for every element written through the pointer.
+    pub unsafe fn at(&self, offset: usize) -> *mut T {
+        assert!(offset <= self.len, "SharedOut: offset out of bounds");
+        self.ptr.add(offset)
+    }
+
+    /// Elements `offset .. offset + len`, to finish in place.
+    ///
+    /// # Safety
+    /// They have been written, and no other thread touches them while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice(&self, offset: usize, len: usize) -> &mut [T] {
+        assert!(offset + len <= self.len, "SharedOut: slice out of bounds");
+        std::slice::from_raw_parts_mut(self.ptr.add(offset), len)
     }
 }
 

@@ -142,7 +142,7 @@ impl Linear {
                     None => kernels::decode::Weight::F32(next.next().expect("a weight per f32 layer")),
                 };
                 let bias = b.as_ref().map(|_| *next.next().expect("a bias per layer with one"));
-                products.push(kernels::decode::Product { w, out, bias, gelu: gelu && bias.is_some() });
+                products.push(kernels::decode::Product { w, out, bias, gelu });
             }
             kernels::decode::matmul_all(s[0], rows, &products)
         })?;
