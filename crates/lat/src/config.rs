@@ -386,7 +386,7 @@ impl StackArgs {
         }
         match dim_head {
             Some(0) => return Err(Error::config("dim_head", "must be at least 1 (or null for dim / heads)")),
-            None if self.dim % self.heads != 0 => {
+            None if !self.dim.is_multiple_of(self.heads) => {
                 return Err(Error::config(
                     "dim_head",
                     format!(
@@ -451,14 +451,14 @@ impl StackArgs {
             if s.k == 0 {
                 return Err(Error::config("linformer_settings", "k must be at least 1"));
             }
-            if self.dim % self.heads != 0 {
+            if !self.dim.is_multiple_of(self.heads) {
                 return Err(Error::config(
                     "linformer_settings",
                     format!("Linformer needs dim ({}) divisible by heads ({})", self.dim, self.heads),
                 ));
             }
         }
-        if self.attend_axially && self.dim % self.heads != 0 {
+        if self.attend_axially && !self.dim.is_multiple_of(self.heads) {
             return Err(Error::config(
                 "attend_axially",
                 format!("axial attention uses dim / heads per head, so dim ({}) must be divisible by heads ({})", self.dim, self.heads),
@@ -559,7 +559,7 @@ impl Config {
             return Err(Error::config("emb_dim", "must be at least 1 (or unset to use dim)"));
         }
         self.stack.validate(self.dim_head)?;
-        if self.n_local_attn_heads.any() && self.max_seq_len % self.local_attn_window_size != 0 {
+        if self.n_local_attn_heads.any() && !self.max_seq_len.is_multiple_of(self.local_attn_window_size) {
             return Err(Error::config(
                 "max_seq_len",
                 format!(
@@ -570,10 +570,10 @@ impl Config {
         }
         if self.use_rotary_emb {
             let dh = self.transformer().dim_head();
-            if dh % 2 != 0 {
+            if !dh.is_multiple_of(2) {
                 return Err(Error::config("dim_head", format!("rotary embeddings need an even head width, got {dh}")));
             }
-            if self.emb_dim() % 2 != 0 {
+            if !self.emb_dim().is_multiple_of(2) {
                 return Err(Error::config(
                     "emb_dim",
                     format!("rotary embeddings need an even embedding width, got {}", self.emb_dim()),

@@ -167,7 +167,7 @@ fn damaged_quantized_files_are_refused_with_what_is_wrong() {
         let path = dir.path().join("bad.safetensors");
         let list: Vec<(String, Tensor)> = tensors.into_iter().collect();
         checkpoint::write_safetensors(&path, &list, &meta).unwrap();
-        checkpoint::load(&path, &Device::Cpu, false).err().expect("a damaged file is refused").to_string()
+        checkpoint::load(&path, &Device::Cpu, false).expect_err("a damaged file is refused").to_string()
     };
     let e = rewrite(&|t, _| {
         t.remove(&format!("{name}.scale"));

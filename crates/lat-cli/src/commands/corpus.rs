@@ -118,7 +118,7 @@ fn kind(name: &str) -> Kind {
 fn open_path(path: &Path, cache: &Path, text_field: &str) -> Result<Text> {
     let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_file() && kind(&path.to_string_lossy()) == Kind::Plain {
-        return Ok(Text::map(path)?);
+        return Text::map(path);
     }
     if let Some(dir) = cache.parent() {
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;

@@ -33,10 +33,10 @@ impl MemoryArgs {
         if self.force || plan.total <= limit {
             return Ok(());
         }
-        Ok(plan::check(plan, Some(limit), &advice(limit)).map_err(|e| match (e, &self.max_memory) {
+        plan::check(plan, Some(limit), &advice(limit)).map_err(|e| match (e, &self.max_memory) {
             (linear_attention_transformer::Error::Input(m), None) => usage(m.replace(" under --max-memory", "")),
             (e, _) => e,
-        })?)
+        })
     }
 }
 

@@ -88,7 +88,7 @@ fn bytes_per_value(p: Precision) -> usize {
 pub fn training_plan(run: &RunConfig) -> Result<Plan> {
     let params = LinearAttentionTransformerLM::count_parameters(&run.model)?;
     let t = &run.train;
-    Ok(plan::plan(&run.model, params, Workload::Train { batch: t.batch_size, seq_len: t.seq_len, bytes_per_value: bytes_per_value(t.precision) })?)
+    plan::plan(&run.model, params, Workload::Train { batch: t.batch_size, seq_len: t.seq_len, bytes_per_value: bytes_per_value(t.precision) })
 }
 
 /// What to change so that `run` fits in `limit`.
@@ -111,7 +111,7 @@ pub fn training_advice(run: &RunConfig, limit: u64) -> Result<String> {
 
 /// The plan of inference with a model of `config`.
 pub fn inference_plan(config: &Config, work: Workload) -> Result<Plan> {
-    Ok(plan::plan(config, LinearAttentionTransformerLM::count_parameters(config)?, work)?)
+    plan::plan(config, LinearAttentionTransformerLM::count_parameters(config)?, work)
 }
 
 /// Refuses a training run that cannot fit.

@@ -175,8 +175,7 @@ pub fn run(model: LinearAttentionTransformerLM, shared: Arc<Shared>, slots: usiz
         idle = false;
         let decoding = active.iter().any(|s| s.next.is_some());
         // One piece of one prompt per turn while others decode; back to back otherwise.
-        loop {
-            let Some(i) = active.iter().position(|s| s.next.is_none() && s.read < s.job.prompt.len()) else { break };
+        while let Some(i) = active.iter().position(|s| s.next.is_none() && s.read < s.job.prompt.len()) {
             if let Err(e) = read_piece(&model, &mut active[i], &shared) {
                 let s = active.remove(i);
                 shared.metrics().active_streams = active.len();

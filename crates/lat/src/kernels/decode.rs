@@ -1031,7 +1031,7 @@ mod tests {
         for (i, (a, b)) in w.iter().zip(&back).enumerate() {
             assert!((a - b).abs() <= scale[i / k] * 0.5 + 1e-7, "int8 weight {i}: {a} vs {b}");
         }
-        assert_eq!(Packed::int8(&vec![0.0; 6], 2).dequantize(), vec![0.0; 6]);
+        assert_eq!(Packed::int8(&[0.0; 6], 2).dequantize(), vec![0.0; 6]);
     }
 
     #[test]

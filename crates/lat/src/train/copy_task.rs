@@ -93,7 +93,7 @@ impl CopyTask {
 
     /// Trains a fresh encoder-decoder; `on_step(step, loss)` sees every step.
     pub fn train(&self, device: &Device, on_step: &mut dyn FnMut(usize, f64)) -> Result<EncoderDecoder> {
-        if self.vocab == 0 || self.length == 0 || self.dim % 4 != 0 || self.dim == 0 || self.batch == 0 {
+        if self.vocab == 0 || self.length == 0 || !self.dim.is_multiple_of(4) || self.dim == 0 || self.batch == 0 {
             return Err(Error::input("copy task: vocab, length and batch must be positive and dim a positive multiple of 4"));
         }
         let (enc, dec) = self.configs();

@@ -134,7 +134,7 @@ pub struct Causal {
 impl Causal {
     /// Whether the kernels handle this shape (else the generic path runs).
     pub fn supported(&self) -> bool {
-        self.e <= MAX_DIM && self.ev <= MAX_DIM && self.bucket > 0 && (CHUNK % self.bucket == 0 || self.bucket % CHUNK == 0) && self.n > 0
+        self.e <= MAX_DIM && self.ev <= MAX_DIM && self.bucket > 0 && (CHUNK.is_multiple_of(self.bucket) || self.bucket.is_multiple_of(CHUNK)) && self.n > 0
     }
 
     fn chunks(&self) -> usize {
@@ -312,7 +312,7 @@ pub struct Local {
 impl Local {
     /// Whether the kernels handle this shape (and no dropout).
     pub fn supported(&self) -> bool {
-        self.e <= MAX_DIM && self.window > 0 && self.n > 0 && self.n % self.window == 0 && !self.dropout
+        self.e <= MAX_DIM && self.window > 0 && self.n > 0 && self.n.is_multiple_of(self.window) && !self.dropout
     }
 
     fn tasks(&self) -> usize {
