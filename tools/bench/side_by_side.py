@@ -280,7 +280,7 @@ def render(a, rows, noisy):
         "| ISA | model | mode | tokens | ours s | reference s | speed ratio | ours tokens/s | reference tokens/s | ours % of FMA peak | ours peak MiB | reference peak MiB | memory ratio |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    peaks = []
+    peaks = {}  # the FMA peak each instruction set's rows measured
     for (isa, variant, mode, n), results in rows:
         if mode in ("decode", "quantized"):
             continue
@@ -291,7 +291,7 @@ def render(a, rows, noisy):
         mem = f"{o['peak_rss_mib'] / r['peak_rss_mib']:.2f}x" if "peak_rss_mib" in o and "peak_rss_mib" in r else ""
         peak = f"{100 * o['product_gflops_per_s'] / o['fma_peak_gflops_per_s']:.0f} %" if o.get("fma_peak_gflops_per_s") and mode != "generate" else ""
         if o.get("fma_peak_gflops_per_s"):
-            peaks.append(o["fma_peak_gflops_per_s"])
+            peaks.setdefault(isa, []).append(o["fma_peak_gflops_per_s"])
         lines.append(
             f"| {isa} | {variant} | {mode} | {n} | {cell(o, 'median_s', '{:.3f}')} | {cell(r, 'median_s', '{:.3f}')} | {speed} | "
             f"{cell(o, 'tokens_per_s', '{:.0f}')} | {cell(r, 'tokens_per_s', '{:.0f}')} | {peak} | {cell(o, 'peak_rss_mib', '{:.0f}')} | "
@@ -341,7 +341,8 @@ def render(a, rows, noisy):
         "Speed ratio = our tokens/s / the reference's (above 1: we are faster). Memory ratio = our peak / the reference's peak.",
         "% of FMA peak = the FLOPs of the step's matrix products (2 per weight per token; a training step three times that, four",
         "with the reversible stack's recomputation) over the step's time, as a share of the f32 FMA peak that `lat bench`",
-        f"measures on the same threads ({statistics.median(peaks):.0f} GFLOP/s here)." if peaks else "measures on the same threads.",
+        "measures on the same threads, with the row's instruction set"
+        + (f" ({', '.join(f'{isa}: {statistics.median(v):.0f} GFLOP/s' for isa, v in peaks.items())} here)." if peaks else "."),
         "For generate, tokens are new tokens (greedy), and the time includes reading the prompt. `decode` rows continue a context",
         "of that many tokens: ours for 64 new tokens, the reference for 8 (each of its tokens re-runs the whole sequence, so its",
         "rate does not depend on how many), and the reference not beyond 4 k tokens.",
