@@ -327,15 +327,18 @@ impl Interleaved {
     fn new(x: &[f32], rows: usize, k: usize) -> Self {
         let chunks = k / LANES;
         let stored = if rows > 2 { rows.next_multiple_of(2) } else { rows };
-        let mut xs = Self { values: LineVec::zeroed(stored * chunks * LANES), chunks, rows: stored };
-        for (r, row) in x.chunks(k.max(1)).enumerate().take(rows) {
-            let (g, width) = (r / GROUP, xs.width(r / GROUP));
+        // Written front to back, so never zeroed first.
+        let mut values = LineVec::with_capacity(stored * chunks * LANES);
+        for g in 0..stored.div_ceil(GROUP) {
+            let group = g * GROUP..(g * GROUP + GROUP).min(stored);
             for c in 0..chunks {
-                let at = g * GROUP * chunks * LANES + (c * width + r % GROUP) * LANES;
-                xs.values[at..at + LANES].copy_from_slice(&row[c * LANES..(c + 1) * LANES]);
+                for r in group.clone() {
+                    let eight = if r < rows { &x[r * k + c * LANES..][..LANES] } else { &[0.0; LANES] };
+                    values.extend_from_slice(eight);
+                }
             }
         }
-        xs
+        Self { values, chunks, rows: stored }
     }
 
     /// Rows stored in group `g`: one input vector of each lies `width · LANES` after the last.

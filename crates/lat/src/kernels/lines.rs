@@ -8,7 +8,7 @@ use std::ptr::NonNull;
 /// Bytes of a cache line, the storage's alignment.
 const LINE: usize = 64;
 
-/// Element types whose all-zero bits are a value (zeroed storage is valid).
+/// Element types whose all-zero bits are a value (zeroed storage holds valid elements).
 pub trait Plain: Copy + Send + Sync + 'static {}
 impl Plain for f32 {}
 impl Plain for u16 {}
@@ -33,19 +33,23 @@ impl<T: Plain> LineVec<T> {
 
     /// Room for `cap` elements, none held.
     pub fn with_capacity(cap: usize) -> Self {
-        let layout = Self::layout(cap);
-        // SAFETY: the layout's size is not zero.
-        let ptr = unsafe { alloc::alloc_zeroed(layout) }.cast::<T>();
-        let Some(ptr) = NonNull::new(ptr) else { alloc::handle_alloc_error(layout) };
-        Self { ptr, len: 0, cap }
+        Self::allocate(cap, false)
     }
 
     /// `len` zeros.
     pub fn zeroed(len: usize) -> Self {
-        let mut v = Self::with_capacity(len);
-        // The storage is zeroed when allocated, and zeros are values of `T`.
+        let mut v = Self::allocate(len, true);
+        // The storage is zeroed, and zeros are values of `T`.
         v.len = len;
         v
+    }
+
+    fn allocate(cap: usize, zeroed: bool) -> Self {
+        let layout = Self::layout(cap);
+        // SAFETY: the layout's size is not zero.
+        let ptr = unsafe { if zeroed { alloc::alloc_zeroed(layout) } else { alloc::alloc(layout) } }.cast::<T>();
+        let Some(ptr) = NonNull::new(ptr) else { alloc::handle_alloc_error(layout) };
+        Self { ptr, len: 0, cap }
     }
 
     pub fn capacity(&self) -> usize {

@@ -229,21 +229,34 @@ impl SelfAttention {
         let (q, k, v) = (f32s(q)?, f32s(k)?, f32s(v)?);
         let kv_width = l.kv_heads() * dh;
         let groups = l.kv_groups();
-        // Task (r, g): key/value head g of row r, in each of the row's states.
-        let mut tasks = Vec::with_capacity(b * groups.len());
-        for (r, states) in rows.iter_mut().enumerate() {
-            let mut heads: Vec<Vec<Head>> = groups.iter().map(|_| Vec::with_capacity(states.len())).collect();
-            for state in states.iter_mut() {
+        // Task (r, g): key/value head g of row r, in each of the row's states. Every row's heads
+        // lie in one vector, [row][group][state], of which each task takes its run.
+        let counts: Vec<usize> = rows.iter().map(|states| states.len()).collect();
+        let mut slots: Vec<Option<Head>> = std::iter::repeat_with(|| None).take(groups.len() * counts.iter().sum::<usize>()).collect();
+        let mut at = 0;
+        for states in rows.iter_mut() {
+            let n = states.len();
+            for (s, state) in states.iter_mut().enumerate() {
                 let (mut local, mut global) = (state.local.iter_mut(), state.global.iter_mut());
                 for (g, &(first, _)) in groups.iter().enumerate() {
-                    heads[g].push(if first < l.local_heads { Head::Local(local.next().ok_or_else(stale)?) } else { Head::Global(global.next().ok_or_else(stale)?) });
+                    slots[at + g * n + s] = Some(if first < l.local_heads { Head::Local(local.next().ok_or_else(stale)?) } else { Head::Global(global.next().ok_or_else(stale)?) });
                 }
             }
-            tasks.extend(heads.into_iter().enumerate().map(|(g, heads)| (r, g, heads)));
+            at += groups.len() * n;
+        }
+        let mut heads: Vec<Head> = slots.into_iter().map(|h| h.expect("every slot is filled")).collect();
+        let mut tasks = Vec::with_capacity(b * groups.len());
+        let mut rest = heads.as_mut_slice();
+        for (r, &n) in counts.iter().enumerate() {
+            for g in 0..groups.len() {
+                let (mine, after) = rest.split_at_mut(n);
+                tasks.push((r, g, mine));
+                rest = after;
+            }
         }
         let mut out = vec![0f32; b * t * width];
         let shared = SharedOut::new(&mut out);
-        let attend = |(q_all, k_all, v_all): (&[f32], &[f32], &[f32]), (r, g, heads): &mut (usize, usize, Vec<Head>)| -> Result<()> {
+        let attend = |(q_all, k_all, v_all): (&[f32], &[f32], &[f32]), (r, g, heads): &mut (usize, usize, &mut [Head])| -> Result<()> {
             let (first, count) = groups[*g];
             let qw = count * dh;
             // Where position i's queries (and output) and its key and value are.
