@@ -548,7 +548,9 @@ impl LinearAttentionTransformerLM {
         let positions: Vec<usize> = rows.iter().map(|r| r.position).collect();
         let ids = self.check_tokens(&Tensor::from_slice(tokens, (b, t), &self.device)?)?;
         let pos = Tensor::stack(&positions.iter().map(|&p| self.pos_emb.forward(p, t)).collect::<Result<Vec<_>>>()?, 0)?;
-        let mut h = self.token_emb.forward(&ids)?.broadcast_add(&pos)?;
+        // Detached: with trainable embeddings candle would record every op of the step in a
+        // graph that this step's output keeps alive, and frees at its end.
+        let mut h = self.token_emb.forward(&ids)?.broadcast_add(&pos)?.detach();
         if let Some(p) = &self.project_in {
             h = p.apply(&h, Mode::Decode)?;
         }

@@ -140,7 +140,9 @@ impl Stack {
     pub fn step(&self, x: &Tensor, states: &mut [&mut Vec<Box<dyn BlockState>>], step: &Step) -> Result<Tensor> {
         let streams = self.couple(x, |i, b, h| {
             let mut own: Vec<&mut Box<dyn BlockState>> = states.iter_mut().map(|row| row.get_mut(i).ok_or_else(stale)).collect::<Result<_>>()?;
-            b.step(h, &mut own, step)
+            // A step is never differentiated: what a block makes from trainable weights (its
+            // norm's) carries no autograd graph into the residual stream.
+            Ok(b.step(h, &mut own, step)?.detach())
         })?;
         self.output(streams)
     }
