@@ -548,12 +548,13 @@ impl LinearAttentionTransformerLM {
         let positions: Vec<usize> = rows.iter().map(|r| r.position).collect();
         let ids = self.check_tokens(&Tensor::from_slice(tokens, (b, t), &self.device)?)?;
         let pos = Tensor::stack(&positions.iter().map(|&p| self.pos_emb.forward(p, t)).collect::<Result<Vec<_>>>()?, 0)?;
-        // Detached: with trainable embeddings candle would record every op of the step in a
-        // graph that this step's output keeps alive, and frees at its end.
-        let mut h = self.token_emb.forward(&ids)?.broadcast_add(&pos)?.detach();
+        let mut h = self.token_emb.forward(&ids)?.broadcast_add(&pos)?;
         if let Some(p) = &self.project_in {
             h = p.apply(&h, Mode::Decode)?;
         }
+        // Detached: from trainable weights candle would record every op of the step in a graph
+        // kept alive until the step's output is dropped.
+        let h = h.detach();
         let mut blocks: Vec<&mut Vec<Box<dyn BlockState>>> = rows.iter_mut().map(|r| &mut r.blocks).collect();
         let step = Step { rotary: self.layer_rotary.as_deref(), positions: &positions };
         let h = self.transformer.stack.step(&h, &mut blocks, &step)?;

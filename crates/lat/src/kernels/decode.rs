@@ -280,7 +280,7 @@ pub fn matmul_all(x: &[f32], rows: usize, products: &[Product]) -> Vec<Vec<f32>>
             Weight::F32(w) => {
                 // Straight into the output. SAFETY: this block alone writes (and then reads)
                 // columns o0 .. o0 + n of each row of product i, and writes every one of them.
-                let dst = Dst { ptr: unsafe { outs[i].at(o0) }, stride: out };
+                let dst = unsafe { Dst::new(outs[i].at(o0), out, rows, n) };
                 f32_block(x, &xs, rows, k, w, o0, n, dst);
                 (0..rows).for_each(|r| finish(unsafe { outs[i].slice(r * out + o0, n) }));
             }
@@ -354,18 +354,28 @@ impl Interleaved {
 }
 
 /// Where an f32 block's sums go: its element (r, c) at `ptr + r · stride + c`, in place in the
-/// product's output, whose other columns other blocks write at the same time.
+/// product's output, whose other columns other blocks write at the same time. `rows` and `cols`
+/// bound the block, checked in debug builds (a write past them would land in another block's).
 #[derive(Clone, Copy)]
 struct Dst {
     ptr: *mut f32,
     stride: usize,
+    rows: usize,
+    cols: usize,
 }
 
 impl Dst {
     /// # Safety
-    /// (r, c) lies in the block's own part of the output.
+    /// `ptr` with `stride` covers the block's `rows` x `cols`, which no other thread touches.
+    unsafe fn new(ptr: *mut f32, stride: usize, rows: usize, cols: usize) -> Self {
+        Self { ptr, stride, rows, cols }
+    }
+
+    /// # Safety
+    /// As for [`Dst::new`]; (r, c) lies in the block.
     #[inline(always)]
     unsafe fn set(self, r: usize, c: usize, v: f32) {
+        debug_assert!(r < self.rows && c < self.cols, "decode product: ({r}, {c}) is outside the block's {} x {}", self.rows, self.cols);
         *self.ptr.add(r * self.stride + c) = v;
     }
 }
@@ -1094,9 +1104,10 @@ mod tests {
                 // The AVX2 tiles of three or more f32 rows, which AVX-512 CPUs do not take.
                 #[cfg(target_arch = "x86_64")]
                 if let (Weight::F32(w), true) = (weight, std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
-                    let (x, mut avx2) = (&x[..rows * k], vec![0f32; rows * out]);
+                    // NaN where a write would be missing.
+                    let (x, mut avx2) = (&x[..rows * k], vec![f32::NAN; rows * out]);
                     // SAFETY: the CPU has AVX2 and FMA; x, w and avx2 are [rows, k], [out, k], [rows, out].
-                    unsafe { avx2::block(x, &Interleaved::new(x, rows, k), rows, k, w, 0, out, Dst { ptr: avx2.as_mut_ptr(), stride: out }) };
+                    unsafe { avx2::block(x, &Interleaved::new(x, rows, k), rows, k, w, 0, out, Dst::new(avx2.as_mut_ptr(), out, rows, out)) };
                     for (r, one) in one.iter().enumerate().take(rows) {
                         assert_eq!(*one, avx2[r * out..(r + 1) * out], "AVX2: row {r} of {rows}");
                     }

@@ -9,10 +9,14 @@ use std::ptr::NonNull;
 const LINE: usize = 64;
 
 /// Element types whose all-zero bits are a value (zeroed storage holds valid elements).
-pub trait Plain: Copy + Send + Sync + 'static {}
-impl Plain for f32 {}
-impl Plain for u16 {}
-impl Plain for i8 {}
+///
+/// # Safety
+/// All-zero bits must be a value of the type, and the type must not be zero-sized.
+pub unsafe trait Plain: Copy + Send + Sync + 'static {}
+// SAFETY: zero is 0.0, 0 and 0 for these, each of a few bytes.
+unsafe impl Plain for f32 {}
+unsafe impl Plain for u16 {}
+unsafe impl Plain for i8 {}
 
 /// A growable vector of `T` aligned to a cache line. Its capacity is fixed when it is made:
 /// the buffers that use it know their bound (a window cache holds two windows at most).
@@ -28,7 +32,7 @@ unsafe impl<T: Plain> Sync for LineVec<T> {}
 
 impl<T: Plain> LineVec<T> {
     fn layout(cap: usize) -> Layout {
-        Layout::from_size_align(cap.max(1) * size_of::<T>(), LINE).expect("a LineVec's size overflows")
+        Layout::array::<T>(cap.max(1)).and_then(|l| l.align_to(LINE)).expect("a LineVec's size overflows")
     }
 
     /// Room for `cap` elements, none held.
@@ -46,7 +50,7 @@ impl<T: Plain> LineVec<T> {
 
     fn allocate(cap: usize, zeroed: bool) -> Self {
         let layout = Self::layout(cap);
-        // SAFETY: the layout's size is not zero.
+        // SAFETY: the layout's size is not zero (room for one element or more, none zero-sized).
         let ptr = unsafe { if zeroed { alloc::alloc_zeroed(layout) } else { alloc::alloc(layout) } }.cast::<T>();
         let Some(ptr) = NonNull::new(ptr) else { alloc::handle_alloc_error(layout) };
         Self { ptr, len: 0, cap }
@@ -75,7 +79,7 @@ impl<T: Plain> LineVec<T> {
 
 impl<T: Plain> Drop for LineVec<T> {
     fn drop(&mut self) {
-        // SAFETY: allocated in `with_capacity` with this layout.
+        // SAFETY: allocated in `allocate` with this layout.
         unsafe { alloc::dealloc(self.ptr.as_ptr().cast(), Self::layout(self.cap)) };
     }
 }
