@@ -232,19 +232,16 @@ impl SelfAttention {
         // Task (r, g): key/value head g of row r, in each of the row's states. Every row's heads
         // lie in one vector, [row][group][state], of which each task takes its run.
         let counts: Vec<usize> = rows.iter().map(|states| states.len()).collect();
-        let mut slots: Vec<Option<Head>> = std::iter::repeat_with(|| None).take(groups.len() * counts.iter().sum::<usize>()).collect();
-        let mut at = 0;
+        let mut heads: Vec<Head> = Vec::with_capacity(groups.len() * counts.iter().sum::<usize>());
         for states in rows.iter_mut() {
-            let n = states.len();
-            for (s, state) in states.iter_mut().enumerate() {
-                let (mut local, mut global) = (state.local.iter_mut(), state.global.iter_mut());
-                for (g, &(first, _)) in groups.iter().enumerate() {
-                    slots[at + g * n + s] = Some(if first < l.local_heads { Head::Local(local.next().ok_or_else(stale)?) } else { Head::Global(global.next().ok_or_else(stale)?) });
+            // Each state's heads come in group order.
+            let mut each: Vec<_> = states.iter_mut().map(|state| (state.local.iter_mut(), state.global.iter_mut())).collect();
+            for &(first, _) in &groups {
+                for (local, global) in each.iter_mut() {
+                    heads.push(if first < l.local_heads { Head::Local(local.next().ok_or_else(stale)?) } else { Head::Global(global.next().ok_or_else(stale)?) });
                 }
             }
-            at += groups.len() * n;
         }
-        let mut heads: Vec<Head> = slots.into_iter().map(|h| h.expect("every slot is filled")).collect();
         let mut tasks = Vec::with_capacity(b * groups.len());
         let mut rest = heads.as_mut_slice();
         for (r, &n) in counts.iter().enumerate() {
