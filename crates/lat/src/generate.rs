@@ -171,7 +171,7 @@ impl<'a> Continuation<'a> {
                 first.extend(rows(&l)?);
                 states.push(st);
             }
-            c.state = Some(DecodeState::concat(&states)?);
+            c.state = Some(DecodeState::concat(states)?);
             first
         } else {
             (0..prompts.len()).map(|r| c.uncached(r)).collect::<Result<_>>()?

@@ -184,12 +184,13 @@ impl DecodeState {
         self.rows.iter().map(|r| r.position).collect()
     }
 
-    /// One batch state from several (each of any batch size), rows in order.
-    pub fn concat(states: &[DecodeState]) -> Result<Self> {
+    /// One batch state from several (each of any batch size), rows in order. The rows move:
+    /// a copy would leave the originals' windows resident in the heap beside the copies'.
+    pub fn concat(states: Vec<DecodeState>) -> Result<Self> {
         if states.is_empty() {
             return Err(Error::input("no states to concatenate"));
         }
-        Ok(Self { rows: states.iter().flat_map(|s| s.rows.iter().cloned()).collect() })
+        Ok(Self { rows: states.into_iter().flat_map(|s| s.rows).collect() })
     }
 
     /// Bytes of memory the state holds (the same at every position for models without local
