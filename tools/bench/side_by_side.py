@@ -1,7 +1,7 @@
 """Runs `lat bench` and the Python reference (tools/reference/bench.py) side by side on this
 machine and writes a dated markdown table of times, tokens/s, peak memory and ratios.
 
-    python tools/bench/side_by_side.py [--lengths 1024 2048 4096 8192 16384] [--modes forward train]
+    python tools/bench/side_by_side.py [--lengths 1024 2048 4096 8192 16384] [--modes forward train train-kept]
         [--rounds 3] [--steps 3] [--threads 2] [--variant seed] [--variant blindspot1]
         [--isa avx2 native] [--generate] [--quantized] [--scaling [VARIANT ...]] [--resume LOG]
         [--out benchmarks/YYYY-MM-DD.md]
@@ -104,7 +104,8 @@ def main():
     ap.add_argument("--quantized", action="store_true", help="also per-token decoding with f32, bf16 and int8 weights at batch 1 and 32")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    ap.add_argument("--modes", nargs="+", default=["forward", "train"])
+    ap.add_argument("--modes", nargs="+", default=["forward", "train"], choices=["forward", "train", "train-kept"],
+                    help="train-kept: our training step with the reversible stack keeping its activations (--keep-activations), against the reference's training step")
     ap.add_argument("--variant", action="append", choices=list(VARIANTS), help="model variants (default: seed and blindspot1)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3)
@@ -160,20 +161,19 @@ def main():
             for variant in variants:
                 sets = VARIANTS[variant]
                 lat_cfg = lambda n: config_for(a, tmp, variant, sets, n, base_env)
+                def pair(mode, n, steps):
+                    """Our command and the reference's for one configuration. train-kept: our
+                    reversible stack keeps its activations; the reference has no such choice."""
+                    cfg = lat_cfg(n)
+                    common = ["--mode", "train" if mode == "train-kept" else mode, "--seq-len", str(n), "--steps", str(steps), "--json"]
+                    ours = [lat, "bench", "--config", cfg] + common + (["--keep-activations"] if mode == "train-kept" else [])
+                    return ours, [a.python, ref, "--config", cfg, "--threads", str(a.threads)] + common
                 for mode in a.modes:
                     for n in a.lengths:
-                        cfg = lat_cfg(n)
-                        common = ["--mode", mode, "--seq-len", str(n), "--steps", str(a.steps), "--json"]
-                        ours = [lat, "bench", "--config", cfg] + common
-                        theirs = [a.python, ref, "--config", cfg, "--threads", str(a.threads)] + common
-                        measure((isa, variant, mode, n), ours, theirs, env)
+                        measure((isa, variant, mode, n), *pair(mode, n, a.steps), env)
                 if a.scaling is not None and (not a.scaling or variant in a.scaling):
                     for mode in a.modes:
-                        n = 32768
-                        cfg = lat_cfg(n)
-                        common = ["--mode", mode, "--seq-len", str(n), "--steps", "2", "--json"]
-                        measure((isa, variant, mode, n), [lat, "bench", "--config", cfg] + common,
-                                [a.python, ref, "--config", cfg, "--threads", str(a.threads)] + common, env)
+                        measure((isa, variant, mode, 32768), *pair(mode, 32768, 2), env)
             if a.generate:
                 # The same weights for both: the reference's seed model, imported.
                 for prompt, new in [(512, 256)]:
@@ -346,6 +346,9 @@ def render(a, rows, noisy):
         "For generate, tokens are new tokens (greedy), and the time includes reading the prompt. `decode` rows continue a context",
         "of that many tokens: ours for 64 new tokens, the reference for 8 (each of its tokens re-runs the whole sequence, so its",
         "rate does not depend on how many), and the reference not beyond 4 k tokens.",
+        "`train-kept` rows: our training step with `--keep-activations` (the reversible stack keeps every block's activations",
+        "instead of recomputing them in the backward pass, three passes' products instead of four) against the reference's",
+        "training step, which always recomputes.",
         "",
     ]
     return "\n".join(lines)

@@ -5,7 +5,7 @@
 //! The plan counts what the code keeps: the parameters (and for training their gradients and
 //! AdamW's two moments, and with bf16 the compute copy), the activations a step keeps for its
 //! backward pass (every block's for a sequential stack; for a reversible one the two streams
-//! plus one block's, whatever the depth), the largest transient of a backward pass, the logits
+//! plus one block's, whatever the depth, or every block's when it keeps them), the largest transient of a backward pass, the logits
 //! and their gradient, and for decoding the per-stream state (at its bound) and the peak of
 //! reading a prompt piece. Tests hold it to within 25 % of the peak a counting allocator measures.
 
@@ -78,6 +78,9 @@ pub enum Workload {
         seq_len: usize,
         /// 4 (f32) or 2 (bf16).
         bytes_per_value: usize,
+        /// Whether a reversible stack keeps every block's activations (see
+        /// [`crate::Pass::keep_activations`]).
+        keep_activations: bool,
     },
     /// Inference over `batch` sequences of `seq_len` tokens (eval, logits).
     Forward {
@@ -220,15 +223,17 @@ pub fn plan(config: &Config, parameters: u64, work: Workload) -> Result<Plan> {
     let vocab = if config.return_embeddings { config.emb_dim() as u64 } else { config.num_tokens as u64 };
     let shape = |batch: usize, len: usize, f: u64| Shape { rows: (batch * padded(len)) as u64, f, d, vocab, emb: config.emb_dim() as u64 };
     Ok(match work {
-        Workload::Train { batch, seq_len, bytes_per_value } => {
+        Workload::Train { batch, seq_len, bytes_per_value, keep_activations } => {
             let s = shape(batch, seq_len, bytes_per_value as u64);
             let costs = blocks(config, &s, batch as u64);
-            let activations = if config.reversible {
+            let recomputes = config.reversible && !keep_activations;
+            let activations = if recomputes {
                 // The two streams and their gradients, the pair being recomputed, and one
                 // block's kept activations.
                 6 * s.rows * d * s.f + costs.iter().map(|c| c.at_once).max().unwrap_or(0)
             } else {
-                costs.iter().map(|c| c.kept).sum()
+                // A reversible stack's two streams and their gradients come on top.
+                costs.iter().map(|c| c.kept).sum::<u64>() + if config.reversible { 4 * s.rows * d * s.f } else { 0 }
             };
             let backward = costs.iter().map(|c| c.backward).max().unwrap_or(0);
             let head = head_bytes(&s) + s.rows * s.vocab * 4;
@@ -240,7 +245,11 @@ pub fn plan(config: &Config, parameters: u64, work: Workload) -> Result<Plan> {
             if bytes_per_value == 2 {
                 items.push(("bf16 copy of the weights and its gradients".to_string(), 2 * parameters * 2));
             }
-            items.push((format!("activations kept for the backward pass ({}, {} blocks)", if config.reversible { "reversible: one block's" } else { "sequential: every block's" }, costs.len()), activations));
+            items.push((format!("activations kept for the backward pass ({}, {} blocks)", match (config.reversible, recomputes) {
+                (true, true) => "reversible: one block's",
+                (true, false) => "reversible, kept: every block's",
+                _ => "sequential: every block's",
+            }, costs.len()), activations));
             items.push(("the largest backward transient".to_string(), backward));
             items.push(("embeddings, logits, loss and their gradients".to_string(), head));
             Plan::new(format!("training, batch {batch} × {seq_len} tokens, {}", if bytes_per_value == 2 { "bf16" } else { "f32" }), items)

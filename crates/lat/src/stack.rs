@@ -9,13 +9,14 @@
 //! blocks' backward passes in reverse: a sequential stack from what each block kept, a
 //! reversible one reconstructing each pair's inputs from its outputs (`x2 = y2 - g(y1)`,
 //! `x1 = y1 - f(x2)`) and recomputing one block at a time, so that its memory is one block's
-//! activations whatever the depth.
+//! activations whatever the depth, or, when the pass keeps activations, from what each block
+//! kept, skipping the recomputation.
 
 use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use crate::block::{AnyBlock, BlockState};
+use crate::block::{AnyBlock, Backward, BlockState};
 use crate::error::Result;
 use crate::graph::{self, Grads};
 use crate::layers::{Pair, StackInputs, Step};
@@ -70,7 +71,7 @@ impl Stack {
             return self.output(self.couple(x, |_, b, h| b.forward(h, inputs, pass))?);
         }
         let local = StackInputs { context: inputs.context.as_ref().map(|c| c.detach()), ..inputs.clone() };
-        let (out, backward) = if self.reversible {
+        let (out, backward) = if self.reversible && !pass.keeps_activations() {
             // Each block's result is detached: at most one block's activations are alive.
             let (y1, y2) = self.couple(&x.detach(), |_, b, h| Ok(b.forward(h, &local, pass)?.detach()))?;
             let out = self.output((y1.clone(), y2.clone()))?;
@@ -79,19 +80,14 @@ impl Stack {
             (out, backward)
         } else {
             let mut recorded = Vec::with_capacity(2 * self.pairs.len());
-            let (y, _) = self.couple(&x.detach(), |_, b, h| {
+            let streams = self.couple(&x.detach(), |_, b, h| {
                 let (y, backward) = b.record(h, &local, pass)?;
                 recorded.push(backward);
                 Ok(y)
             })?;
-            let backward: graph::NodeBackward = Box::new(move |dy| {
-                let (mut dx, mut grads) = (dy.clone(), Grads::default());
-                for backward in recorded.into_iter().rev() {
-                    dx = (&dx + backward(&dx, &mut grads)?)?;
-                }
-                Ok((dx, grads))
-            });
-            (y, backward)
+            let reversible = self.reversible;
+            let backward: graph::NodeBackward = Box::new(move |dy| kept_backward(recorded, reversible, dy));
+            (self.output(streams)?, backward)
         };
         graph::attach(x, inputs.context.as_ref(), &self.params, out, backward)
     }
@@ -146,6 +142,28 @@ impl Stack {
         })?;
         self.output(streams)
     }
+}
+
+/// The stack's backward pass through the blocks' recorded backward passes, block `2j` being
+/// pair j's f and `2j + 1` its g.
+fn kept_backward(recorded: Vec<Backward>, reversible: bool, dy: &Tensor) -> Result<(Tensor, Grads)> {
+    let mut grads = Grads::default();
+    if !reversible {
+        let mut dx = dy.clone();
+        for backward in recorded.into_iter().rev() {
+            dx = (&dx + backward(&dx, &mut grads)?)?;
+        }
+        return Ok((dx, grads));
+    }
+    // The coupling's chain rule: y1 = x1 + f(x2), y2 = x2 + g(y1), out = (y1 + y2) / 2.
+    let half = (dy * 0.5)?;
+    let (mut dy1, mut dy2) = (half.clone(), half);
+    let mut blocks = recorded.into_iter().rev();
+    while let (Some(g), Some(f)) = (blocks.next(), blocks.next()) {
+        dy1 = (&dy1 + g(&dy2, &mut grads)?)?;
+        dy2 = (&dy2 + f(&dy1, &mut grads)?)?;
+    }
+    Ok(((dy1 + dy2)?, grads))
 }
 
 fn stale() -> crate::Error {

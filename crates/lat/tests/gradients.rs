@@ -82,3 +82,45 @@ fn every_attention_kind_has_the_right_gradient() {
         check("cross-attention", &ctx);
     }
 }
+
+/// A reversible stack that keeps its activations skips the backward pass's recomputation; its
+/// gradients must be the recomputing stack's (checked above by finite differences), with
+/// dropout on (the same masks), a context, and every kind of block.
+#[test]
+fn keeping_activations_gives_the_recomputed_gradients() {
+    let mut causal = base();
+    causal.reversible = true;
+    causal.causal = true;
+    causal.blindspot_size = 4;
+    causal.n_local_attn_heads = LocalHeads::Uniform(1);
+    causal.shift_tokens = true;
+    causal.ff_chunks = 2;
+    causal.ff_dropout = 0.2;
+    causal.attn_layer_dropout = 0.1;
+    let mut context = base();
+    context.reversible = true;
+    context.receives_context = true;
+    context.ff_glu = true;
+    for (name, c) in [("causal, local head, shifted, chunked, dropout", causal), ("non-causal, cross-attention, glu", context)] {
+        let (b, n) = (2, 12);
+        let model = LinearAttentionTransformerLM::new(&c, 3, &Device::Cpu, DType::F64).unwrap();
+        let tokens = Tensor::from_vec((0..b * n).map(|i| (i * 5 % c.num_tokens) as u32).collect::<Vec<_>>(), (b, n), &Device::Cpu).unwrap();
+        let targets: Vec<u32> = (0..b * n).map(|i| (i * 11 % c.num_tokens) as u32).collect();
+        let ctx = Tensor::from_vec((0..b * 5 * c.dim).map(|i| ((i * 29 % 13) as f64 - 6.0) / 6.0).collect::<Vec<_>>(), (b, 5, c.dim), &Device::Cpu).unwrap();
+        let grads = |keep: bool| {
+            let inputs = Inputs { input_mask: None, context: c.receives_context.then_some(&ctx), context_mask: None };
+            let logits = model.forward(&tokens, &inputs, &Pass::train(7).keep_activations(keep)).unwrap();
+            let loss = cross_entropy_rows(&logits.reshape((b * n, c.num_tokens)).unwrap(), &targets).unwrap().mean_all().unwrap();
+            (loss.to_scalar::<f64>().unwrap(), loss.backward().unwrap())
+        };
+        let ((recomputed_loss, recomputed), (kept_loss, kept)) = (grads(false), grads(true));
+        assert_eq!(recomputed_loss, kept_loss, "{name}: the forward pass changed");
+        for p in model.params().iter().filter(|p| p.trainable) {
+            let a = recomputed.get(&p.tensor).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let k = kept.get(&p.tensor).unwrap_or_else(|| panic!("{name}: no gradient for {} when keeping activations", p.name)).flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let scale = a.iter().fold(1e-12f64, |m, x| m.max(x.abs()));
+            let worst = a.iter().zip(&k).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+            assert!(worst <= 1e-10 * scale, "{name}: {}: kept and recomputed gradients differ by {worst} (largest {scale})", p.name);
+        }
+    }
+}

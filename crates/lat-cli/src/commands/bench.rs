@@ -69,6 +69,10 @@ pub struct Args {
     /// bf16: forward in bfloat16; train in mixed precision (bfloat16 compute, f32 weights).
     #[arg(long, default_value = "f32")]
     precision: Precision,
+    /// Train: a reversible stack keeps every block's activations instead of recomputing them in
+    /// the backward pass (faster, for a sequential stack's memory).
+    #[arg(long)]
+    keep_activations: bool,
     #[command(flatten)]
     memory: super::memory::MemoryArgs,
 }
@@ -134,7 +138,7 @@ pub fn run(a: Args) -> Result<()> {
         _ => return Err(usage("give --preset, --config or --model")),
     };
     let work = match a.mode {
-        Mode::Train => Workload::Train { batch: a.batch, seq_len: a.seq_len, bytes_per_value: a.precision.dtype().size_in_bytes() },
+        Mode::Train => Workload::Train { batch: a.batch, seq_len: a.seq_len, bytes_per_value: a.precision.dtype().size_in_bytes(), keep_activations: a.keep_activations },
         Mode::Forward => Workload::Forward { batch: a.batch, seq_len: a.seq_len },
         Mode::Generate => Workload::Generate { streams: a.batch, prompt_len: a.seq_len },
     };
@@ -173,7 +177,7 @@ pub fn run(a: Args) -> Result<()> {
             }
             Mode::Train => {
                 let y: Vec<u32> = x.flatten_all()?.to_vec1::<u32>()?.iter().map(|&t| (t + 1) % v as u32).collect();
-                let pass = Pass::train(i as u64);
+                let pass = Pass::train(i as u64).keep_activations(a.keep_activations);
                 // Mixed precision: a bfloat16 copy of the f32 weights per step, as `lat train` does.
                 let step_model = model.cast(a.precision.dtype())?;
                 let logits = step_model.forward(&x, &Inputs::default(), &pass)?.to_dtype(DType::F32)?;
@@ -210,10 +214,11 @@ pub fn run(a: Args) -> Result<()> {
         _ => a.batch * a.seq_len,
     };
     // The products' FLOPs per step: 2 per weight per token forward; a training step adds the
-    // two products of the backward pass, and a reversible stack recomputes the forward.
+    // two products of the backward pass, and a reversible stack recomputes the forward unless
+    // it keeps its activations.
     let weights: usize = model.params().iter().filter(|p| p.linear).map(|p| p.tensor.elem_count()).sum();
     let passes = match a.mode {
-        Mode::Train => 3 + usize::from(model.config().reversible),
+        Mode::Train => 3 + usize::from(model.config().reversible && !a.keep_activations),
         Mode::Forward | Mode::Generate => 1,
     };
     let flops = 2.0 * weights as f64 * produced as f64 * passes as f64;
@@ -237,6 +242,7 @@ pub fn run(a: Args) -> Result<()> {
         "product_gflops_per_s": flops / med / 1e9,
         "fma_peak_gflops_per_s": dev.is_cpu().then(fma_peak_gflops),
         "precision": if bf16 { "bf16" } else { "f32" },
+        "keep_activations": a.mode == Mode::Train && a.keep_activations,
         "threads": rayon_threads(),
         "device": a.device,
     });

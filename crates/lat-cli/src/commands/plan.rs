@@ -88,7 +88,7 @@ fn bytes_per_value(p: Precision) -> usize {
 pub fn training_plan(run: &RunConfig) -> Result<Plan> {
     let params = LinearAttentionTransformerLM::count_parameters(&run.model)?;
     let t = &run.train;
-    plan::plan(&run.model, params, Workload::Train { batch: t.batch_size, seq_len: t.seq_len, bytes_per_value: bytes_per_value(t.precision) })
+    plan::plan(&run.model, params, Workload::Train { batch: t.batch_size, seq_len: t.seq_len, bytes_per_value: bytes_per_value(t.precision), keep_activations: t.keep_activations })
 }
 
 /// What to change so that `run` fits in `limit`.
@@ -96,9 +96,13 @@ pub fn training_advice(run: &RunConfig, limit: u64) -> Result<String> {
     let params = LinearAttentionTransformerLM::count_parameters(&run.model)?;
     let t = &run.train;
     let f = bytes_per_value(t.precision);
-    let fits = |batch: usize, seq_len: usize| {
-        plan::plan(&run.model, params, Workload::Train { batch, seq_len, bytes_per_value: f }).is_ok_and(|p| p.total <= limit)
+    let fits_with = |batch: usize, seq_len: usize, keep_activations: bool| {
+        plan::plan(&run.model, params, Workload::Train { batch, seq_len, bytes_per_value: f, keep_activations }).is_ok_and(|p| p.total <= limit)
     };
+    if t.keep_activations && run.model.reversible && fits_with(t.batch_size, t.seq_len, false) {
+        return Ok("set train.keep_activations=false (the reversible stack then recomputes its activations)".to_string());
+    }
+    let fits = |batch: usize, seq_len: usize| fits_with(batch, seq_len, t.keep_activations);
     if let Some(b) = largest(t.batch_size, |b| fits(b, t.seq_len)) {
         return Ok(format!("lower train.batch_size to at most {b}"));
     }
