@@ -5,9 +5,10 @@
 //! The plan counts what the code keeps: the parameters (and for training their gradients and
 //! AdamW's two moments, and with bf16 the compute copy), the activations a step keeps for its
 //! backward pass (every block's for a sequential stack; for a reversible one the two streams
-//! plus one block's, whatever the depth, or every block's when it keeps them), the largest transient of a backward pass, the logits
-//! and their gradient, and for decoding the per-stream state (at its bound) and the peak of
-//! reading a prompt piece. Tests hold it to within 25 % of the peak a counting allocator measures.
+//! plus one block's, whatever the depth, or every block's when it keeps them), the largest
+//! transient of a backward pass, the logits and their gradient, and for decoding the per-stream
+//! state (at its bound) and the peak of reading a prompt piece. Tests hold it to within 25 % of
+//! the peak a counting allocator measures.
 
 use serde::Serialize;
 
