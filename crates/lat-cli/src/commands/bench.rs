@@ -43,7 +43,7 @@ pub struct Args {
     #[arg(long)]
     model: Option<PathBuf>,
     #[arg(long, value_enum)]
-    mode: Mode,
+    pub mode: Mode,
     /// Sequence length (the prompt length for generate).
     #[arg(long)]
     seq_len: usize,

@@ -20,6 +20,7 @@ pub mod layer_norm;
 pub mod linear;
 mod lines;
 pub mod local;
+pub mod matmul;
 pub mod rotary;
 pub mod self_attention;
 

@@ -10,6 +10,7 @@ use crate::config::TransformerConfig;
 use crate::error::Result;
 use crate::graph::Grads;
 use crate::kernels::gelu;
+use crate::kernels::matmul::matmul;
 use crate::nn::{positional_mask, rows2, Linear};
 use crate::params::Builder;
 use crate::rng::derive;
@@ -129,9 +130,9 @@ impl Layer for FeedForward {
                 (Tensor::cat(&[&dgate_pre, &dvalue], 1)?, Tensor::cat(&[&db1a, &db1b], 0)?)
             }
         };
-        grads.param(&self.w1.weight, dpre.t()?.matmul(&s.x)?)?;
+        grads.param(&self.w1.weight, matmul(&dpre.t()?, &s.x)?)?;
         grads.param(self.w1.bias.as_ref().expect("w1 has a bias"), db1)?;
-        Ok(dpre.matmul(&self.w1.weight.detach())?.reshape(h.dims())?)
+        Ok(matmul(&dpre, &self.w1.weight.detach())?.reshape(h.dims())?)
     }
 
     fn prefill(&self, h: &Tensor, call: &Call, _n: usize) -> Result<(Tensor, Vec<()>)> {

@@ -18,6 +18,7 @@ use crate::graph::Grads;
 use crate::kernels::causal_linear::LinearState;
 use crate::kernels::local::{Dropout, LocalCache};
 use crate::kernels::self_attention::{self as fused, HeadSpec};
+use crate::kernels::matmul::matmul;
 use crate::kernels::{self, SharedOut};
 use crate::nn::{rows2, Linear};
 use crate::params::Builder;
@@ -114,9 +115,9 @@ impl SelfAttention {
             let [q, k, v] = [&self.to_q, &self.to_k, &self.to_v].map(|p| p.weight_for(mode));
             if !l.one_kv_head {
                 let all = Tensor::cat(&[&q, &k, &v], 0)?;
-                return Ok(x.matmul(&all.t()?)?.reshape((b, n, all.dim(0)?))?);
+                return Ok(matmul(&x, &all.t()?)?.reshape((b, n, all.dim(0)?))?);
             }
-            (x.matmul(&q.t()?)?, x.matmul(&Tensor::cat(&[&k, &v], 0)?.t()?)?)
+            (matmul(&x, &q.t()?)?, matmul(&x, &Tensor::cat(&[&k, &v], 0)?.t()?)?)
         };
         let width = l.kv_heads() * l.dim_head;
         let (k, v) = (l.expand(&kv.narrow(1, 0, width)?)?, l.expand(&kv.narrow(1, width, width)?)?);
@@ -129,12 +130,12 @@ impl SelfAttention {
         let he = l.inner();
         if !l.one_kv_head {
             let (x, d) = (rows2(h)?, rows2(dqkv)?);
-            let dw = d.t()?.matmul(&x)?;
+            let dw = matmul(&d.t()?, &x)?;
             for (i, layer) in [&self.to_q, &self.to_k, &self.to_v].into_iter().enumerate() {
                 grads.param(&layer.weight, dw.narrow(0, i * he, he)?)?;
             }
             let w = Tensor::cat(&[&self.to_q.weight.detach(), &self.to_k.weight.detach(), &self.to_v.weight.detach()], 0)?;
-            return Ok(d.matmul(&w)?.reshape(h.dims())?);
+            return Ok(matmul(&d, &w)?.reshape(h.dims())?);
         }
         let (b, n, _) = dqkv.dims3()?;
         let shared = |part: usize| l.reduce(&dqkv.narrow(2, part * he, he)?.reshape((b, n, l.heads, l.dim_head))?);

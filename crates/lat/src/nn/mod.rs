@@ -12,6 +12,7 @@ use crate::error::Result;
 use crate::graph::Grads;
 use crate::kernels;
 use crate::kernels::decode::Panels;
+use crate::kernels::matmul::{matmul, matmul_bias};
 use crate::layers::Mode;
 use crate::params::{fan_in_bound, Builder, Init};
 use crate::rng::uniform_at;
@@ -76,15 +77,16 @@ impl Linear {
     }
 
     /// `x Wᵀ`, plus the bias when `with_bias`, on the last dimension of `x`. Decoding steps and
-    /// packed weights go through the decoding products; the rest through candle's matmul.
+    /// packed weights go through the decoding products; the rest through [`matmul`] and
+    /// [`matmul_bias`].
     pub(crate) fn product(&self, x: &Tensor, mode: Mode, with_bias: bool) -> Result<Tensor> {
         if self.takes_decode_products(x, mode) {
             return Ok(Self::decode_products(&[self], x, mode, with_bias, false)?.remove(0));
         }
-        let y = rows2(x)?.matmul(&self.weight_for(mode).t()?)?;
+        let (x2, w) = (rows2(x)?, self.weight_for(mode).t()?);
         let y = match self.bias_for(mode).filter(|_| with_bias) {
-            Some(b) => y.broadcast_add(&b)?,
-            None => y,
+            Some(b) => matmul_bias(&x2, &w, &b)?,
+            None => matmul(&x2, &w)?,
         };
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
@@ -160,13 +162,13 @@ impl Linear {
     /// gradients into `grads`.
     pub(crate) fn backward(&self, x: &Tensor, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
         let (x2, dy2) = (rows2(x)?, rows2(dy)?);
-        grads.param(&self.weight, dy2.t()?.matmul(&x2)?)?;
+        grads.param(&self.weight, matmul(&dy2.t()?, &x2)?)?;
         if let Some(b) = &self.bias {
             grads.param(b, dy2.sum(0)?)?;
         }
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("rank >= 1") = self.weight.dim(1)?;
-        Ok(dy2.matmul(&self.weight.detach())?.reshape(shape)?)
+        Ok(matmul(&dy2, &self.weight.detach())?.reshape(shape)?)
     }
 }
 
