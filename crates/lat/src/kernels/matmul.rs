@@ -128,52 +128,15 @@ pub(crate) fn product<T: Elem>(m: usize, n: usize, k: usize, a: Mat<T>, b: Mat<T
             }
         });
     }
-    // SAFETY: the output has room for m x n; without a bias gemm writes every element without
-    // reading it, with one it reads the bias rows just written.
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the fresh output has room for m x n and aliases nothing; without a bias gemm
+    // writes every element without reading it, with one it reads the bias rows just written.
     unsafe {
-        multiply(m, n, k, &out, bias.is_some(), a, b);
+        super::gemm_into(m, n, k, out.at(0), n, bias.is_some(), a, b, T::ONE, parallelism);
         c.set_len(m * n);
     }
     c
-}
-
-/// `c (m x n, row-major) [+]= a · b` on the pool's threads; zeros (or `c` as it is) when `k` is 0.
-///
-/// # Safety
-/// `c` covers m x n writable elements, initialised when `accumulate`.
-unsafe fn multiply<T: Elem>(m: usize, n: usize, k: usize, c: &SharedOut<T>, accumulate: bool, a: Mat<T>, b: Mat<T>) {
-    if k == 0 {
-        if !accumulate {
-            std::ptr::write_bytes(c.at(0), 0, m * n);
-        }
-        return;
-    }
-    let last = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
-    assert!(last(a.rs, a.cs, m, k) < a.data.len(), "matmul: lhs too small");
-    assert!(last(b.rs, b.cs, k, n) < b.data.len(), "matmul: rhs too small");
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    gemm::gemm(
-        m,
-        n,
-        k,
-        c.at(0),
-        1,
-        n as isize,
-        accumulate,
-        a.data.as_ptr(),
-        a.cs as isize,
-        a.rs as isize,
-        b.data.as_ptr(),
-        b.cs as isize,
-        b.rs as isize,
-        T::ONE,
-        T::ONE,
-        false,
-        false,
-        false,
-        parallelism,
-    )
 }
 
 #[cfg(test)]

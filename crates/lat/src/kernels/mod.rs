@@ -359,43 +359,66 @@ pub(crate) fn gemm<T: Elem>(
     if m == 0 || n == 0 {
         return;
     }
+    assert!((m - 1) * dst_rs + n <= dst.len(), "gemm: destination too small");
+    // SAFETY: the destination covers m rows of n at stride dst_rs, and being borrowed mutably it
+    // cannot alias `a` or `b`.
+    unsafe { gemm_into(m, n, k, dst.as_mut_ptr(), dst_rs, accumulate, a, b, alpha, gemm::Parallelism::None) }
+}
+
+/// The one call into `gemm`'s kernels: `dst [+]= alpha * a * b` as [`gemm`] describes it, on the
+/// threads `parallelism` names; zeros (or `dst` as it is, when accumulating) when `k` is 0.
+///
+/// # Safety
+/// `dst` points at m rows of n writable elements, `dst_rs` apart, that alias neither operand
+/// and are initialised when `accumulate`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_into<T: Elem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat<T>,
+    b: Mat<T>,
+    alpha: T,
+    parallelism: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
     if k == 0 {
         if !accumulate {
             for r in 0..m {
-                dst[r * dst_rs..r * dst_rs + n].fill(T::ZERO);
+                std::ptr::write_bytes(dst.add(r * dst_rs), 0, n);
             }
         }
         return;
     }
     let last = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
-    assert!(last(dst_rs, 1, m, n) < dst.len(), "gemm: destination too small");
     assert!(last(a.rs, a.cs, m, k) < a.data.len(), "gemm: lhs too small");
     assert!(last(b.rs, b.cs, k, n) < b.data.len(), "gemm: rhs too small");
-    // SAFETY: the asserts above keep every access inside the three slices, and `dst` is
-    // borrowed mutably, so it cannot alias `a` or `b`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            T::ONE,
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        a.data.as_ptr(),
+        a.cs as isize,
+        a.rs as isize,
+        b.data.as_ptr(),
+        b.cs as isize,
+        b.rs as isize,
+        T::ONE,
+        alpha,
+        false,
+        false,
+        false,
+        parallelism,
+    )
 }
 
 /// Disjoint writes into one output buffer from parallel tasks whose rows interleave
