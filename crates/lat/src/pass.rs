@@ -31,9 +31,10 @@ impl Pass {
         Self { keep_activations: keep, ..self }
     }
 
-    /// Whether a reversible stack keeps its activations (see [`Pass::keep_activations`]).
-    pub fn keeps_activations(&self) -> bool {
-        self.keep_activations
+    /// Whether a stack (reversible or not) recomputes each block in this pass's backward pass
+    /// (see [`Pass::keep_activations`]).
+    pub fn recomputes(&self, reversible: bool) -> bool {
+        recomputes(reversible, self.keep_activations)
     }
 
     /// Whether this is a training pass.
@@ -45,4 +46,10 @@ impl Pass {
     pub(crate) fn dropout(&self, pair: usize, site: u64) -> Option<u64> {
         self.dropout_seed.map(|s| derive(derive(s, pair as u64), site))
     }
+}
+
+/// The rule of [`Pass::recomputes`], for what plans or counts a pass before there is one: a
+/// reversible stack recomputes its blocks unless it keeps their activations.
+pub fn recomputes(reversible: bool, keep_activations: bool) -> bool {
+    reversible && !keep_activations
 }

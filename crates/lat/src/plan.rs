@@ -227,7 +227,7 @@ pub fn plan(config: &Config, parameters: u64, work: Workload) -> Result<Plan> {
         Workload::Train { batch, seq_len, bytes_per_value, keep_activations } => {
             let s = shape(batch, seq_len, bytes_per_value as u64);
             let costs = blocks(config, &s, batch as u64);
-            let recomputes = config.reversible && !keep_activations;
+            let recomputes = crate::pass::recomputes(config.reversible, keep_activations);
             let activations = if recomputes {
                 // The two streams and their gradients, the pair being recomputed, and one
                 // block's kept activations.

@@ -71,7 +71,7 @@ impl Stack {
             return self.output(self.couple(x, |_, b, h| b.forward(h, inputs, pass))?);
         }
         let local = StackInputs { context: inputs.context.as_ref().map(|c| c.detach()), ..inputs.clone() };
-        let (out, backward) = if self.reversible && !pass.keeps_activations() {
+        let (out, backward) = if pass.recomputes(self.reversible) {
             // Each block's result is detached: at most one block's activations are alive.
             let (y1, y2) = self.couple(&x.detach(), |_, b, h| Ok(b.forward(h, &local, pass)?.detach()))?;
             let out = self.output((y1.clone(), y2.clone()))?;

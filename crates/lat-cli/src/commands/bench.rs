@@ -218,7 +218,7 @@ pub fn run(a: Args) -> Result<()> {
     // it keeps its activations.
     let weights: usize = model.params().iter().filter(|p| p.linear).map(|p| p.tensor.elem_count()).sum();
     let passes = match a.mode {
-        Mode::Train => 3 + usize::from(model.config().reversible && !a.keep_activations),
+        Mode::Train => 3 + usize::from(linear_attention_transformer::pass::recomputes(model.config().reversible, a.keep_activations)),
         Mode::Forward | Mode::Generate => 1,
     };
     let flops = 2.0 * weights as f64 * produced as f64 * passes as f64;
