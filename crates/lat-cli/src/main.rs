@@ -7,6 +7,7 @@ mod serve;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use linear_attention_transformer::allocator;
 
 #[derive(Parser)]
 #[command(name = "lat", version, about = "Linear attention transformer language models: train, evaluate, generate, import, benchmark")]
@@ -51,38 +52,20 @@ enum Command {
 }
 
 impl Command {
-    /// Whether the command's work is decoding steps rather than passes over whole sequences.
-    fn decodes(&self) -> bool {
-        match self {
+    /// What the command mostly does, for the allocator's settings.
+    fn work(&self) -> allocator::Work {
+        let decodes = match self {
             Command::Generate(_) | Command::Serve(_) => true,
             Command::Bench(a) => a.mode == commands::bench::Mode::Generate,
             _ => false,
+        };
+        if decodes {
+            allocator::Work::Decoding
+        } else {
+            allocator::Work::WholeSequences
         }
     }
 }
-
-/// Training allocates and frees the same large tensors every step. By default glibc serves
-/// them with fresh mappings and returns freed memory to the kernel, so every step faults (and
-/// zeroes) its memory back in; keeping it in the heap makes steps up to 25 % faster.
-/// `one_heap`: one heap for all threads. With glibc's heap per thread, the large tensors that
-/// the pool's workers allocate came and went in heaps the other threads could not reuse: a
-/// forward pass at 4 k tokens took 4-8x the page faults and a training step up to 15 % longer.
-/// Decoding steps instead allocate many small buffers on every thread at once, which one heap
-/// makes wait on its lock (a 32-stream step 15 % longer), so they keep a heap per thread.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory(one_heap: bool) {
-    // SAFETY: mallopt only changes allocator settings; called before any thread starts.
-    unsafe {
-        if one_heap {
-            libc::mallopt(libc::M_ARENA_MAX, 1);
-        }
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_freed_memory(_one_heap: bool) {}
 
 fn main() -> ExitCode {
     // candle's element-wise thread pool spins between jobs, taking cores from the kernels'
@@ -103,7 +86,7 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    keep_freed_memory(!cli.command.decodes());
+    allocator::configure(cli.command.work());
     // The command runs on a worker of the thread pool that the kernels split their work over:
     // it takes part in that work instead of waiting for it, and between parallel parts only
     // the other workers look for work, without crowding it off its core.
@@ -129,5 +112,20 @@ fn main() -> ExitCode {
             eprintln!("error: {}", linear_attention_transformer::error::one_line(&e.to_string()));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoding_commands_keep_a_heap_per_thread() {
+        let work = |args: &str| Cli::try_parse_from(format!("lat {args}").split(' ')).expect("arguments parse").command.work();
+        assert_eq!(work("generate --model m --max-new 4"), allocator::Work::Decoding);
+        assert_eq!(work("serve --model m"), allocator::Work::Decoding);
+        assert_eq!(work("bench --preset seed --mode generate --seq-len 64"), allocator::Work::Decoding);
+        assert_eq!(work("bench --preset seed --mode train --seq-len 64"), allocator::Work::WholeSequences);
+        assert_eq!(work("train"), allocator::Work::WholeSequences);
     }
 }

@@ -52,6 +52,7 @@
 
 #![warn(missing_docs)]
 
+pub mod allocator;
 pub mod autoregressive;
 mod block;
 pub mod checkpoint;

@@ -163,7 +163,7 @@ pub fn run(model: LinearAttentionTransformerLM, shared: Arc<Shared>, slots: usiz
             }
             if !idle {
                 // Idle again: give the finished streams' memory back to the system.
-                release_free_memory();
+                linear_attention_transformer::allocator::release_free_memory();
                 idle = true;
             }
             let queue = shared.queue.lock().expect("queue lock");
@@ -192,17 +192,6 @@ pub fn run(model: LinearAttentionTransformerLM, shared: Arc<Shared>, slots: usiz
         m.state_bytes = active.iter().filter_map(|s| s.state.as_ref()).map(DecodeState::bytes).sum();
     }
 }
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_free_memory() {
-    // SAFETY: malloc_trim only returns free heap pages to the system.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_free_memory() {}
 
 /// Moves waiting streams into free slots (dropping those whose client already left).
 fn admit(shared: &Shared, active: &mut Vec<Stream>, slots: usize) {
