@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
-use linear_attention_transformer::generate::Sampling;
+use linear_attention_transformer::generate::{generate, Sampling};
 use linear_attention_transformer::plan::Workload;
 use linear_attention_transformer::kernels::cross_entropy::cross_entropy_rows;
 use linear_attention_transformer::rng::Rng;
@@ -21,7 +21,7 @@ use linear_attention_transformer::train::optim::{AdamW, AdamWConfig};
 use linear_attention_transformer::train::Precision;
 use linear_attention_transformer::{checkpoint, Config, Inputs, LinearAttentionTransformerLM, LocalHeads, Pass};
 
-use super::{device, generate::run_generation, usage, Result};
+use super::{device, usage, Result};
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -190,7 +190,7 @@ pub fn run(a: Args) -> Result<()> {
             Mode::Generate => {
                 let prompts: Vec<Vec<u32>> = x.to_vec2::<u32>()?;
                 let mut stamps = Vec::with_capacity(a.new_tokens);
-                run_generation(&model, &prompts, a.new_tokens, &Sampling::greedy(), 0, None, a.no_cache, &mut |row, _| {
+                generate(&model, &prompts, a.new_tokens, &Sampling::greedy(), 0, None, !a.no_cache, &mut |row, _| {
                     if row == 0 {
                         stamps.push(t0.elapsed().as_secs_f64());
                     }

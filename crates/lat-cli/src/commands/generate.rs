@@ -8,7 +8,7 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use linear_attention_transformer::generate::{generate, Sampling};
 use linear_attention_transformer::text::TextDecoder;
-use linear_attention_transformer::{checkpoint, LinearAttentionTransformerLM};
+use linear_attention_transformer::checkpoint;
 
 use super::{device, usage, ModelArgs, Result};
 
@@ -48,21 +48,6 @@ pub struct Args {
     device: String,
     #[command(flatten)]
     memory: super::memory::MemoryArgs,
-}
-
-/// Generation shared with `lat bench`.
-#[allow(clippy::too_many_arguments)]
-pub fn run_generation(
-    model: &LinearAttentionTransformerLM,
-    prompts: &[Vec<u32>],
-    max_new: usize,
-    sampling: &Sampling,
-    seed: u64,
-    eos: Option<u32>,
-    no_cache: bool,
-    on_token: &mut dyn FnMut(usize, u32),
-) -> Result<Vec<Vec<u32>>> {
-    generate(model, prompts, max_new, sampling, seed, eos, !no_cache, on_token)
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -105,7 +90,7 @@ pub fn run(a: Args) -> Result<()> {
         out.flush().ok();
     }
     let started = Instant::now();
-    let result = run_generation(&model, &prompts, a.max_new, &sampling, a.seed, a.eos, a.no_cache, &mut |_, t| {
+    let result = generate(&model, &prompts, a.max_new, &sampling, a.seed, a.eos, !a.no_cache, &mut |_, t| {
         if stream {
             match &mut decoder {
                 Some(d) => out.write_all(&d.push(t)).ok(),

@@ -193,6 +193,23 @@ impl<'a, T: Elem> Task<'a, T> {
         }
     }
 
+    /// Folds the chunk's keys `kt` (exponentiated, scaled in place to the chunk's last
+    /// position) and values `vc` into the running sums `s_state` (e x ev) and `z` (e), first
+    /// moving them from scale `m_prev` to that position's; returns the new scale.
+    #[allow(clippy::too_many_arguments)]
+    fn fold_chunk(&self, s0: usize, c: usize, m_prev: T, kt: &mut [T], vc: &[T], s_state: &mut [T], z: &mut [T]) -> T {
+        let (e, ev) = (self.e, self.ev);
+        let m = self.p[s0 + c - 1];
+        let f = (m_prev - m).exp();
+        s_state.iter_mut().chain(z.iter_mut()).for_each(|x| *x *= f);
+        self.to_scale(s0, c, m, kt);
+        gemm(e, ev, c, s_state, ev, true, Mat::rows(kt, e).t(), Mat::rows(vc, ev), T::ONE);
+        for j in 0..c {
+            z.iter_mut().zip(&kt[j * e..(j + 1) * e]).for_each(|(a, &b)| *a += b);
+        }
+        m
+    }
+
     /// a = (q̂ ktᵀ) ∘ w over the chunk (row stride cmax).
     fn scores(&self, s0: usize, c: usize, kt: &[T], w: &[T], a: &mut [T], cmax: usize) {
         let e = self.e;
@@ -241,15 +258,7 @@ impl<'a, T: Elem> Task<'a, T> {
                 stats[(s0 + i) * 2] = self.s[s0 + i];
                 stats[(s0 + i) * 2 + 1] = den[i];
             }
-            let m = self.p[s0 + c - 1];
-            let f = (m_prev - m).exp();
-            s_state.iter_mut().chain(z.iter_mut()).for_each(|x| *x *= f);
-            self.to_scale(s0, c, m, &mut kt);
-            gemm(e, ev, c, &mut s_state, ev, true, Mat::rows(&kt, e).t(), Mat::rows(vc, ev), T::ONE);
-            for j in 0..c {
-                z.iter_mut().zip(&kt[j * e..(j + 1) * e]).for_each(|(a, &b)| *a += b);
-            }
-            m_prev = m;
+            m_prev = self.fold_chunk(s0, c, m_prev, &mut kt, vc, &mut s_state, &mut z);
         }
     }
 
@@ -312,15 +321,7 @@ impl<'a, T: Elem> Task<'a, T> {
                     *x += y * k;
                 }
             }
-            let m = self.p[s0 + c - 1];
-            let f = (m_prev - m).exp();
-            s_state.iter_mut().chain(z.iter_mut()).for_each(|x| *x *= f);
-            self.to_scale(s0, c, m, &mut kt);
-            gemm(e, ev, c, &mut s_state, ev, true, Mat::rows(&kt, e).t(), Mat::rows(vc, ev), T::ONE);
-            for j in 0..c {
-                z.iter_mut().zip(&kt[j * e..(j + 1) * e]).for_each(|(a, &b)| *a += b);
-            }
-            m_prev = m;
+            m_prev = self.fold_chunk(s0, c, m_prev, &mut kt, vc, &mut s_state, &mut z);
         }
 
         // Reverse scan: key and value gradients from the queries of later chunks, carried as
