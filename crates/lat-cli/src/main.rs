@@ -54,15 +54,10 @@ enum Command {
 impl Command {
     /// What the command mostly does, for the allocator's settings.
     fn work(&self) -> allocator::Work {
-        let decodes = match self {
-            Command::Generate(_) | Command::Serve(_) => true,
-            Command::Bench(a) => a.mode == commands::bench::Mode::Generate,
-            _ => false,
-        };
-        if decodes {
-            allocator::Work::Decoding
-        } else {
-            allocator::Work::WholeSequences
+        match self {
+            Command::Generate(_) | Command::Serve(_) => allocator::Work::Decoding,
+            Command::Bench(a) if a.mode == commands::bench::Mode::Generate => allocator::Work::Decoding,
+            _ => allocator::Work::WholeSequences,
         }
     }
 }
