@@ -67,7 +67,15 @@ fn tick_step(span: f64, target: usize) -> f64 {
     let raw = span / target as f64;
     let mag = 10f64.powf(raw.log10().floor());
     let norm = raw / mag;
-    mag * if norm < 1.5 { 1.0 } else if norm < 3.5 { 2.0 } else if norm < 7.5 { 5.0 } else { 10.0 }
+    mag * if norm < 1.5 {
+        1.0
+    } else if norm < 3.5 {
+        2.0
+    } else if norm < 7.5 {
+        5.0
+    } else {
+        10.0
+    }
 }
 
 /// Draws training (thin) and validation (thick, with points) bits per character against the
@@ -129,7 +137,15 @@ pub fn plot(records: &[Value], path: &Path, title: &str) -> Result<()> {
     let (lx, ly) = (w - right - 170.0, top + 18.0);
     let _ = writeln!(s, r##"<line x1="{lx}" x2="{}" y1="{ly}" y2="{ly}" stroke="#7aa6d8" stroke-width="2"/><text x="{}" y="{}">training</text>"##, lx + 24.0, lx + 30.0, ly + 4.0);
     let last = valid.last().map(|v| format!(" ({:.3})", v.1)).unwrap_or_default();
-    let _ = writeln!(s, r##"<line x1="{lx}" x2="{}" y1="{}" y2="{}" stroke="#d1495b" stroke-width="2"/><text x="{}" y="{}">validation{last}</text>"##, lx + 24.0, ly + 18.0, ly + 18.0, lx + 30.0, ly + 22.0);
+    let _ = writeln!(
+        s,
+        r##"<line x1="{lx}" x2="{}" y1="{}" y2="{}" stroke="#d1495b" stroke-width="2"/><text x="{}" y="{}">validation{last}</text>"##,
+        lx + 24.0,
+        ly + 18.0,
+        ly + 18.0,
+        lx + 30.0,
+        ly + 22.0
+    );
     s.push_str("</svg>\n");
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;

@@ -157,7 +157,25 @@ fn runs_that_cannot_fit_are_refused_before_anything_is_written() {
     }
     // Under an explicit limit a small run is refused too, and --force starts it anyway.
     let out = p(dir.path(), "forced");
-    let small = ["--set", "model.dim=32", "--set", "model.depth=1", "--set", "train.batch_size=2", "--set", "train.seq_len=64", "--set", "train.eval_every=0", "--set", "train.sample_every=0", "--set", "train.eval_windows=1", "--max-steps", "1", "--quiet"];
+    let small = [
+        "--set",
+        "model.dim=32",
+        "--set",
+        "model.depth=1",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "train.seq_len=64",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.sample_every=0",
+        "--set",
+        "train.eval_windows=1",
+        "--max-steps",
+        "1",
+        "--quiet",
+    ];
     let mut args = vec!["train", "--out", &out, "--max-memory", "1MB"];
     args.extend_from_slice(&small);
     case("below --max-memory", &args, "under --max-memory");

@@ -101,11 +101,39 @@ fn bad_files_and_arguments_give_one_line_errors_and_no_output() {
 
 /// Settings that make `lat train` take about a second.
 const TINY: &[&str] = &[
-    "--set", "model.dim=16", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "model.dim_head=8", "--set", "model.n_local_attn_heads=1",
-    "--set", "model.max_seq_len=32", "--set", "model.local_attn_window_size=8", "--set", "train.seq_len=32",
-    "--set", "train.batch_size=2", "--set", "train.eval_every=5", "--set", "train.eval_windows=4",
-    "--set", "train.sample_every=5", "--set", "train.sample_len=20", "--set", "train.checkpoint_every=5",
-    "--set", "train.log_every=2", "--set", "train.tokenizer=bytes", "--quiet",
+    "--set",
+    "model.dim=16",
+    "--set",
+    "model.depth=1",
+    "--set",
+    "model.heads=2",
+    "--set",
+    "model.dim_head=8",
+    "--set",
+    "model.n_local_attn_heads=1",
+    "--set",
+    "model.max_seq_len=32",
+    "--set",
+    "model.local_attn_window_size=8",
+    "--set",
+    "train.seq_len=32",
+    "--set",
+    "train.batch_size=2",
+    "--set",
+    "train.eval_every=5",
+    "--set",
+    "train.eval_windows=4",
+    "--set",
+    "train.sample_every=5",
+    "--set",
+    "train.sample_len=20",
+    "--set",
+    "train.checkpoint_every=5",
+    "--set",
+    "train.log_every=2",
+    "--set",
+    "train.tokenizer=bytes",
+    "--quiet",
 ];
 
 fn train(dir: &Path, extra: &[&str]) -> Output {
@@ -208,7 +236,8 @@ fn training_killed_at_random_moments_resumes_from_its_last_checkpoint() {
     let mut rng = linear_attention_transformer::rng::Rng::new(7);
     let mut last = 0;
     for round in 0..5 {
-        let mut args = vec!["train".to_string(), "--data".into(), data.clone(), "--out".into(), out.to_string_lossy().into_owned(), "--max-steps".into(), "100000".into(), "--time-limit".into(), "".into()];
+        let mut args =
+            vec!["train".to_string(), "--data".into(), data.clone(), "--out".into(), out.to_string_lossy().into_owned(), "--max-steps".into(), "100000".into(), "--time-limit".into(), "".into()];
         args.extend(TINY.iter().map(|s| s.to_string()));
         args.extend(["--set", "train.checkpoint_every=1", "--set", "train.eval_every=0", "--set", "train.sample_every=0"].map(String::from));
         if checkpoint.exists() {

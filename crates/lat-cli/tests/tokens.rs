@@ -40,8 +40,26 @@ fn corpus(dir: &Path) -> PathBuf {
 }
 
 const SMALL: [&str; 20] = [
-    "--set", "model.dim=32", "--set", "model.n_local_attn_heads=1", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "model.dim_head=16", "--set", "train.batch_size=2", "--set", "train.seq_len=64",
-    "--set", "train.eval_every=0", "--set", "train.sample_every=0", "--set", "train.eval_windows=2",
+    "--set",
+    "model.dim=32",
+    "--set",
+    "model.n_local_attn_heads=1",
+    "--set",
+    "model.depth=1",
+    "--set",
+    "model.heads=2",
+    "--set",
+    "model.dim_head=16",
+    "--set",
+    "train.batch_size=2",
+    "--set",
+    "train.seq_len=64",
+    "--set",
+    "train.eval_every=0",
+    "--set",
+    "train.sample_every=0",
+    "--set",
+    "train.eval_windows=2",
 ];
 
 #[test]

@@ -104,9 +104,7 @@ fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|_| {}));
     let corpus_dir = a.dir.join("corpus").join(&a.target);
     let found_dir = a.dir.join("found").join(&a.target);
-    let mut corpus: Vec<Vec<u8>> = std::fs::read_dir(&corpus_dir)
-        .map(|d| d.filter_map(|e| std::fs::read(e.ok()?.path()).ok()).collect())
-        .unwrap_or_default();
+    let mut corpus: Vec<Vec<u8>> = std::fs::read_dir(&corpus_dir).map(|d| d.filter_map(|e| std::fs::read(e.ok()?.path()).ok()).collect()).unwrap_or_default();
     if corpus.is_empty() {
         eprintln!("no seed inputs in {}", corpus_dir.display());
         corpus.push(vec![]);
@@ -127,5 +125,9 @@ fn main() -> ExitCode {
         }
     }
     println!("{}: {runs} inputs in {:.0} s, {failures} panics", a.target, start.elapsed().as_secs_f64());
-    if failures > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    if failures > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

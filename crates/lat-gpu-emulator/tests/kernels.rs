@@ -57,13 +57,7 @@ struct Case {
 impl Case {
     fn new(nq: usize, nk: usize, nv: usize, ng: usize, mask: Option<(usize, usize)>, elem: Elem, seed: u64) -> Case {
         let keep = mask.map(|(b, n)| (0..b * n).map(|i| (i % 7 != 3 && i % 11 != 5) as u8).collect());
-        Case {
-            q: rounded(&randn(nq, 1.0, seed), elem),
-            k: rounded(&randn(nk, 1.5, seed + 1), elem),
-            v: rounded(&randn(nv, 1.0, seed + 2), elem),
-            g: rounded(&randn(ng, 1.0, seed + 3), elem),
-            keep,
-        }
+        Case { q: rounded(&randn(nq, 1.0, seed), elem), k: rounded(&randn(nk, 1.5, seed + 1), elem), v: rounded(&randn(nv, 1.0, seed + 2), elem), g: rounded(&randn(ng, 1.0, seed + 3), elem), keep }
     }
 }
 

@@ -91,8 +91,7 @@ enum LinformerContextSettingsRepr {
 impl From<LinformerContextSettingsRepr> for LinformerContextSettings {
     fn from(r: LinformerContextSettingsRepr) -> Self {
         match r {
-            LinformerContextSettingsRepr::Named { seq_len, k }
-            | LinformerContextSettingsRepr::Tuple((seq_len, k)) => Self { seq_len, k },
+            LinformerContextSettingsRepr::Named { seq_len, k } | LinformerContextSettingsRepr::Tuple((seq_len, k)) => Self { seq_len, k },
         }
     }
 }
@@ -371,8 +370,7 @@ impl StackArgs {
         let bucket = if self.causal { self.blindspot_size } else { 1 };
         // The reference forgets the axial fold here; without it, attend_axially fails on lengths
         // that are not a multiple of the window.
-        let window =
-            if self.n_local_attn_heads.any() || self.attend_axially { self.local_attn_window_size } else { 1 };
+        let window = if self.n_local_attn_heads.any() || self.attend_axially { self.local_attn_window_size } else { 1 };
         lcm(bucket, window)
     }
 
@@ -387,13 +385,7 @@ impl StackArgs {
         match dim_head {
             Some(0) => return Err(Error::config("dim_head", "must be at least 1 (or null for dim / heads)")),
             None if !self.dim.is_multiple_of(self.heads) => {
-                return Err(Error::config(
-                    "dim_head",
-                    format!(
-                        "is unset, so dim ({}) must be divisible by heads ({}); set dim_head or change heads",
-                        self.dim, self.heads
-                    ),
-                ))
+                return Err(Error::config("dim_head", format!("is unset, so dim ({}) must be divisible by heads ({}); set dim_head or change heads", self.dim, self.heads)))
             }
             _ => {}
         }
@@ -406,78 +398,50 @@ impl StackArgs {
         if self.local_attn_window_size == 0 {
             return Err(Error::config("local_attn_window_size", "must be at least 1"));
         }
-        for (field, p) in [
-            ("ff_dropout", self.ff_dropout),
-            ("attn_layer_dropout", self.attn_layer_dropout),
-            ("attn_dropout", self.attn_dropout),
-        ] {
+        for (field, p) in [("ff_dropout", self.ff_dropout), ("attn_layer_dropout", self.attn_layer_dropout), ("attn_dropout", self.attn_dropout)] {
             if !(0.0..1.0).contains(&p) {
                 return Err(Error::config(field, format!("must be in [0, 1), got {p}")));
             }
         }
         if let LocalHeads::PerLayer(v) = &self.n_local_attn_heads {
             if v.len() != self.depth {
-                return Err(Error::config(
-                    "n_local_attn_heads",
-                    format!("has {} entries but depth is {}; give one per layer", v.len(), self.depth),
-                ));
+                return Err(Error::config("n_local_attn_heads", format!("has {} entries but depth is {}; give one per layer", v.len(), self.depth)));
             }
         }
         for layer in 0..self.depth {
             let l = self.local_heads(layer);
             if l > self.heads {
-                return Err(Error::config(
-                    "n_local_attn_heads",
-                    format!("layer {} asks for {l} local heads but there are only {} heads", layer + 1, self.heads),
-                ));
+                return Err(Error::config("n_local_attn_heads", format!("layer {} asks for {l} local heads but there are only {} heads", layer + 1, self.heads)));
             }
         }
         if self.shift_tokens {
             let segments = if self.causal { 2 } else { 3 };
             if self.dim < segments {
-                return Err(Error::config(
-                    "shift_tokens",
-                    format!("needs dim >= {segments} to split features into shifted segments"),
-                ));
+                return Err(Error::config("shift_tokens", format!("needs dim >= {segments} to split features into shifted segments")));
             }
         }
         if self.causal && self.linformer_settings.is_some() {
-            return Err(Error::config(
-                "linformer_settings",
-                "Linformer self-attention cannot be causal; set causal = false or drop linformer_settings",
-            ));
+            return Err(Error::config("linformer_settings", "Linformer self-attention cannot be causal; set causal = false or drop linformer_settings"));
         }
         if let Some(s) = self.linformer_settings {
             if s.k == 0 {
                 return Err(Error::config("linformer_settings", "k must be at least 1"));
             }
             if !self.dim.is_multiple_of(self.heads) {
-                return Err(Error::config(
-                    "linformer_settings",
-                    format!("Linformer needs dim ({}) divisible by heads ({})", self.dim, self.heads),
-                ));
+                return Err(Error::config("linformer_settings", format!("Linformer needs dim ({}) divisible by heads ({})", self.dim, self.heads)));
             }
         }
         if self.attend_axially && !self.dim.is_multiple_of(self.heads) {
-            return Err(Error::config(
-                "attend_axially",
-                format!("axial attention uses dim / heads per head, so dim ({}) must be divisible by heads ({})", self.dim, self.heads),
-            ));
+            return Err(Error::config("attend_axially", format!("axial attention uses dim / heads per head, so dim ({}) must be divisible by heads ({})", self.dim, self.heads)));
         }
         for &layer in &self.pkm_layers {
             if layer == 0 || layer > self.depth {
-                return Err(Error::config(
-                    "pkm_layers",
-                    format!("layer {layer} does not exist; layers are numbered 1..={}", self.depth),
-                ));
+                return Err(Error::config("pkm_layers", format!("layer {layer} does not exist; layers are numbered 1..={}", self.depth)));
             }
         }
         if let Some(ctx) = self.context_linformer_settings {
             if !self.receives_context {
-                return Err(Error::config(
-                    "context_linformer_settings",
-                    "only has an effect with receives_context = true",
-                ));
+                return Err(Error::config("context_linformer_settings", "only has an effect with receives_context = true"));
             }
             if ctx.k == 0 || ctx.seq_len == 0 {
                 return Err(Error::config("context_linformer_settings", "seq_len and k must be at least 1"));
@@ -490,15 +454,7 @@ impl StackArgs {
 impl Config {
     /// A configuration with the reference's defaults for every optional argument.
     pub fn new(num_tokens: usize, dim: usize, depth: usize, max_seq_len: usize) -> Self {
-        Self {
-            num_tokens,
-            dim_head: default_lm_dim_head(),
-            emb_dim: None,
-            return_embeddings: false,
-            use_axial_pos_emb: true,
-            use_rotary_emb: false,
-            stack: StackArgs::new(dim, depth, max_seq_len),
-        }
+        Self { num_tokens, dim_head: default_lm_dim_head(), emb_dim: None, return_embeddings: false, use_axial_pos_emb: true, use_rotary_emb: false, stack: StackArgs::new(dim, depth, max_seq_len) }
     }
 
     /// Parses the JSON object of keyword arguments and validates it.
@@ -560,13 +516,7 @@ impl Config {
         }
         self.stack.validate(self.dim_head)?;
         if self.n_local_attn_heads.any() && !self.max_seq_len.is_multiple_of(self.local_attn_window_size) {
-            return Err(Error::config(
-                "max_seq_len",
-                format!(
-                    "{} must be a multiple of local_attn_window_size {} when there are local heads",
-                    self.max_seq_len, self.local_attn_window_size
-                ),
-            ));
+            return Err(Error::config("max_seq_len", format!("{} must be a multiple of local_attn_window_size {} when there are local heads", self.max_seq_len, self.local_attn_window_size)));
         }
         if self.use_rotary_emb {
             let dh = self.transformer().dim_head();
@@ -574,16 +524,10 @@ impl Config {
                 return Err(Error::config("dim_head", format!("rotary embeddings need an even head width, got {dh}")));
             }
             if !self.emb_dim().is_multiple_of(2) {
-                return Err(Error::config(
-                    "emb_dim",
-                    format!("rotary embeddings need an even embedding width, got {}", self.emb_dim()),
-                ));
+                return Err(Error::config("emb_dim", format!("rotary embeddings need an even embedding width, got {}", self.emb_dim())));
             }
             if self.attend_axially {
-                return Err(Error::config(
-                    "use_rotary_emb",
-                    "rotary embeddings cannot be combined with attend_axially (the reference crashes on it); turn one off",
-                ));
+                return Err(Error::config("use_rotary_emb", "rotary embeddings cannot be combined with attend_axially (the reference crashes on it); turn one off"));
             }
         }
         Ok(())
@@ -608,7 +552,11 @@ impl TransformerConfig {
 }
 
 fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 { a } else { gcd(b, a % b) }
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 pub(crate) fn lcm(a: usize, b: usize) -> usize {

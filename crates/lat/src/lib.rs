@@ -79,5 +79,5 @@ pub use config::{Config, LinformerContextSettings, LinformerSettings, LocalHeads
 pub use error::{Error, Result};
 pub use model::{DecodeState, Inputs, LinearAttentionTransformer, LinearAttentionTransformerLM, PROMPT_CHUNK};
 pub use params::Param;
-pub use quantize::Quantization;
 pub use pass::Pass;
+pub use quantize::Quantization;

@@ -231,11 +231,7 @@ impl LinearAttentionTransformerLM {
         // The reference drops project_out with return_embeddings and then crashes in the norm;
         // keeping it returns embeddings of width emb_dim.
         let project_out = if e != d { Some(Linear::new(&tb.pp("project_out"), d, e, true)?) } else { None };
-        let layer_rotary = if config.use_rotary_emb {
-            Some(rotary_table(&b.pp("layer_pos_emb"), config.transformer().dim_head(), config.max_seq_len)?)
-        } else {
-            None
-        };
+        let layer_rotary = if config.use_rotary_emb { Some(rotary_table(&b.pp("layer_pos_emb"), config.transformer().dim_head(), config.max_seq_len)?) } else { None };
         let norm = LayerNorm::new(&b.pp("norm"), e)?;
         let out = if config.return_embeddings { None } else { Some(Linear::new(&b.pp("out"), e, config.num_tokens, true)?) };
         Ok(Self {
@@ -343,11 +339,7 @@ impl LinearAttentionTransformerLM {
 
     /// The trainable parameters as variables, for an optimizer.
     pub fn vars(&self) -> Vec<(String, Var)> {
-        self.params
-            .iter()
-            .filter(|p| p.trainable && p.tensor.is_variable())
-            .map(|p| (p.name.clone(), Var::from_tensor(&p.tensor).expect("a variable converts without copying")))
-            .collect()
+        self.params.iter().filter(|p| p.trainable && p.tensor.is_variable()).map(|p| (p.name.clone(), Var::from_tensor(&p.tensor).expect("a variable converts without copying"))).collect()
     }
 
     /// Number of trainable parameters.

@@ -100,7 +100,11 @@ impl Builder {
     }
 
     fn full(&self, name: &str) -> String {
-        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
     }
 
     pub fn device(&self) -> Device {
@@ -166,7 +170,9 @@ impl Builder {
                 let n: usize = shape.iter().product();
                 // The largest allocations a configuration asks for: a clear error, not an abort.
                 let mut values: Vec<f32> = Vec::new();
-                values.try_reserve_exact(n).map_err(|_| Error::input(format!("out of memory: cannot allocate {} for parameter {full} {shape:?}; the model is too large for this machine", crate::plan::human(n as u64 * 4))))?;
+                values.try_reserve_exact(n).map_err(|_| {
+                    Error::input(format!("out of memory: cannot allocate {} for parameter {full} {shape:?}; the model is too large for this machine", crate::plan::human(n as u64 * 4)))
+                })?;
                 match init {
                     Init::Uniform(b) => values.extend((0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * b) as f32)),
                     Init::Normal(s) => values.extend((0..n).map(|_| (rng.normal() * s) as f32)),
@@ -277,10 +283,7 @@ impl Builder {
             let mut extra: Vec<&String> = map.keys().filter(|k| !st.used.contains(*k)).collect();
             extra.sort();
             if let Some(first) = extra.first() {
-                return Err(Error::input(format!(
-                    "unexpected tensor {first}{} for this configuration",
-                    if extra.len() > 1 { format!(" (and {} more)", extra.len() - 1) } else { String::new() }
-                )));
+                return Err(Error::input(format!("unexpected tensor {first}{} for this configuration", if extra.len() > 1 { format!(" (and {} more)", extra.len() - 1) } else { String::new() })));
             }
         }
         Ok(std::mem::take(&mut st.made))

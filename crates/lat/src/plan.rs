@@ -238,19 +238,22 @@ pub fn plan(config: &Config, parameters: u64, work: Workload) -> Result<Plan> {
             };
             let backward = costs.iter().map(|c| c.backward).max().unwrap_or(0);
             let head = head_bytes(&s) + s.rows * s.vocab * 4;
-            let mut items = vec![
-                ("parameters (f32)".to_string(), p4),
-                ("gradients".to_string(), p4),
-                ("AdamW moments".to_string(), 2 * p4),
-            ];
+            let mut items = vec![("parameters (f32)".to_string(), p4), ("gradients".to_string(), p4), ("AdamW moments".to_string(), 2 * p4)];
             if bytes_per_value == 2 {
                 items.push(("bf16 copy of the weights and its gradients".to_string(), 2 * parameters * 2));
             }
-            items.push((format!("activations kept for the backward pass ({}, {} blocks)", match (config.reversible, recomputes) {
-                (true, true) => "reversible: one block's",
-                (true, false) => "reversible, kept: every block's",
-                _ => "sequential: every block's",
-            }, costs.len()), activations));
+            items.push((
+                format!(
+                    "activations kept for the backward pass ({}, {} blocks)",
+                    match (config.reversible, recomputes) {
+                        (true, true) => "reversible: one block's",
+                        (true, false) => "reversible, kept: every block's",
+                        _ => "sequential: every block's",
+                    },
+                    costs.len()
+                ),
+                activations,
+            ));
             items.push(("the largest backward transient".to_string(), backward));
             items.push(("embeddings, logits, loss and their gradients".to_string(), head));
             Plan::new(format!("training, batch {batch} × {seq_len} tokens, {}", if bytes_per_value == 2 { "bf16" } else { "f32" }), items)
@@ -307,9 +310,9 @@ fn head_bytes(s: &Shape) -> u64 {
 /// Memory the system can give this process: the cgroup's limit (less what the cgroup already
 /// uses) where one is set, else `MemAvailable`; None where neither can be read.
 pub fn available() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
-        t.lines().find_map(|l| l.strip_prefix("MemAvailable:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).map(|kb| kb * 1024))
-    });
+    let meminfo = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("MemAvailable:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).map(|kb| kb * 1024)));
     let read = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok());
     let cgroup = match (read("/sys/fs/cgroup/memory.max"), read("/sys/fs/cgroup/memory.current")) {
         (Some(max), used) => Some(max.saturating_sub(used.unwrap_or(0))),

@@ -14,8 +14,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use linear_attention_transformer::generate::{generate, Sampling};
-use linear_attention_transformer::plan::Workload;
 use linear_attention_transformer::kernels::cross_entropy::cross_entropy_rows;
+use linear_attention_transformer::plan::Workload;
 use linear_attention_transformer::rng::Rng;
 use linear_attention_transformer::train::optim::{AdamW, AdamWConfig};
 use linear_attention_transformer::train::Precision;
@@ -122,7 +122,11 @@ pub fn peak_rss_mib() -> f64 {
 pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -153,11 +157,7 @@ pub fn run(a: Args) -> Result<()> {
         let ids: Vec<u32> = (0..a.batch * n).map(|_| rng.below(v as u64) as u32).collect();
         Ok(Tensor::from_vec(ids, (a.batch, n), &dev)?)
     };
-    let mut opt = if trainable {
-        Some(AdamW::new(model.vars(), AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 })?)
-    } else {
-        None
-    };
+    let mut opt = if trainable { Some(AdamW::new(model.vars(), AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 })?) } else { None };
     let bf16 = a.precision == Precision::Bf16;
     if bf16 && a.mode == Mode::Generate {
         return Err(usage("--precision bf16 applies to forward and train"));

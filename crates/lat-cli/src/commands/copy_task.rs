@@ -45,12 +45,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.json {
         println!("{}", serde_json::json!({"sequence_accuracy": acc.sequences, "symbol_accuracy": acc.symbols, "loss": last}));
     } else {
-        println!(
-            "held-out copy accuracy: {:.1} % of {} sequences copied exactly, {:.2} % of symbols",
-            100.0 * acc.sequences,
-            task.eval_sequences,
-            100.0 * acc.symbols
-        );
+        println!("held-out copy accuracy: {:.1} % of {} sequences copied exactly, {:.2} % of symbols", 100.0 * acc.sequences, task.eval_sequences, 100.0 * acc.symbols);
     }
     Ok(())
 }

@@ -162,11 +162,7 @@ fn collect(path: &Path, named: bool, out: &mut Vec<PathBuf>, skipped: &mut usize
     let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
     let hidden = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
     if meta.is_dir() && (named || !hidden) {
-        let mut entries: Vec<PathBuf> = fs::read_dir(path)
-            .map_err(|e| Error::io(path, e))?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<io::Result<_>>()
-            .map_err(|e| Error::io(path, e))?;
+        let mut entries: Vec<PathBuf> = fs::read_dir(path).map_err(|e| Error::io(path, e))?.map(|e| e.map(|e| e.path())).collect::<io::Result<_>>().map_err(|e| Error::io(path, e))?;
         entries.sort();
         for e in entries {
             collect(&e, false, out, skipped)?;
@@ -222,9 +218,7 @@ impl<W: Write> Documents<'_, W> {
                 Ok(())
             }
             Kind::Gzip => self.stream(&name, Kind::Plain, BufReader::new(flate2::read::MultiGzDecoder::new(BufReader::new(f))), false),
-            Kind::JsonLines if name.to_ascii_lowercase().ends_with(".gz") => {
-                self.stream(&name, Kind::JsonLines, BufReader::new(flate2::read::MultiGzDecoder::new(BufReader::new(f))), false)
-            }
+            Kind::JsonLines if name.to_ascii_lowercase().ends_with(".gz") => self.stream(&name, Kind::JsonLines, BufReader::new(flate2::read::MultiGzDecoder::new(BufReader::new(f))), false),
             k => self.stream(&name, k, BufReader::new(f), false),
         }
     }
@@ -247,9 +241,10 @@ impl<W: Write> Documents<'_, W> {
                         continue;
                     }
                     let record: serde_json::Value = serde_json::from_str(&line).map_err(|e| bad(format!("line {number}: not JSON: {e}")))?;
-                    let text = record.get(self.text_field).and_then(|v| v.as_str()).ok_or_else(|| {
-                        bad(format!("line {number}: no string field \"{}\" (choose the field with --text-field)", self.text_field))
-                    })?;
+                    let text = record
+                        .get(self.text_field)
+                        .and_then(|v| v.as_str())
+                        .ok_or_else(|| bad(format!("line {number}: no string field \"{}\" (choose the field with --text-field)", self.text_field)))?;
                     self.document(text.as_bytes(), name)?;
                     self.write(b"\n", name)?;
                 }

@@ -40,9 +40,13 @@ pub fn run(a: Args) -> Result<()> {
     let trained_len = metadata.get("lat.seq_len").and_then(|s| s.parse::<usize>().ok());
     let planned_len = a.seq_len.or(trained_len).unwrap_or(config.max_seq_len);
     let plan = super::plan::inference_plan(&config, linear_attention_transformer::plan::Workload::Forward { batch: a.batch, seq_len: planned_len })?;
-    a.memory.check(&plan, |limit| match super::memory::largest(a.batch, |b| super::plan::inference_plan(&config, linear_attention_transformer::plan::Workload::Forward { batch: b, seq_len: planned_len }).is_ok_and(|p| p.total <= limit)) {
-        Some(b) => format!("lower --batch to at most {b}"),
-        None => "lower --seq-len".to_string(),
+    a.memory.check(&plan, |limit| {
+        match super::memory::largest(a.batch, |b| {
+            super::plan::inference_plan(&config, linear_attention_transformer::plan::Workload::Forward { batch: b, seq_len: planned_len }).is_ok_and(|p| p.total <= limit)
+        }) {
+            Some(b) => format!("lower --batch to at most {b}"),
+            None => "lower --seq-len".to_string(),
+        }
     })?;
     let model = checkpoint::load(&a.model.path, &device::parse(&a.device)?, false)?;
     let config = model.config();

@@ -33,6 +33,11 @@ pub fn run(a: Args) -> Result<()> {
         std::fs::remove_file(&a.out).ok();
         return Err(e);
     }
-    eprintln!("wrote {} ({} tensors) and {}; in Python: LinearAttentionTransformerLM(**json.load(open(...))).load_state_dict(..., strict=True)", a.out.display(), model.params().len(), kwargs.display());
+    eprintln!(
+        "wrote {} ({} tensors) and {}; in Python: LinearAttentionTransformerLM(**json.load(open(...))).load_state_dict(..., strict=True)",
+        a.out.display(),
+        model.params().len(),
+        kwargs.display()
+    );
     Ok(())
 }

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
+use linear_attention_transformer::checkpoint;
 use linear_attention_transformer::generate::{generate, Sampling};
 use linear_attention_transformer::text::TextDecoder;
-use linear_attention_transformer::checkpoint;
 
 use super::{device, usage, ModelArgs, Result};
 
@@ -71,9 +71,7 @@ pub fn run(a: Args) -> Result<()> {
                 2 => tokens.to_vec2()?,
                 _ => return Err(usage(format!("{}: tokens must be [n] or [batch, n], got {:?}", path.display(), tokens.dims()))),
             };
-            rows.into_iter()
-                .map(|r| r.into_iter().map(|t| u32::try_from(t).map_err(|_| usage(format!("token id {t} is out of range")))).collect())
-                .collect::<Result<_>>()?
+            rows.into_iter().map(|r| r.into_iter().map(|t| u32::try_from(t).map_err(|_| usage(format!("token id {t} is out of range")))).collect()).collect::<Result<_>>()?
         }
         _ => return Err(usage("give --prompt TEXT or --prompt-tokens FILE")),
     };

@@ -70,7 +70,11 @@ pub fn largest(upto: usize, fits: impl Fn(usize) -> bool) -> Option<usize> {
     let (mut lo, mut hi) = (1, upto);
     while lo < hi {
         let mid = (lo + hi).div_ceil(2);
-        if fits(mid) { lo = mid } else { hi = mid - 1 }
+        if fits(mid) {
+            lo = mid
+        } else {
+            hi = mid - 1
+        }
     }
     Some(lo)
 }

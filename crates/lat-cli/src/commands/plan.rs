@@ -96,9 +96,8 @@ pub fn training_advice(run: &RunConfig, limit: u64) -> Result<String> {
     let params = LinearAttentionTransformerLM::count_parameters(&run.model)?;
     let t = &run.train;
     let f = bytes_per_value(t.precision);
-    let fits_with = |batch: usize, seq_len: usize, keep_activations: bool| {
-        plan::plan(&run.model, params, Workload::Train { batch, seq_len, bytes_per_value: f, keep_activations }).is_ok_and(|p| p.total <= limit)
-    };
+    let fits_with =
+        |batch: usize, seq_len: usize, keep_activations: bool| plan::plan(&run.model, params, Workload::Train { batch, seq_len, bytes_per_value: f, keep_activations }).is_ok_and(|p| p.total <= limit);
     if t.keep_activations && run.model.reversible && fits_with(t.batch_size, t.seq_len, false) {
         return Ok("set train.keep_activations=false (the reversible stack then recomputes its activations)".to_string());
     }

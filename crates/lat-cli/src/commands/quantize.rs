@@ -43,13 +43,7 @@ pub fn run(a: Args) -> Result<()> {
         }
     })?;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    eprintln!(
-        "wrote {} ({to}: {} linear weights; {:.1} MiB, was {:.1} MiB); run it with lat generate, serve, eval or logits",
-        out.display(),
-        q.matrices,
-        mib(q.bytes_after),
-        mib(q.bytes_before)
-    );
+    eprintln!("wrote {} ({to}: {} linear weights; {:.1} MiB, was {:.1} MiB); run it with lat generate, serve, eval or logits", out.display(), q.matrices, mib(q.bytes_after), mib(q.bytes_before));
     match (tokenizer, tokenizer_json) {
         (Some(_), Some(json)) if into_directory => checkpoint::write_atomic(&a.out.join(TOKENIZER_FILE), &json)?,
         (Some(t), _) => eprintln!("note: the model's tokenizer is {}: pass --tokenizer with it, or quantize into a model directory (--out DIR)", t.display()),

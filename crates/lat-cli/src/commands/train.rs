@@ -67,10 +67,7 @@ pub fn run(a: Args) -> Result<()> {
     let saved = if a.resume { Some(peek_checkpoint(&files.checkpoint())?) } else { None };
     if !a.resume && files.checkpoint().exists() {
         let step = peek_checkpoint(&files.checkpoint()).map(|r| r.step.to_string()).unwrap_or_else(|_| "?".into());
-        return Err(usage(format!(
-            "{} already holds a run (step {step}); pass --resume to continue it, or choose another --out",
-            a.out.display()
-        )));
+        return Err(usage(format!("{} already holds a run (step {step}); pass --resume to continue it, or choose another --out", a.out.display())));
     }
     let (mut run, codec) = match &saved {
         Some(s) => {
@@ -151,11 +148,7 @@ pub fn run(a: Args) -> Result<()> {
     let session_start = Instant::now();
     let elapsed = |before: f64| before + started.elapsed().as_secs_f64();
     let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::with_draw_target(Some(t.max_steps), ProgressDrawTarget::stderr_with_hz(4)) };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} step {pos}/{len} {wide_bar} {msg}")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
+    bar.set_style(ProgressStyle::with_template("{spinner} step {pos}/{len} {wide_bar} {msg}").expect("a valid template").progress_chars("=> "));
     bar.set_position(trainer.step);
     // Without a terminal (a log file, CI) the bar is hidden: report in plain lines instead.
     let live = !bar.is_hidden();
@@ -342,5 +335,9 @@ fn learn_tokenizer(vocab_size: usize, run: &RunConfig, text: &Text, files: &RunF
 
 fn clock(d: Duration) -> String {
     let s = d.as_secs();
-    if s >= 3600 { format!("{}h{:02}m", s / 3600, s % 3600 / 60) } else { format!("{}m{:02}s", s / 60, s % 60) }
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
 }

@@ -48,8 +48,24 @@ pub fn error_body(message: &str, kind: &str, param: Option<&str>, code: Option<u
 /// The fields this server reads; OpenAI fields it cannot honour are accepted only at their
 /// neutral values.
 const FIELDS: [&str; 18] = [
-    "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options", "n", "user", "logprobs", "echo", "suffix",
-    "best_of", "presence_penalty", "frequency_penalty",
+    "model",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "n",
+    "user",
+    "logprobs",
+    "echo",
+    "suffix",
+    "best_of",
+    "presence_penalty",
+    "frequency_penalty",
 ];
 
 /// Turns prompt text into tokens, or says why it cannot.
@@ -80,9 +96,8 @@ pub fn parse(body: &[u8], limits: &Limits, encode: Encode) -> Result<Completion,
     if let Some(longest) = prompts.iter().map(Vec::len).max().filter(|&l| l + max_tokens > limits.context) {
         return Err(bad("max_tokens", format!("is too large: the prompt ({longest} tokens) and {max_tokens} new tokens exceed the model's {} positions", limits.context)));
     }
-    let number = |name: &str| -> Result<Option<f64>, BadRequest> {
-        field(name).map(|v| v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| bad(name, format!("must be a number, got {v}")))).transpose()
-    };
+    let number =
+        |name: &str| -> Result<Option<f64>, BadRequest> { field(name).map(|v| v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| bad(name, format!("must be a number, got {v}")))).transpose() };
     let temperature = number("temperature")?.unwrap_or(1.0);
     if !(0.0..=100.0).contains(&temperature) {
         return Err(bad("temperature", format!("must be between 0 and 100, got {temperature}")));
@@ -160,12 +175,8 @@ fn prompts(v: &Value, limits: &Limits, encode: Encode) -> Result<Vec<Vec<u32>>, 
     let text = |s: &str| encode(s).map_err(|e| bad("prompt", format!("cannot be encoded: {e}")));
     let prompts = match v {
         Value::String(s) => vec![text(s)?],
-        Value::Array(items) if items.iter().all(Value::is_string) && !items.is_empty() => {
-            items.iter().map(|s| text(s.as_str().expect("a string"))).collect::<Result<_, _>>()?
-        }
-        Value::Array(items) if items.iter().all(Value::is_array) && !items.is_empty() => {
-            items.iter().map(|row| ids(row.as_array().expect("an array"))).collect::<Result<_, _>>()?
-        }
+        Value::Array(items) if items.iter().all(Value::is_string) && !items.is_empty() => items.iter().map(|s| text(s.as_str().expect("a string"))).collect::<Result<_, _>>()?,
+        Value::Array(items) if items.iter().all(Value::is_array) && !items.is_empty() => items.iter().map(|row| ids(row.as_array().expect("an array"))).collect::<Result<_, _>>()?,
         Value::Array(items) if items.iter().all(Value::is_number) => vec![ids(items)?],
         _ => return Err(bad("prompt", "must be a string, a list of strings, a list of token ids, or a list of such lists")),
     };

@@ -92,7 +92,10 @@ pub fn run(a: Args) -> Result<()> {
     let limits = Limits { num_tokens: model.config().num_tokens, context, max_tokens_cap: a.max_tokens_cap.unwrap_or(context).min(context) };
     let per_stream = model.max_state_bytes();
     let shared = Shared::new(a.max_queue, Metrics::new(slots, a.max_queue, per_stream), codec);
-    let name = a.served_name.clone().unwrap_or_else(|| a.model.path.file_stem().filter(|_| a.model.path.is_file()).or(a.model.path.file_name()).map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()));
+    let name = a
+        .served_name
+        .clone()
+        .unwrap_or_else(|| a.model.path.file_stem().filter(|_| a.model.path.is_file()).or(a.model.path.file_name()).map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()));
     let app = Arc::new(App { shared: shared.clone(), limits, name, started: SystemTime::now(), ids: AtomicU64::new(0) });
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(|e| usage(format!("cannot start the HTTP runtime: {e}")))?;
     // The HTTP side on a thread of its own, the decoding loop on this one: a worker of the

@@ -97,14 +97,7 @@ impl TextStream {
             self.held.clear();
             return (text, true);
         }
-        let keep = self
-            .stop
-            .iter()
-            .flat_map(|s| s.char_indices().skip(1).map(|(i, _)| &s[..i]))
-            .filter(|prefix| self.held.ends_with(prefix))
-            .map(str::len)
-            .max()
-            .unwrap_or(0);
+        let keep = self.stop.iter().flat_map(|s| s.char_indices().skip(1).map(|(i, _)| &s[..i])).filter(|prefix| self.held.ends_with(prefix)).map(str::len).max().unwrap_or(0);
         let cut = self.held.len() - keep;
         let text = self.held[..cut].to_string();
         self.held.drain(..cut);

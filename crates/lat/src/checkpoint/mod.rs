@@ -44,7 +44,11 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// The model file `path` names: itself, or a model directory's [`MODEL_FILE`].
 pub fn model_file(path: &Path) -> PathBuf {
-    if path.is_dir() { path.join(MODEL_FILE) } else { path.to_path_buf() }
+    if path.is_dir() {
+        path.join(MODEL_FILE)
+    } else {
+        path.to_path_buf()
+    }
 }
 
 /// The [`TOKENIZER_FILE`] of the model directory that `path` (a directory, or its
@@ -170,7 +174,10 @@ pub fn read_state_dict(path: impl AsRef<Path>, key: Option<&str>) -> Result<Hash
         candle_core::safetensors::load_buffer(&map, &Device::Cpu).map_err(|e| Error::file(path, format!("an unreadable safetensors file: {e}")))?
     } else {
         let head: String = map.iter().take(8).map(|b| format!("{b:02x}")).collect();
-        return Err(Error::file(path, format!("neither a PyTorch checkpoint (torch.save) nor a safetensors file (it starts with bytes {head}); save the state dict with torch.save or safetensors.torch.save_file")));
+        return Err(Error::file(
+            path,
+            format!("neither a PyTorch checkpoint (torch.save) nor a safetensors file (it starts with bytes {head}); save the state dict with torch.save or safetensors.torch.save_file"),
+        ));
     };
     if tensors.is_empty() {
         return Err(Error::file(path, "the state dict holds no tensors"));

@@ -383,7 +383,9 @@ impl<'a> Machine<'a> {
                     let pid = self.pop()?;
                     let Value::Tuple(items) = pid else { return Err(self.bad("a persistent id that is not a tuple")) };
                     let storage = match items.as_slice() {
-                        [Value::Str(kind), Value::Storage { dtype, .. }, Value::Str(key), _, numel] | [Value::Str(kind), Value::Storage { dtype, .. }, Value::Str(key), _, numel, Value::None] if kind == "storage" => {
+                        [Value::Str(kind), Value::Storage { dtype, .. }, Value::Str(key), _, numel] | [Value::Str(kind), Value::Storage { dtype, .. }, Value::Str(key), _, numel, Value::None]
+                            if kind == "storage" =>
+                        {
                             let numel = Self::int(numel).and_then(|x| usize::try_from(x).ok()).ok_or_else(|| self.bad("a bad storage size"))?;
                             Value::Storage { dtype: *dtype, key: key.clone(), numel }
                         }
@@ -544,11 +546,15 @@ fn tensor_dict(v: &Value) -> Option<Vec<(String, TensorRef)>> {
 fn describe(v: &Value) -> String {
     match v {
         Value::Dict(items) => {
-            let keys: Vec<String> = items.iter().take(8).map(|(k, _)| match k {
-                Value::Str(s) => format!("\"{s}\""),
-                Value::Int(i) => i.to_string(),
-                _ => "?".into(),
-            }).collect();
+            let keys: Vec<String> = items
+                .iter()
+                .take(8)
+                .map(|(k, _)| match k {
+                    Value::Str(s) => format!("\"{s}\""),
+                    Value::Int(i) => i.to_string(),
+                    _ => "?".into(),
+                })
+                .collect();
             let tensors = items.iter().filter(|(_, v)| matches!(v, Value::Tensor(_))).count();
             format!("a dictionary of {} entries ({} tensors), keys {}{}", items.len(), tensors, keys.join(", "), if items.len() > 8 { ", …" } else { "" })
         }

@@ -47,7 +47,11 @@ pub fn causal_linear_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<
 /// Whether query `i` sees key `j` (positions relative to a bucket-aligned origin).
 #[inline]
 fn visible(i: usize, j: usize, bucket: usize) -> bool {
-    if bucket == 1 { j <= i } else { j / bucket < i / bucket }
+    if bucket == 1 {
+        j <= i
+    } else {
+        j / bucket < i / bucket
+    }
 }
 
 /// Plain version: the quadratic form above with an explicit visibility matrix.
@@ -77,7 +81,11 @@ struct CausalLinear {
 
 /// Chunk length: a multiple of the bucket, about 64 positions.
 fn chunk_len(bucket: usize) -> usize {
-    if bucket >= 64 { bucket } else { bucket * (64 / bucket) }
+    if bucket >= 64 {
+        bucket
+    } else {
+        bucket * (64 / bucket)
+    }
 }
 
 /// Above this spread of scales inside one chunk, pair weights are exponentiated one by one.
@@ -398,15 +406,7 @@ impl CustomOp3 for CausalLinear {
         "causal-linear-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        qs_: &CpuStorage,
-        ql: &Layout,
-        ks_: &CpuStorage,
-        kl: &Layout,
-        vs_: &CpuStorage,
-        vl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, qs_: &CpuStorage, ql: &Layout, ks_: &CpuStorage, kl: &Layout, vs_: &CpuStorage, vl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (qs, vs) = self.shapes(ql, kl, vl)?;
         with_float!(super::dtype_of(qs_), self.name(), T => {
             let (q, k, v) = (slice::<T>(qs_, ql)?, slice::<T>(ks_, kl)?, slice::<T>(vs_, vl)?);
@@ -427,35 +427,16 @@ impl CustomOp3 for CausalLinear {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        q: &candle_core::CudaStorage,
-        ql: &Layout,
-        k: &candle_core::CudaStorage,
-        kl: &Layout,
-        v: &candle_core::CudaStorage,
-        vl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, q: &candle_core::CudaStorage, ql: &Layout, k: &candle_core::CudaStorage, kl: &Layout, v: &candle_core::CudaStorage, vl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         let dims = self.gpu_dims(ql, kl, vl)?;
-        super::gpu::cuda::forward(self.name(), [(q, ql), (k, kl), (v, vl)], self.keep.as_deref(), |gpu, elem, [q, k, v, keep]| {
-            dims.forward(gpu, elem, q, k, v, keep)
-        })
+        super::gpu::cuda::forward(self.name(), [(q, ql), (k, kl), (v, vl)], self.keep.as_deref(), |gpu, elem, [q, k, v, keep]| dims.forward(gpu, elem, q, k, v, keep))
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         #[cfg(feature = "cuda")]
         if q.device().is_cuda() {
             let dims = self.gpu_dims(q.layout(), k.layout(), v.layout())?;
-            return super::gpu::cuda::backward(self.name(), [q, k, v], &[res, grad], self.keep.as_deref(), |gpu, elem, [q, k, v, keep], x| {
-                dims.backward(gpu, elem, q, k, v, keep, x[0], x[1])
-            });
+            return super::gpu::cuda::backward(self.name(), [q, k, v], &[res, grad], self.keep.as_deref(), |gpu, elem, [q, k, v, keep], x| dims.backward(gpu, elem, q, k, v, keep, x[0], x[1]));
         }
         let (qs, vs) = self.shapes(q.layout(), k.layout(), v.layout())?;
         let grad = grad.contiguous()?;

@@ -1088,9 +1088,7 @@ mod tests {
         let x = data(33 * k, 5);
         let [bf, q8] = panels(&w, out);
         for weight in [Weight::F32(&w), Weight::Panels(&bf), Weight::Panels(&q8)] {
-            let one: Vec<Vec<f32>> = (0..33)
-                .map(|r| matmul(&x[r * k..(r + 1) * k], 1, weight, out, None))
-                .collect();
+            let one: Vec<Vec<f32>> = (0..33).map(|r| matmul(&x[r * k..(r + 1) * k], 1, weight, out, None)).collect();
             for (r, one) in one.iter().enumerate() {
                 let scalar: Vec<f32> = (0..out).map(|o| dot(&x[r * k..(r + 1) * k], weight, o, k) * weight.scale(o)).collect();
                 assert_eq!(*one, scalar, "{weight:?} row {r}: the vector path sums as the scalar one");

@@ -126,15 +126,7 @@ impl CustomOp3 for LayerNorm {
         "layer-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = *xl.dims().last().unwrap_or(&0);
         if wl.dims() != [d] || bl.dims() != [d] {
             candle_core::bail!("layer-norm: weight and bias must be [{d}], got {:?} and {:?}", wl.dims(), bl.dims());
@@ -145,14 +137,7 @@ impl CustomOp3 for LayerNorm {
         })
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         with_float!(x.dtype(), self.name(), T => {
             let (dx, dw, db) = read::<T, _>(&[x, w, &dy], |s| backward_rows(s[0], s[1], s[2], self.eps))?;

@@ -221,15 +221,7 @@ impl CustomOp3 for Linear {
         "linear-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        qs_: &CpuStorage,
-        ql: &Layout,
-        ks_: &CpuStorage,
-        kl: &Layout,
-        vs_: &CpuStorage,
-        vl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, qs_: &CpuStorage, ql: &Layout, ks_: &CpuStorage, kl: &Layout, vs_: &CpuStorage, vl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (qs, ks, vs) = self.shapes(ql, kl, vl)?;
         let os = Heads { n: qs.n, e: vs.e, stride: qs.h * vs.e, ..qs };
         with_float!(super::dtype_of(qs_), self.name(), T => {
@@ -246,36 +238,17 @@ impl CustomOp3 for Linear {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        q: &candle_core::CudaStorage,
-        ql: &Layout,
-        k: &candle_core::CudaStorage,
-        kl: &Layout,
-        v: &candle_core::CudaStorage,
-        vl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, q: &candle_core::CudaStorage, ql: &Layout, k: &candle_core::CudaStorage, kl: &Layout, v: &candle_core::CudaStorage, vl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = self.gpu_dims(ql, kl, vl)?;
-        let (out, _) = super::gpu::cuda::forward(self.name(), [(q, ql), (k, kl), (v, vl)], self.keep.as_deref(), |gpu, elem, [q, k, v, keep]| {
-            d.forward(gpu, elem, q, k, v, keep)
-        })?;
+        let (out, _) = super::gpu::cuda::forward(self.name(), [(q, ql), (k, kl), (v, vl)], self.keep.as_deref(), |gpu, elem, [q, k, v, keep]| d.forward(gpu, elem, q, k, v, keep))?;
         Ok((out, Shape::from((d.b, d.n, d.h, d.ev))))
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         #[cfg(feature = "cuda")]
         if q.device().is_cuda() {
             let dims = self.gpu_dims(q.layout(), k.layout(), v.layout())?;
-            return super::gpu::cuda::backward(self.name(), [q, k, v], &[grad], self.keep.as_deref(), |gpu, elem, [q, k, v, keep], x| {
-                dims.backward(gpu, elem, q, k, v, keep, x[0])
-            });
+            return super::gpu::cuda::backward(self.name(), [q, k, v], &[grad], self.keep.as_deref(), |gpu, elem, [q, k, v, keep], x| dims.backward(gpu, elem, q, k, v, keep, x[0]));
         }
         let (qs, ks, vs) = self.shapes(q.layout(), k.layout(), v.layout())?;
         let os = Heads { n: qs.n, e: vs.e, stride: qs.h * vs.e, ..qs };

@@ -51,7 +51,14 @@ impl<T: Plain> LineVec<T> {
     fn allocate(cap: usize, zeroed: bool) -> Self {
         let layout = Self::layout(cap);
         // SAFETY: the layout's size is not zero (room for one element or more, none zero-sized).
-        let ptr = unsafe { if zeroed { alloc::alloc_zeroed(layout) } else { alloc::alloc(layout) } }.cast::<T>();
+        let ptr = unsafe {
+            if zeroed {
+                alloc::alloc_zeroed(layout)
+            } else {
+                alloc::alloc(layout)
+            }
+        }
+        .cast::<T>();
         let Some(ptr) = NonNull::new(ptr) else { alloc::handle_alloc_error(layout) };
         Self { ptr, len: 0, cap }
     }

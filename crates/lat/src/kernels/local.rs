@@ -35,7 +35,11 @@ pub struct Windows {
 
 impl Windows {
     fn look_forward(&self) -> usize {
-        if self.causal { 0 } else { 1 }
+        if self.causal {
+            0
+        } else {
+            1
+        }
     }
 
     /// Key slots per query: look-back window, own window, look-forward window.
@@ -57,14 +61,7 @@ impl Windows {
 }
 
 /// `q`, `k`, `v`: [batch, n, heads, e] with `n` a multiple of the window; `mask`: [batch, n].
-pub fn local_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    windows: Windows,
-    dropout: Option<Dropout>,
-) -> Result<Tensor> {
+pub fn local_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, windows: Windows, dropout: Option<Dropout>) -> Result<Tensor> {
     let (b, n, h, e) = q.dims4()?;
     if windows.size == 0 || n % windows.size != 0 {
         candle_core::bail!("local attention: length {n} is not a multiple of the window {}", windows.size);
@@ -87,20 +84,17 @@ fn drop_factor<T: Elem>(d: Option<Dropout>, t: usize, n: usize, i: usize, slots:
         None => T::ONE,
         Some(d) => {
             let index = ((t * n + i) * slots + slot) as u64;
-            if (uniform_at(d.seed, index) as f64) < d.p { T::ZERO } else { T::of(1.0 / (1.0 - d.p)) }
+            if (uniform_at(d.seed, index) as f64) < d.p {
+                T::ZERO
+            } else {
+                T::of(1.0 / (1.0 - d.p))
+            }
         }
     }
 }
 
 /// Plain version: materialises the look-around key/value windows, as the reference does.
-pub fn reference(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    windows: Windows,
-    dropout: Option<Dropout>,
-) -> Result<Tensor> {
+pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, windows: Windows, dropout: Option<Dropout>) -> Result<Tensor> {
     let (b, n, h, e) = q.dims4()?;
     let (w, slots, nw) = (windows.size, windows.slots(), n / windows.size);
     let dev = q.device();
@@ -127,9 +121,7 @@ pub fn reference(
             for s in 0..slots {
                 let j = windows.first(i / w) + s as isize;
                 let real = j >= 0 && (j as usize) < n;
-                let ok = real
-                    && keep.as_ref().is_none_or(|m| m[(t / h) * n + j as usize] != 0)
-                    && (!windows.causal || j as usize <= i);
+                let ok = real && keep.as_ref().is_none_or(|m| m[(t / h) * n + j as usize] != 0) && (!windows.causal || j as usize <= i);
                 visible[(t * n + i) * slots + s] = ok as u8;
                 factors[(t * n + i) * slots + s] = drop_factor::<f64>(dropout, t, n, i, slots, s);
             }
@@ -357,15 +349,7 @@ impl CustomOp3 for Local {
         "local-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        qs_: &CpuStorage,
-        ql: &Layout,
-        ks_: &CpuStorage,
-        kl: &Layout,
-        vs_: &CpuStorage,
-        vl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, qs_: &CpuStorage, ql: &Layout, ks_: &CpuStorage, kl: &Layout, vs_: &CpuStorage, vl: &Layout) -> Result<(CpuStorage, Shape)> {
         let hs = self.shapes(ql, kl, vl)?;
         with_float!(super::dtype_of(qs_), self.name(), T => {
             let (q, k, v) = (slice::<T>(qs_, ql)?, slice::<T>(ks_, kl)?, slice::<T>(vs_, vl)?);
@@ -386,35 +370,16 @@ impl CustomOp3 for Local {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        q: &candle_core::CudaStorage,
-        ql: &Layout,
-        k: &candle_core::CudaStorage,
-        kl: &Layout,
-        v: &candle_core::CudaStorage,
-        vl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, q: &candle_core::CudaStorage, ql: &Layout, k: &candle_core::CudaStorage, kl: &Layout, v: &candle_core::CudaStorage, vl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         let dims = self.gpu_dims(ql, kl, vl)?;
-        super::gpu::cuda::forward(self.name(), [(q, ql), (k, kl), (v, vl)], self.keep.as_deref(), |gpu, elem, [q, k, v, keep]| {
-            dims.forward(gpu, elem, q, k, v, keep)
-        })
+        super::gpu::cuda::forward(self.name(), [(q, ql), (k, kl), (v, vl)], self.keep.as_deref(), |gpu, elem, [q, k, v, keep]| dims.forward(gpu, elem, q, k, v, keep))
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         #[cfg(feature = "cuda")]
         if q.device().is_cuda() {
             let dims = self.gpu_dims(q.layout(), k.layout(), v.layout())?;
-            return super::gpu::cuda::backward(self.name(), [q, k, v], &[res, grad], self.keep.as_deref(), |gpu, elem, [q, k, v, keep], x| {
-                dims.backward(gpu, elem, q, k, v, keep, x[0], x[1])
-            });
+            return super::gpu::cuda::backward(self.name(), [q, k, v], &[res, grad], self.keep.as_deref(), |gpu, elem, [q, k, v, keep], x| dims.backward(gpu, elem, q, k, v, keep, x[0], x[1]));
         }
         let hs = self.shapes(q.layout(), k.layout(), v.layout())?;
         let grad = grad.contiguous()?;

@@ -170,10 +170,7 @@ mod tests {
             let (a_rows, a_cols) = (random(m * k, seed), random(m * k, seed + 1));
             let (b_rows, b_cols) = (random(k * n, seed + 2), random(k * n, seed + 3));
             let bias = random(n, seed + 4);
-            let layouts = [
-                (Mat::rows(&a_rows, k), Mat::rows(&b_rows, n)),
-                (Mat::rows(&a_cols, m).t(), Mat::rows(&b_cols, k).t()),
-            ];
+            let layouts = [(Mat::rows(&a_rows, k), Mat::rows(&b_rows, n)), (Mat::rows(&a_cols, m).t(), Mat::rows(&b_cols, k).t())];
             for (a, b) in layouts {
                 for bias in [None, Some(bias.as_slice())] {
                     drop(vec![f32::NAN; m * n]);

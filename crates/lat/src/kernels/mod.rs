@@ -345,17 +345,7 @@ impl<'a, T> Mat<'a, T> {
 /// `dst (m x n, row-major, row stride dst_rs) [+]= alpha * a (m x k) * b (k x n)`, single-threaded:
 /// kernels parallelise over batch and heads themselves.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm<T: Elem>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [T],
-    dst_rs: usize,
-    accumulate: bool,
-    a: Mat<T>,
-    b: Mat<T>,
-    alpha: T,
-) {
+pub(crate) fn gemm<T: Elem>(m: usize, n: usize, k: usize, dst: &mut [T], dst_rs: usize, accumulate: bool, a: Mat<T>, b: Mat<T>, alpha: T) {
     if m == 0 || n == 0 {
         return;
     }
@@ -372,18 +362,7 @@ pub(crate) fn gemm<T: Elem>(
 /// `dst` points at m rows of n writable elements, `dst_rs` apart, that alias neither operand
 /// and are initialised when `accumulate`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_into<T: Elem>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut T,
-    dst_rs: usize,
-    accumulate: bool,
-    a: Mat<T>,
-    b: Mat<T>,
-    alpha: T,
-    parallelism: gemm::Parallelism,
-) {
+pub(crate) unsafe fn gemm_into<T: Elem>(m: usize, n: usize, k: usize, dst: *mut T, dst_rs: usize, accumulate: bool, a: Mat<T>, b: Mat<T>, alpha: T, parallelism: gemm::Parallelism) {
     if m == 0 || n == 0 {
         return;
     }

@@ -51,12 +51,7 @@ impl FeedForward {
         // its checkpoints are recognised by the shape of w1 and keep that layout. Unlike the
         // reference, ff_glu applies to the main layers of fresh models too.
         let glu = c.ff_glu && b.pp("w1").loaded_shape("weight") != Some(vec![hidden, c.dim]);
-        Ok(Self {
-            w1: Linear::new(&b.pp("w1"), c.dim, hidden * if glu { 2 } else { 1 }, true)?,
-            w2: Linear::new(&b.pp("w2"), hidden, c.dim, true)?,
-            glu,
-            dropout: c.ff_dropout,
-        })
+        Ok(Self { w1: Linear::new(&b.pp("w1"), c.dim, hidden * if glu { 2 } else { 1 }, true)?, w2: Linear::new(&b.pp("w2"), hidden, c.dim, true)?, glu, dropout: c.ff_dropout })
     }
 
     /// The pieces (start, length) of a sequence of `n` in a batch of `b`: `torch.chunk`'s pieces

@@ -38,7 +38,11 @@ impl HeadLayout {
 
     /// How many key/value heads the layer has.
     pub fn kv_heads(&self) -> usize {
-        if self.one_kv_head { (self.local_heads > 0) as usize + (self.local_heads < self.heads) as usize } else { self.heads }
+        if self.one_kv_head {
+            (self.local_heads > 0) as usize + (self.local_heads < self.heads) as usize
+        } else {
+            self.heads
+        }
     }
 
     /// The key/value head query head `h` reads.

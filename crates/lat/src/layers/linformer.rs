@@ -95,10 +95,7 @@ impl Linformer {
     fn project(&self, src: &Tensor, keep: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let (b, m, _) = src.dims3()?;
         if m > self.seq_len {
-            return Err(Error::input(format!(
-                "Linformer attention takes at most {} positions (its seq_len), got {m}; raise max_seq_len or the context seq_len",
-                self.seq_len
-            )));
+            return Err(Error::input(format!("Linformer attention takes at most {} positions (its seq_len), got {m}; raise max_seq_len or the context seq_len", self.seq_len)));
         }
         let along = |layer: &Linear, proj: &Tensor| -> Result<Tensor> {
             let t = layer.matmul(src)?;

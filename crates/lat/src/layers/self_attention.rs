@@ -17,8 +17,8 @@ use crate::error::{Error, Result};
 use crate::graph::Grads;
 use crate::kernels::causal_linear::LinearState;
 use crate::kernels::local::{Dropout, LocalCache};
-use crate::kernels::self_attention::{self as fused, HeadSpec};
 use crate::kernels::matmul::matmul;
+use crate::kernels::self_attention::{self as fused, HeadSpec};
 use crate::kernels::{self, SharedOut};
 use crate::nn::{rows2, Linear};
 use crate::params::Builder;
@@ -66,18 +66,7 @@ impl SelfAttention {
 
     pub fn with_layout(b: &Builder, c: &TransformerConfig, layout: HeadLayout, causal: bool, bucket: usize) -> Result<Self> {
         let [to_q, to_k, to_v, to_out] = layout.projections(b, c.dim)?;
-        Ok(Self {
-            to_q,
-            to_k,
-            to_v,
-            to_out,
-            layout,
-            causal,
-            bucket,
-            window: c.local_attn_window_size,
-            dropout: c.attn_layer_dropout,
-            attn_dropout: c.attn_dropout,
-        })
+        Ok(Self { to_q, to_k, to_v, to_out, layout, causal, bucket, window: c.local_attn_window_size, dropout: c.attn_layer_dropout, attn_dropout: c.attn_dropout })
     }
 
     /// The most bytes one stream's state holds for heads laid out as `layout`: per key/value

@@ -64,11 +64,7 @@ impl PositionalEmbedding {
     /// Embeddings of positions `offset .. offset + n`: [n, emb_dim].
     pub fn forward(&self, offset: usize, n: usize) -> Result<Tensor> {
         if offset + n > self.len() {
-            return Err(Error::input(format!(
-                "sequence of {} positions (after padding) exceeds the {} positions of the positional embedding; raise max_seq_len",
-                offset + n,
-                self.len()
-            )));
+            return Err(Error::input(format!("sequence of {} positions (after padding) exceeds the {} positions of the positional embedding; raise max_seq_len", offset + n, self.len())));
         }
         match self {
             Self::Axial { rows, cols, window } => {

@@ -127,10 +127,7 @@ impl CopyTask {
         let copies = self.copies(m, &src)?;
         let right: Vec<bool> = copies.iter().flatten().zip(&targets).map(|(p, t)| p == t).collect();
         let sequences = right.chunks(self.length).filter(|r| r.iter().all(|&x| x)).count();
-        Ok(CopyAccuracy {
-            sequences: sequences as f64 / self.eval_sequences as f64,
-            symbols: right.iter().filter(|&&x| x).count() as f64 / right.len() as f64,
-        })
+        Ok(CopyAccuracy { sequences: sequences as f64 / self.eval_sequences as f64, symbols: right.iter().filter(|&&x| x).count() as f64 / right.len() as f64 })
     }
 
     /// The decoder's greedy copy of each row of `src` [rows, length].

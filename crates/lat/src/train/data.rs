@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 
 use crate::error::{Error, Result};
-use crate::text::Codec;
 use crate::rng::Rng;
+use crate::text::Codec;
 
 /// A part of the corpus.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

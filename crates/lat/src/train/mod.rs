@@ -274,10 +274,7 @@ impl RunConfig {
         let (key, value) = assignment.split_once('=').ok_or_else(|| Error::input(format!("--set {assignment}: expected section.field=value")))?;
         let (section, field) = key.trim().split_once('.').ok_or_else(|| Error::input(format!("--set {assignment}: the field must be model.NAME or train.NAME")))?;
         let value = value.trim();
-        let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}")).ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| toml::Value::String(value.to_string()));
         let mut doc: toml::Table = toml::from_str(&self.to_toml()).expect("own TOML parses");
         let table = doc.get_mut(section).and_then(toml::Value::as_table_mut).ok_or_else(|| Error::input(format!("--set {assignment}: unknown section \"{section}\" (model or train)")))?;
         table.insert(field.to_string(), parsed);
@@ -295,7 +292,10 @@ impl RunConfig {
                 return Err(Error::config("num_tokens", "byte-level training needs num_tokens = 256 (or set train.tokenizer)"));
             }
             TokenizerSetting::Learned(n) if self.model.num_tokens < n => {
-                return Err(Error::config("num_tokens", format!("the model has {} token ids but train.tokenizer learns a BPE of {n}; raise model.num_tokens to at least {n} (left out, it is {n})", self.model.num_tokens)));
+                return Err(Error::config(
+                    "num_tokens",
+                    format!("the model has {} token ids but train.tokenizer learns a BPE of {n}; raise model.num_tokens to at least {n} (left out, it is {n})", self.model.num_tokens),
+                ));
             }
             _ => {}
         }
@@ -420,7 +420,10 @@ pub fn check_vocabulary(model: &Config, codec: &Codec) -> Result<()> {
             Codec::Bytes => "bytes take 256".to_string(),
             Codec::Tokenizer { path, .. } => format!("the tokenizer {} has {vocab}", path.display()),
         };
-        return Err(Error::config("num_tokens", format!("the model has {} token ids but {what}; raise model.num_tokens to at least {vocab} (left out, it defaults to the tokenizer's vocabulary)", model.num_tokens)));
+        return Err(Error::config(
+            "num_tokens",
+            format!("the model has {} token ids but {what}; raise model.num_tokens to at least {vocab} (left out, it defaults to the tokenizer's vocabulary)", model.num_tokens),
+        ));
     }
     Ok(())
 }

@@ -61,11 +61,8 @@ impl AdamW {
         let slots = vars
             .into_iter()
             .map(|(name, var)| {
-                let moments = if fused(&var) {
-                    Moments::Host { m: vec![0.0; var.elem_count()], v: vec![0.0; var.elem_count()] }
-                } else {
-                    Moments::Device { m: var.zeros_like()?, v: var.zeros_like()? }
-                };
+                let moments =
+                    if fused(&var) { Moments::Host { m: vec![0.0; var.elem_count()], v: vec![0.0; var.elem_count()] } } else { Moments::Device { m: var.zeros_like()?, v: var.zeros_like()? } };
                 Ok(Slot { decay: decays(&name, var.rank()), name, moments, var })
             })
             .collect::<Result<_>>()?;
@@ -123,16 +120,7 @@ impl AdamW {
         self.steps += 1;
         let c = self.config;
         let t = self.steps as i32;
-        let hp = Hyper {
-            lr,
-            beta1: c.beta1,
-            beta2: c.beta2,
-            eps: c.eps,
-            decay: 0.0,
-            scale,
-            bias1: 1.0 - c.beta1.powi(t),
-            bias2: 1.0 - c.beta2.powi(t),
-        };
+        let hp = Hyper { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, decay: 0.0, scale, bias1: 1.0 - c.beta1.powi(t), bias2: 1.0 - c.beta2.powi(t) };
         for s in &mut self.slots {
             let Some(g) = grads.get(&s.var) else { continue };
             let hp = Hyper { decay: if s.decay { c.weight_decay } else { 0.0 }, ..hp };

@@ -113,12 +113,7 @@ fn upload_mask(dev: &CudaDevice, keep: Option<&[u8]>) -> Result<(Option<CudaSlic
 
 /// Runs a forward plan for a custom op's `cuda_fwd`: `plan` gets the element type and the
 /// addresses of q, k, v and the mask, and returns the op's flat output.
-pub(crate) fn forward(
-    what: &str,
-    inputs: [(&CudaStorage, &Layout); 3],
-    keep: Option<&[u8]>,
-    plan: impl FnOnce(&Cuda, Elem, [u64; 4]) -> Result<Buf>,
-) -> Result<(CudaStorage, Shape)> {
+pub(crate) fn forward(what: &str, inputs: [(&CudaStorage, &Layout); 3], keep: Option<&[u8]>, plan: impl FnOnce(&Cuda, Elem, [u64; 4]) -> Result<Buf>) -> Result<(CudaStorage, Shape)> {
     let dev = inputs[0].0.device();
     let elem = elem(inputs[0].0.dtype(), what)?;
     let mut addrs = [0u64; 4];

@@ -154,17 +154,7 @@ impl Causal {
     }
 
     fn args(&self) -> Args {
-        Args {
-            b: self.b as i32,
-            n: self.n as i32,
-            m: self.n as i32,
-            h: self.h as i32,
-            e: self.e as i32,
-            ev: self.ev as i32,
-            bucket: self.bucket as i32,
-            nc: self.chunks() as i32,
-            ..Args::default()
-        }
+        Args { b: self.b as i32, n: self.n as i32, m: self.n as i32, h: self.h as i32, e: self.e as i32, ev: self.ev as i32, bucket: self.bucket as i32, nc: self.chunks() as i32, ..Args::default() }
     }
 
     /// Length of the forward output: the output, then the unclamped denominators.
