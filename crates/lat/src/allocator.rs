@@ -19,8 +19,12 @@ pub enum Work {
 /// For [`Work::WholeSequences`] also one heap for all threads: with glibc's heap per thread,
 /// the large tensors that the pool's workers allocate came and went in heaps the other threads
 /// could not reuse, and a forward pass at 4 k tokens took 4-8x the page faults and a training
-/// step up to 15 % longer. Decoding steps instead allocate many small buffers on every thread
-/// at once, which one heap makes wait on its lock (a 32-stream step 15 % longer), so
+/// step up to 15 % longer. And that heap serves every size: glibc maps blocks of 32 MiB and
+/// more (the most its threshold can be set to) afresh each time, and at 8 k tokens the seed
+/// model's projections and feed-forward outputs are that large, so its training step faulted
+/// about 450 MiB back in (115 000 pages, ~3 µs each here); from the heap it reuses them, at
+/// the same peak. Decoding steps instead allocate many small buffers on every thread at once,
+/// which one heap makes wait on its lock (a 32-stream step 15 % longer), so
 /// [`Work::Decoding`] keeps a heap per thread.
 pub fn configure(work: Work) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -28,6 +32,7 @@ pub fn configure(work: Work) {
     unsafe {
         if work == Work::WholeSequences {
             libc::mallopt(libc::M_ARENA_MAX, 1);
+            libc::mallopt(libc::M_MMAP_MAX, 0);
         }
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
