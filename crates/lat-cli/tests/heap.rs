@@ -1,6 +1,8 @@
 //! `lat`'s heap settings (`allocator::configure`) keep a training step's memory for the next
 //! step, tensors of more than 32 MiB included. A test binary of its own: it counts the page
 //! faults of the `lat` processes it waits for, which other tests' processes would add to.
+//! glibc on Linux only: elsewhere `lat` leaves the allocator as it is.
+#![cfg(all(target_os = "linux", target_env = "gnu"))]
 
 use std::process::Command;
 

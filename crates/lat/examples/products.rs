@@ -3,7 +3,7 @@
 //! prints GFLOP/s, the median (and best) of fifteen timings:
 //! `cargo run --release -p linear-attention-transformer --example products [TOKENS]` (default
 //! 4096). `RAYON_NUM_THREADS` sets the threads. Each timing includes the fresh output, as in
-//! the model, with `lat`'s heap settings; compare the rate with `lat bench`'s FMA peak to see what the kernel leaves.
+//! the model, with `lat`'s heap settings; compare the rate with `lat bench`'s FMA peak.
 
 use std::time::Instant;
 
