@@ -18,9 +18,8 @@
 //! finite, and stays finite and accurate where the reference overflows.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
-use super::{exp_f32, gemm, prefetch_lines, read, slice, softmax_f32, softmax_rows, softmax_rows_backward, vectorized, with_float, Elem, Heads, LineVec, Mat, SharedOut};
+use super::{exp_f32, gemm, grads_by_task, outputs_by_task, prefetch_lines, slice, softmax_f32, softmax_rows, softmax_rows_backward, task_saved, vectorized, with_float, Elem, Heads, LineVec, Mat};
 
 /// The reference's clamp on the denominator (0.19.1).
 pub const EPS: f64 = 1e-3;
@@ -410,16 +409,11 @@ impl CustomOp3 for CausalLinear {
         let (qs, vs) = self.shapes(ql, kl, vl)?;
         with_float!(super::dtype_of(qs_), self.name(), T => {
             let (q, k, v) = (slice::<T>(qs_, ql)?, slice::<T>(ks_, kl)?, slice::<T>(vs_, vl)?);
-            let out_len = vs.b * vs.n * vs.h * vs.e;
-            let mut flat = vec![T::ZERO; out_len + qs.tasks() * qs.n * 2];
-            let (outs, stats) = flat.split_at_mut(out_len);
-            let shared = SharedOut::new(outs);
-            stats.par_chunks_mut(qs.n * 2).enumerate().for_each(|(t, st)| {
-                let task = Task::load(q, k, v, qs, vs, t, self.bucket, self.keep.as_deref());
+            // Each task's output, then two statistics of each of its rows.
+            let flat = outputs_by_task(vs, qs.n * 2, |t, stats| {
                 let mut out = vec![T::ZERO; vs.n * vs.e];
-                task.forward(&mut out, st);
-                // SAFETY: task t writes only its own rows.
-                unsafe { vs.scatter(&shared, t, &out) };
+                Task::load(q, k, v, qs, vs, t, self.bucket, self.keep.as_deref()).forward(&mut out, stats);
+                out
             });
             let len = flat.len();
             Ok((super::storage::<T>(flat), Shape::from(len)))
@@ -440,36 +434,10 @@ impl CustomOp3 for CausalLinear {
         }
         let (qs, vs) = self.shapes(q.layout(), k.layout(), v.layout())?;
         let grad = grad.contiguous()?;
-        let out_len = vs.b * vs.n * vs.h * vs.e;
-        with_float!(q.dtype(), self.name(), T => {
-            let mut dq = vec![T::ZERO; q.elem_count()];
-            let mut dk = vec![T::ZERO; k.elem_count()];
-            let mut dv = vec![T::ZERO; v.elem_count()];
-            let (sq, sk, sv) = (SharedOut::new(&mut dq), SharedOut::new(&mut dk), SharedOut::new(&mut dv));
-            read::<T, _>(&[q, k, v, res, &grad], |s| {
-                let (res, grad) = (s[3], s[4]);
-                (0..qs.tasks()).into_par_iter().for_each(|t| {
-                    let task = Task::load(s[0], s[1], s[2], qs, vs, t, self.bucket, self.keep.as_deref());
-                    let mut g = vec![T::ZERO; vs.n * vs.e];
-                    let mut out = vec![T::ZERO; vs.n * vs.e];
-                    vs.gather(&grad[..out_len], t, &mut g);
-                    vs.gather(&res[..out_len], t, &mut out);
-                    let stats = &res[out_len + t * qs.n * 2..out_len + (t + 1) * qs.n * 2];
-                    let (gq, gk, gv) = task.backward(&g, &out, stats);
-                    // SAFETY: task t writes only its own rows.
-                    unsafe {
-                        qs.scatter(&sq, t, &gq);
-                        qs.scatter(&sk, t, &gk);
-                        vs.scatter(&sv, t, &gv);
-                    }
-                });
-            })?;
-            Ok((
-                Some(super::tensor(dq, q.dims())?),
-                Some(super::tensor(dk, k.dims())?),
-                Some(super::tensor(dv, v.dims())?),
-            ))
-        })
+        with_float!(q.dtype(), self.name(), T => grads_by_task::<T>([q, k, v], [qs, qs, vs], &[res, &grad], |s, t| {
+            let (g, out, stats) = task_saved(s[4], s[3], vs, qs.n * 2, t);
+            Task::load(s[0], s[1], s[2], qs, vs, t, self.bucket, self.keep.as_deref()).backward(&g, &out, stats)
+        }))
     }
 }
 

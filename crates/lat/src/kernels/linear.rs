@@ -9,9 +9,8 @@
 //! with zero, as in the reference. Keys and values may come from a context of another length.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
-use super::{gemm, read, slice, softmax_rows, softmax_rows_backward, with_float, Elem, Heads, Mat, SharedOut};
+use super::{gemm, grads_by_task, outputs_by_task, slice, softmax_rows, softmax_rows_backward, with_float, Elem, Heads, Mat};
 
 /// `q`: [batch, n, heads, e]; `k`: [batch, m, heads, e]; `v`: [batch, m, heads, ev];
 /// `kv_mask`: [batch, m], nonzero = keep. Returns [batch, n, heads, ev].
@@ -226,13 +225,7 @@ impl CustomOp3 for Linear {
         let os = Heads { n: qs.n, e: vs.e, stride: qs.h * vs.e, ..qs };
         with_float!(super::dtype_of(qs_), self.name(), T => {
             let (q, k, v) = (slice::<T>(qs_, ql)?, slice::<T>(ks_, kl)?, slice::<T>(vs_, vl)?);
-            let mut out = vec![T::ZERO; os.b * os.n * os.h * os.e];
-            let shared = SharedOut::new(&mut out);
-            (0..qs.tasks()).into_par_iter().for_each(|t| {
-                let o = Task::load(q, k, v, qs, ks, vs, t, self.keep.as_deref()).forward();
-                // SAFETY: task t writes only its own rows.
-                unsafe { os.scatter(&shared, t, &o) };
-            });
+            let out = outputs_by_task(os, 0, |t, _| Task::load(q, k, v, qs, ks, vs, t, self.keep.as_deref()).forward());
             Ok((super::storage::<T>(out), Shape::from((os.b, os.n, os.h, os.e))))
         })
     }
@@ -254,32 +247,12 @@ impl CustomOp3 for Linear {
         let os = Heads { n: qs.n, e: vs.e, stride: qs.h * vs.e, ..qs };
         let grad = grad.contiguous()?;
         let (ev, m) = (vs.e, ks.n);
-        with_float!(q.dtype(), self.name(), T => {
-            let mut dq = vec![T::ZERO; q.elem_count()];
-            let mut dk = vec![T::ZERO; k.elem_count()];
-            let mut dv = vec![T::ZERO; v.elem_count()];
-            let (sq, sk, sv) = (SharedOut::new(&mut dq), SharedOut::new(&mut dk), SharedOut::new(&mut dv));
-            read::<T, _>(&[q, k, v, &grad], |s| {
-                (0..qs.tasks()).into_par_iter().for_each(|t| {
-                    let keep = self.keep.as_deref().map(|mk| &mk[(t / qs.h) * m..(t / qs.h + 1) * m]);
-                    let task = Task::load(s[0], s[1], s[2], qs, ks, vs, t, self.keep.as_deref());
-                    let mut g = vec![T::ZERO; os.n * ev];
-                    os.gather(s[3], t, &mut g);
-                    let (gq, gk, gv) = task.backward(&g, keep);
-                    // SAFETY: task t writes only its own rows.
-                    unsafe {
-                        qs.scatter(&sq, t, &gq);
-                        ks.scatter(&sk, t, &gk);
-                        vs.scatter(&sv, t, &gv);
-                    }
-                });
-            })?;
-            Ok((
-                Some(super::tensor(dq, q.dims())?),
-                Some(super::tensor(dk, k.dims())?),
-                Some(super::tensor(dv, v.dims())?),
-            ))
-        })
+        with_float!(q.dtype(), self.name(), T => grads_by_task::<T>([q, k, v], [qs, ks, vs], &[&grad], |s, t| {
+            let keep = self.keep.as_deref().map(|mk| &mk[(t / qs.h) * m..(t / qs.h + 1) * m]);
+            let mut g = vec![T::ZERO; os.n * ev];
+            os.gather(s[3], t, &mut g);
+            Task::load(s[0], s[1], s[2], qs, ks, vs, t, self.keep.as_deref()).backward(&g, keep)
+        }))
     }
 }
 

@@ -10,9 +10,8 @@
 //! backward pass.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
-use super::{gemm, prefetch_lines, read, slice, softmax_f32, vectorized, with_float, Elem, Heads, LineVec, Mat, SharedOut};
+use super::{gemm, grads_by_task, outputs_by_task, prefetch_lines, slice, softmax_f32, task_saved, vectorized, with_float, Elem, Heads, LineVec, Mat};
 use crate::rng::uniform_at;
 
 /// Dropout on the attention probabilities: probability `p`, masks drawn from stream `seed`.
@@ -353,16 +352,11 @@ impl CustomOp3 for Local {
         let hs = self.shapes(ql, kl, vl)?;
         with_float!(super::dtype_of(qs_), self.name(), T => {
             let (q, k, v) = (slice::<T>(qs_, ql)?, slice::<T>(ks_, kl)?, slice::<T>(vs_, vl)?);
-            let out_len = hs.b * hs.n * hs.h * hs.e;
-            let mut flat = vec![T::ZERO; out_len + hs.tasks() * hs.n];
-            let (outs, lses) = flat.split_at_mut(out_len);
-            let shared = SharedOut::new(outs);
-            lses.par_chunks_mut(hs.n).enumerate().for_each(|(t, lse)| {
-                let task = Task::load(self, q, k, v, hs, t);
+            // Each task's output, then its rows' log-sum-exps.
+            let flat = outputs_by_task(hs, hs.n, |t, lse| {
                 let mut out = vec![T::ZERO; hs.n * hs.e];
-                task.forward(&mut out, lse);
-                // SAFETY: task t writes only its own rows.
-                unsafe { hs.scatter(&shared, t, &out) };
+                Task::load(self, q, k, v, hs, t).forward(&mut out, lse);
+                out
             });
             let len = flat.len();
             Ok((super::storage::<T>(flat), Shape::from(len)))
@@ -383,36 +377,10 @@ impl CustomOp3 for Local {
         }
         let hs = self.shapes(q.layout(), k.layout(), v.layout())?;
         let grad = grad.contiguous()?;
-        let out_len = hs.b * hs.n * hs.h * hs.e;
-        with_float!(q.dtype(), self.name(), T => {
-            let mut dq = vec![T::ZERO; out_len];
-            let mut dk = vec![T::ZERO; out_len];
-            let mut dv = vec![T::ZERO; out_len];
-            let (sq, sk, sv) = (SharedOut::new(&mut dq), SharedOut::new(&mut dk), SharedOut::new(&mut dv));
-            read::<T, _>(&[q, k, v, res, &grad], |s| {
-                let (res, grad) = (s[3], s[4]);
-                (0..hs.tasks()).into_par_iter().for_each(|t| {
-                    let task = Task::load(self, s[0], s[1], s[2], hs, t);
-                    let mut g = vec![T::ZERO; hs.n * hs.e];
-                    let mut out = vec![T::ZERO; hs.n * hs.e];
-                    hs.gather(&grad[..out_len], t, &mut g);
-                    hs.gather(&res[..out_len], t, &mut out);
-                    let lse = &res[out_len + t * hs.n..out_len + (t + 1) * hs.n];
-                    let (gq, gk, gv) = task.backward(&g, &out, lse);
-                    // SAFETY: task t writes only its own rows.
-                    unsafe {
-                        hs.scatter(&sq, t, &gq);
-                        hs.scatter(&sk, t, &gk);
-                        hs.scatter(&sv, t, &gv);
-                    }
-                });
-            })?;
-            Ok((
-                Some(super::tensor(dq, q.dims())?),
-                Some(super::tensor(dk, k.dims())?),
-                Some(super::tensor(dv, v.dims())?),
-            ))
-        })
+        with_float!(q.dtype(), self.name(), T => grads_by_task::<T>([q, k, v], [hs; 3], &[res, &grad], |s, t| {
+            let (g, out, lse) = task_saved(s[4], s[3], hs, hs.n, t);
+            Task::load(self, s[0], s[1], s[2], hs, t).backward(&g, &out, lse)
+        }))
     }
 }
 

@@ -29,6 +29,7 @@ use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, Device, Layout, Storage, Tensor, WithDType};
 pub(crate) use lines::{LineVec, Plain};
+use rayon::prelude::*;
 
 /// Float types the CPU kernels are written for: f32 for real work, f64 for gradient checks.
 pub trait Elem:
@@ -499,6 +500,65 @@ impl Heads {
             dst.write(self.row(t, i), &src[i * self.e..(i + 1) * self.e]);
         }
     }
+}
+
+/// An attention kernel's forward pass as one parallel loop over its (batch row, head) tasks:
+/// `task_out(t, stats)` returns task t's output [n, e] and fills its `stats_len` statistics
+/// (what the backward pass needs). Returns the outputs, laid out as `out`, then each task's
+/// statistics in task order.
+pub(crate) fn outputs_by_task<T: Elem>(out: Heads, stats_len: usize, task_out: impl Fn(usize, &mut [T]) -> Vec<T> + Sync) -> Vec<T> {
+    let out_len = out.b * out.n * out.h * out.e;
+    let mut flat = vec![T::ZERO; out_len + out.tasks() * stats_len];
+    let (outs, stats) = flat.split_at_mut(out_len);
+    let (outs, stats) = (SharedOut::new(outs), SharedOut::new(stats));
+    (0..out.tasks()).into_par_iter().for_each(|t| {
+        let mut st = vec![T::ZERO; stats_len];
+        let o = task_out(t, &mut st);
+        // SAFETY: task t alone writes its own rows and its own statistics.
+        unsafe {
+            out.scatter(&outs, t, &o);
+            stats.write(t * stats_len, &st);
+        }
+    });
+    flat
+}
+
+/// Task t's share of an output gradient `grad` and of what [`outputs_by_task`] returned
+/// (`saved`: outputs laid out as `out`, then `stats_len` statistics a task): its output
+/// gradient and output, each [n, e], and its statistics.
+pub(crate) fn task_saved<'a, T: Elem>(grad: &[T], saved: &'a [T], out: Heads, stats_len: usize, t: usize) -> (Vec<T>, Vec<T>, &'a [T]) {
+    let out_len = out.b * out.n * out.h * out.e;
+    let (mut g, mut o) = (vec![T::ZERO; out.n * out.e], vec![T::ZERO; out.n * out.e]);
+    out.gather(&grad[..out_len], t, &mut g);
+    out.gather(&saved[..out_len], t, &mut o);
+    (g, o, &saved[out_len + t * stats_len..][..stats_len])
+}
+
+/// An attention kernel's backward pass as one parallel loop over its tasks: `task_grads(s, t)`
+/// returns task t's gradients of q, k and v as [n, e] buffers, from the slices `s` of q, k, v
+/// and then `more`; they are written into gradients shaped as q, k and v, laid out as
+/// `layouts`.
+#[allow(clippy::type_complexity)]
+pub(crate) fn grads_by_task<T: Elem>(
+    [q, k, v]: [&Tensor; 3],
+    layouts: [Heads; 3],
+    more: &[&Tensor],
+    task_grads: impl Fn(&[&[T]], usize) -> (Vec<T>, Vec<T>, Vec<T>) + Sync,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let mut grads = [q, k, v].map(|x| vec![T::ZERO; x.elem_count()]);
+    let shared = grads.each_mut().map(|g| SharedOut::new(g));
+    let inputs: Vec<&Tensor> = [q, k, v].into_iter().chain(more.iter().copied()).collect();
+    read::<T, _>(&inputs, |s| {
+        (0..layouts[0].tasks()).into_par_iter().for_each(|t| {
+            let (gq, gk, gv) = task_grads(s, t);
+            for ((layout, out), g) in layouts.iter().zip(&shared).zip([gq, gk, gv]) {
+                // SAFETY: task t alone writes its own rows.
+                unsafe { layout.scatter(out, t, &g) };
+            }
+        });
+    })?;
+    let [dq, dk, dv] = grads;
+    Ok((Some(tensor(dq, q.dims())?), Some(tensor(dk, k.dims())?), Some(tensor(dv, v.dims())?)))
 }
 
 /// Partial sums of [`sum_lanes`]: two registers of eight f32, which the compiler keeps apart.
