@@ -55,6 +55,9 @@ pub(crate) trait AnyBlock: fmt::Debug + Send + Sync {
     fn params(&self) -> &[Tensor];
 }
 
+/// A span's call, the layer's output on it and what its backward pass keeps.
+type SpanRun<S> = (Call, Tensor, Option<S>);
+
 /// One decoding stream's state of one block, of whatever layer kind.
 pub(crate) trait BlockState: fmt::Debug + Send + Sync {
     fn clone_box(&self) -> Box<dyn BlockState>;
@@ -128,7 +131,7 @@ impl<L: Layer> Block<L> {
 
     /// The layer on each span of `h`, lazily: a caller that finishes with a span before taking
     /// the next keeps the activations of only one span alive.
-    fn run<'a>(&'a self, h: &'a Tensor, inputs: &'a StackInputs, pass: &'a Pass, mode: Mode) -> Result<impl Iterator<Item = Result<(Call, Tensor, Option<L::Saved>)>> + 'a> {
+    fn run<'a>(&'a self, h: &'a Tensor, inputs: &'a StackInputs, pass: &'a Pass, mode: Mode) -> Result<impl Iterator<Item = Result<SpanRun<L::Saved>>> + 'a> {
         let whole = h.dim(1)?;
         Ok(self.spans(h)?.into_iter().map(move |span| {
             let call = self.call(inputs, pass, span);

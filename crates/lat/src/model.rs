@@ -8,7 +8,6 @@ use std::sync::Arc;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::block::BlockState;
 use crate::config::{Config, TransformerConfig};
 use crate::error::{Error, Result};
 use crate::kernels::awake::with_workers_awake;
@@ -19,7 +18,7 @@ use crate::nn::{Embedding, LayerNorm, Linear};
 use crate::params::{Builder, Param};
 use crate::pass::Pass;
 use crate::quantize::Quantization;
-use crate::stack::Stack;
+use crate::stack::{RowStates, Stack};
 
 /// Optional inputs of a forward pass besides the tokens (or embeddings).
 #[derive(Clone, Debug, Default)]
@@ -170,7 +169,7 @@ pub struct DecodeState {
 #[derive(Clone, Debug)]
 struct Stream {
     position: usize,
-    blocks: Vec<Box<dyn BlockState>>,
+    blocks: RowStates,
 }
 
 impl DecodeState {
@@ -548,7 +547,7 @@ impl LinearAttentionTransformerLM {
         // Detached: from trainable weights candle would record every op of the step in a graph
         // kept alive until the step's output is dropped.
         let h = h.detach();
-        let mut blocks: Vec<&mut Vec<Box<dyn BlockState>>> = rows.iter_mut().map(|r| &mut r.blocks).collect();
+        let mut blocks: Vec<&mut RowStates> = rows.iter_mut().map(|r| &mut r.blocks).collect();
         let step = Step { rotary: self.layer_rotary.as_deref(), positions: &positions };
         let h = self.transformer.stack.step(&h, &mut blocks, &step)?;
         rows.iter_mut().for_each(|r| r.position += t);

@@ -22,6 +22,9 @@ use crate::graph::{self, Grads};
 use crate::layers::{Pair, StackInputs, Step};
 use crate::pass::Pass;
 
+/// One stream's decoding state in the stack: one state per block, in the blocks' order.
+pub(crate) type RowStates = Vec<Box<dyn BlockState>>;
+
 #[derive(Clone, Debug)]
 pub(crate) struct Stack {
     pairs: Arc<Vec<Pair>>,
@@ -112,9 +115,9 @@ impl Stack {
 
     /// The stack over a prompt whose first `n` positions are real, and each row's state: per
     /// row, one state per block.
-    pub fn prefill(&self, x: &Tensor, inputs: &StackInputs, n: usize) -> Result<(Tensor, Vec<Vec<Box<dyn BlockState>>>)> {
+    pub fn prefill(&self, x: &Tensor, inputs: &StackInputs, n: usize) -> Result<(Tensor, Vec<RowStates>)> {
         let rows = x.dim(0)?;
-        let mut states: Vec<Vec<Box<dyn BlockState>>> = (0..rows).map(|_| Vec::with_capacity(2 * self.pairs.len())).collect();
+        let mut states: Vec<RowStates> = (0..rows).map(|_| Vec::with_capacity(2 * self.pairs.len())).collect();
         let streams = self.couple(x, |_, b, h| {
             let (y, block_states) = b.prefill(h, inputs, n)?;
             states.iter_mut().zip(block_states).for_each(|(row, s)| row.push(s));
@@ -124,8 +127,8 @@ impl Stack {
     }
 
     /// Each of `rows` rows' states before its first position: per row, one state per block.
-    pub fn start(&self, inputs: &StackInputs, rows: usize) -> Result<Vec<Vec<Box<dyn BlockState>>>> {
-        let mut states: Vec<Vec<Box<dyn BlockState>>> = (0..rows).map(|_| Vec::with_capacity(2 * self.pairs.len())).collect();
+    pub fn start(&self, inputs: &StackInputs, rows: usize) -> Result<Vec<RowStates>> {
+        let mut states: Vec<RowStates> = (0..rows).map(|_| Vec::with_capacity(2 * self.pairs.len())).collect();
         for block in self.blocks() {
             states.iter_mut().zip(block.start(inputs, rows)?).for_each(|(row, s)| row.push(s));
         }
@@ -133,7 +136,7 @@ impl Stack {
     }
 
     /// Advances every row by the new positions of `x` [rows, t, dim]; `states[r]` is row r's.
-    pub fn step(&self, x: &Tensor, states: &mut [&mut Vec<Box<dyn BlockState>>], step: &Step) -> Result<Tensor> {
+    pub fn step(&self, x: &Tensor, states: &mut [&mut RowStates], step: &Step) -> Result<Tensor> {
         let streams = self.couple(x, |i, b, h| {
             let mut own: Vec<&mut Box<dyn BlockState>> = states.iter_mut().map(|row| row.get_mut(i).ok_or_else(stale)).collect::<Result<_>>()?;
             // A step is never differentiated: what a block makes from trainable weights (its
